@@ -1,0 +1,92 @@
+"""The exception tree for failures that only a sharded cluster can have.
+
+Errors a single Chroma server would raise (a missing collection, a bad argument) surface as the
+same ``chromadb.errors`` class the official client raises; everything here is additive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+__all__ = [
+    "ClientClosedError",
+    "ConfigurationError",
+    "NodeUnavailableError",
+    "PartialWriteError",
+    "ShardMismatchError",
+    "ShardedChromaError",
+    "ShardFailureError",
+]
+
+
+class ShardedChromaError(Exception):
+    """Root of every error that is about sharding rather than about the request itself."""
+
+
+class ConfigurationError(ShardedChromaError, ValueError):
+    """The topology or a client option is invalid. Raised before any request is sent."""
+
+
+class ClientClosedError(ShardedChromaError, RuntimeError):
+    """The client (or a collection obtained from it) was used after ``aclose()``."""
+
+
+class NodeUnavailableError(ShardedChromaError):
+    """One node could not be reached or answered with a non-Chroma failure.
+
+    ``attempts`` holds a short description of every attempt, oldest first; the last attempt's
+    exception is chained as ``__cause__``.
+    """
+
+    def __init__(self, *, shard: str, node: str, attempts: Sequence[str]) -> None:
+        self.shard = shard
+        self.node = node
+        self.attempts = tuple(attempts)
+        tries = "; ".join(self.attempts) or "no attempt"
+        super().__init__(
+            f"shard {shard!r} node {node} unavailable after {len(self.attempts)} attempt(s): {tries}"
+        )
+
+
+class ShardFailureError(ShardedChromaError):
+    """One or more shards failed a call that needed all of them.
+
+    ``failures`` maps each failed shard's name to the exception it raised. The first failure is
+    chained as ``__cause__`` so tracebacks show it.
+    """
+
+    def __init__(self, operation: str, failures: Mapping[str, BaseException]) -> None:
+        self.operation = operation
+        self.failures = dict(failures)
+        parts = ", ".join(
+            f"{name}: {type(exc).__name__}: {exc}" for name, exc in sorted(self.failures.items())
+        )
+        super().__init__(f"{operation} failed on {len(self.failures)} shard(s): {parts}")
+
+
+class PartialWriteError(ShardFailureError):
+    """A write reached some shards but not others.
+
+    ``unwritten_ids`` lists, per failed shard, the ids that shard may not hold. Writes are
+    idempotent by id (``upsert``, ``delete``), so repeating the same call is safe.
+    """
+
+    def __init__(
+        self,
+        operation: str,
+        failures: Mapping[str, BaseException],
+        unwritten_ids: Mapping[str, Sequence[str]],
+    ) -> None:
+        super().__init__(operation, failures)
+        self.unwritten_ids = {k: list(v) for k, v in unwritten_ids.items()}
+        total = sum(len(v) for v in self.unwritten_ids.values())
+        self.args = (f"{self.args[0]} ({total} id(s) possibly not written)",)
+
+
+class ShardMismatchError(ShardedChromaError):
+    """Shards disagree on a fact that must be the same cluster-wide (configuration, space,
+    dimension), so their results cannot be merged."""
+
+    def __init__(self, message: str, *, shard: str) -> None:
+        self.shard = shard
+        super().__init__(f"shard {shard!r}: {message}")

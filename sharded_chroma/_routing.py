@@ -1,0 +1,77 @@
+"""Hash routing: routing key -> slot -> shard, through a fixed slot space.
+
+A rebalance moves slots between shards; it never re-hashes keys. The hash is MurmurHash3 (x86,
+32-bit, seed 0) of the key's UTF-8 bytes, so every process and Python version agrees on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import mmh3
+
+from ._errors import ConfigurationError
+
+__all__ = ["DEFAULT_SLOTS", "MAX_SLOTS", "SlotTable", "slot_for_key"]
+
+DEFAULT_SLOTS = 4096
+MAX_SLOTS = 65536
+
+
+def slot_for_key(key: str, slots: int) -> int:
+    """The slot of ``key`` in a space of ``slots`` slots."""
+    return int(mmh3.hash(key.encode("utf-8"), 0, False)) % slots
+
+
+@dataclass(frozen=True)
+class SlotTable:
+    """Which shard owns each slot, at one epoch of the partition map."""
+
+    owners: tuple[int, ...]
+    n_shards: int
+    epoch: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.owners) <= MAX_SLOTS:
+            raise ConfigurationError(f"slot count must be in 1..{MAX_SLOTS}, got {len(self.owners)}")
+        if self.n_shards < 1:
+            raise ConfigurationError("a slot table needs at least one shard")
+        bad = [o for o in self.owners if not 0 <= o < self.n_shards]
+        if bad:
+            raise ConfigurationError(
+                f"slot owners must be shard indexes in 0..{self.n_shards - 1}, got {bad[0]}"
+            )
+        if self.epoch < 0:
+            raise ConfigurationError(f"epoch must be >= 0, got {self.epoch}")
+
+    @classmethod
+    def uniform(cls, n_shards: int, slots: int = DEFAULT_SLOTS, epoch: int = 0) -> SlotTable:
+        """Contiguous, equal ranges of slots per shard (shard i owns slots [i*S/n, (i+1)*S/n))."""
+        if n_shards < 1:
+            raise ConfigurationError("a slot table needs at least one shard")
+        if not n_shards <= slots <= MAX_SLOTS:
+            raise ConfigurationError(
+                f"slot count must be in {n_shards}..{MAX_SLOTS} for {n_shards} shard(s), got {slots}"
+            )
+        return cls(tuple(s * n_shards // slots for s in range(slots)), n_shards, epoch)
+
+    @property
+    def slots(self) -> int:
+        return len(self.owners)
+
+    def shard_for_key(self, key: str) -> int:
+        return self.owners[slot_for_key(key, len(self.owners))]
+
+    def group_by_shard(self, keys: Iterable[str]) -> dict[int, list[int]]:
+        """Positions of ``keys`` grouped by owning shard, each group in input order."""
+        groups: dict[int, list[int]] = {}
+        owners = self.owners
+        n = len(owners)
+        for pos, key in enumerate(keys):
+            shard = owners[int(mmh3.hash(key.encode("utf-8"), 0, False)) % n]
+            groups.setdefault(shard, []).append(pos)
+        return groups
+
+    def shards_for_keys(self, keys: Sequence[str]) -> set[int]:
+        return set(self.group_by_shard(keys))
