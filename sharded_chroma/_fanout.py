@@ -1,0 +1,80 @@
+"""Run one call per shard in a task group and collect answers and failures side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+import anyio
+from chromadb.errors import ChromaError
+
+from ._errors import PartialWriteError, ShardFailureError
+
+__all__ = ["Coverage", "OnShardError", "fan_out", "raise_for_failures"]
+
+T = TypeVar("T")
+OnShardError = Literal["raise", "partial"]
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Which shards a call asked, which answered and which failed (with the error text)."""
+
+    asked: tuple[str, ...]
+    answered: tuple[str, ...]
+    failed: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed
+
+
+async def fan_out(
+    calls: Mapping[str, Callable[[], Awaitable[T]]],
+) -> tuple[dict[str, T], dict[str, Exception]]:
+    """Await every call concurrently; a failing shard does not cancel the others, so the caller
+    can say exactly which shards answered. Cancellation from outside still cancels all."""
+    results: dict[str, T] = {}
+    failures: dict[str, Exception] = {}
+
+    async def run(name: str, call: Callable[[], Awaitable[T]]) -> None:
+        try:
+            results[name] = await call()
+        except Exception as exc:  # collected, then raised or reported by the caller
+            failures[name] = exc
+
+    if len(calls) == 1:
+        # The common single-shard case (get by id, one owner) needs no task group.
+        ((name, call),) = calls.items()
+        await run(name, call)
+        return results, failures
+    async with anyio.create_task_group() as tg:
+        for name, call in calls.items():
+            tg.start_soon(run, name, call)
+    return results, failures
+
+
+def raise_for_failures(
+    operation: str,
+    failures: Mapping[str, Exception],
+    *,
+    unwritten_ids: Mapping[str, Sequence[str]] | None = None,
+    all_failed: bool = False,
+) -> None:
+    """Raise one error for the failed shards, or nothing when there are none.
+
+    When every failure is the same Chroma error class (say, NotFoundError because the collection
+    was deleted, or InvalidArgumentError for a bad filter) and no write was partly applied, that
+    error is re-raised as is, so callers see what one Chroma server would have raised.
+    """
+    if not failures:
+        return
+    errors = list(failures.values())
+    first = errors[0]
+    same_chroma = isinstance(first, ChromaError) and all(type(e) is type(first) for e in errors)
+    if same_chroma and (unwritten_ids is None or all_failed):
+        raise first
+    if unwritten_ids is not None:
+        raise PartialWriteError(operation, failures, unwritten_ids) from first
+    raise ShardFailureError(operation, failures) from first

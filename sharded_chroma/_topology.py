@@ -1,0 +1,190 @@
+"""Validated, frozen cluster configuration, built in code or loaded from a TOML file.
+
+Example ``cluster.toml``::
+
+    tenant = "default_tenant"
+    database = "default_database"
+    slots = 4096
+
+    [defaults]            # applied to every node unless the node overrides it
+    timeout = 30.0
+    token_env = "CHROMA_TOKEN"
+
+    [[shards]]
+    name = "s0"
+    primary = "http://10.0.0.1:8000"
+
+    [[shards]]
+    name = "s1"
+    primary = { url = "https://10.0.0.2:8000", ca_file = "ca.pem" }
+    replicas = ["https://10.0.0.3:8000"]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ._errors import ConfigurationError
+from ._routing import DEFAULT_SLOTS, MAX_SLOTS, SlotTable
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+__all__ = ["NodeConfig", "ShardConfig", "Topology"]
+
+DEFAULT_TENANT = "default_tenant"
+DEFAULT_DATABASE = "default_database"
+
+_Frozen = ConfigDict(frozen=True, extra="forbid")
+
+
+class NodeConfig(BaseModel):
+    """One Chroma server: where it is and how to talk to it."""
+
+    model_config = _Frozen
+
+    url: str
+    headers: Mapping[str, str] = Field(default_factory=dict, repr=False)
+    token_env: str | None = None
+    """Name of an environment variable holding the auth token; the token itself is never stored
+    in the configuration, so it never appears in reprs, logs or errors."""
+    token_header: Literal["Authorization", "X-Chroma-Token"] = "Authorization"
+    verify: bool = True
+    ca_file: str | None = None
+    timeout: float = Field(default=30.0, gt=0)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    max_connections: int = Field(default=64, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"node url must look like http(s)://host:port, got {url!r}")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError(
+                "node url must not carry credentials, a query or a fragment "
+                "(use headers or token_env for auth)"
+            )
+        try:
+            parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError as exc:
+            raise ValueError(f"node url has an invalid port: {url!r}") from exc
+        return url.rstrip("/")
+
+    def resolved_headers(self) -> dict[str, str]:
+        """Headers to send, with the token read from the environment now."""
+        headers = dict(self.headers)
+        if self.token_env is not None:
+            token = os.environ.get(self.token_env)
+            if token is None:
+                raise ConfigurationError(
+                    f"node {self.url}: environment variable {self.token_env!r} is not set"
+                )
+            headers[self.token_header] = (
+                f"Bearer {token}" if self.token_header == "Authorization" else token
+            )
+        return headers
+
+
+class ShardConfig(BaseModel):
+    """A shard: one primary node and zero or more replica nodes holding the same records."""
+
+    model_config = _Frozen
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    primary: NodeConfig
+    replicas: tuple[NodeConfig, ...] = ()
+
+    @property
+    def nodes(self) -> tuple[NodeConfig, ...]:
+        return (self.primary, *self.replicas)
+
+
+class Topology(BaseModel):
+    """The whole cluster: shards, where the tenant and database live, and the slot space."""
+
+    model_config = _Frozen
+
+    shards: tuple[ShardConfig, ...] = Field(min_length=1)
+    tenant: str = DEFAULT_TENANT
+    database: str = DEFAULT_DATABASE
+    slots: int = Field(default=DEFAULT_SLOTS, ge=1, le=MAX_SLOTS)
+    routing_key: str | None = None
+    """Metadata field whose value is hashed to place a record; None hashes the record id."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Topology:
+        names = [s.name for s in self.shards]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"shard names must be unique, repeated: {dupes}")
+        urls = [n.url for s in self.shards for n in s.nodes]
+        dup_urls = sorted({u for u in urls if urls.count(u) > 1})
+        if dup_urls:
+            raise ValueError(f"a node may belong to one shard once, repeated: {dup_urls}")
+        if self.slots < len(self.shards):
+            raise ValueError(f"slots ({self.slots}) must be at least the shard count")
+        if self.routing_key is not None and not self.routing_key:
+            raise ValueError("routing_key must be a non-empty metadata field name or None")
+        return self
+
+    def slot_table(self) -> SlotTable:
+        return SlotTable.uniform(len(self.shards), self.slots)
+
+    @classmethod
+    def from_urls(cls, urls: Sequence[str], **options: Any) -> Topology:
+        """One shard per URL, named s0, s1, ..."""
+        if isinstance(urls, str):
+            raise ConfigurationError("shards must be a list of URLs, not one string")
+        return cls.build(
+            {"shards": [{"name": f"s{i}", "primary": u} for i, u in enumerate(urls)], **options}
+        )
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> Topology:
+        """Load a topology file; node options under ``[defaults]`` apply to every node."""
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigurationError(f"cannot read topology file {p.name}: {exc}") from exc
+        return cls.build(data, source=p.name)
+
+    @classmethod
+    def build(cls, data: Mapping[str, Any], *, source: str = "topology") -> Topology:
+        """Validate a plain mapping (as parsed from TOML), turning errors into
+        ``ConfigurationError``. Node entries may be a URL string or a table."""
+        data = dict(data)
+        defaults = dict(data.pop("defaults", {}) or {})
+
+        def node(raw: Any) -> Any:
+            entry = {"url": raw} if isinstance(raw, str) else dict(raw)
+            return {**defaults, **entry}
+
+        shards = []
+        for raw_shard in data.get("shards", ()) or ():
+            shard = dict(raw_shard)
+            if "primary" in shard:
+                shard["primary"] = node(shard["primary"])
+            shard["replicas"] = [node(r) for r in shard.get("replicas", ()) or ()]
+            shards.append(shard)
+        data["shards"] = shards
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(x) for x in e['loc']) or '(root)'}: {e['msg']}"
+                for e in exc.errors(include_input=False)
+            )
+            # Not chained: pydantic's error repr echoes input values, and headers may hold secrets.
+            raise ConfigurationError(f"invalid {source}: {problems}") from None

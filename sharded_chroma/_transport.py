@@ -1,0 +1,218 @@
+"""NodeTransport: one HTTP connection pool per Chroma node, speaking the v2 REST API.
+
+aiohttp was chosen by measurement (client CPU per 20,000-record query on this project's dev
+machine: official client 2.9 ms, plain httpx 2.6 ms, aiohttp 0.6 ms). Every query fans out to
+every shard, so client CPU per request is what limits a sharded client's throughput.
+
+This is the only layer that retries, and it retries only requests marked idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import anyio
+import orjson
+from chromadb import errors as chroma_errors
+
+from ._errors import ClientClosedError, NodeUnavailableError
+from ._topology import NodeConfig
+
+__all__ = ["NodeStats", "NodeTransport"]
+
+logger = logging.getLogger("sharded_chroma.transport")
+
+_API = "/api/v2"
+_RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+_USER_AGENT = "sharded-chroma"
+
+
+@dataclass
+class NodeStats:
+    """Counters for one node, for status views and for tests that check request routing."""
+
+    requests: int = 0
+    failures: int = 0
+    retries: int = 0
+    in_flight: int = 0
+    latency_ewma_ms: float | None = None
+
+    def observe(self, seconds: float) -> None:
+        ms = seconds * 1000.0
+        prev = self.latency_ewma_ms
+        self.latency_ewma_ms = ms if prev is None else 0.8 * prev + 0.2 * ms
+
+
+class _HTTPFailure(Exception):
+    """A non-Chroma HTTP failure, kept for the attempts list and retry decision."""
+
+    def __init__(self, status: int, text: str) -> None:
+        self.status = status
+        super().__init__(f"HTTP {status}: {text[:200]}")
+
+
+def _chroma_error(status: int, payload: bytes) -> Exception | None:
+    """Map a Chroma error body to the chromadb.errors class the official client raises."""
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(body, dict) or "error" not in body:
+        return None
+    cls = chroma_errors.error_types.get(str(body["error"]))
+    if cls is None:
+        return None
+    return cls(str(body.get("message", "")))
+
+
+class NodeTransport:
+    """HTTP access to one node. Owns its connection pools; close with ``aclose()``.
+
+    aiohttp sessions belong to one event loop, and people wrap async clients in sync helpers
+    that run a fresh loop per call, so a session is kept per running loop.
+    """
+
+    def __init__(
+        self,
+        node: NodeConfig,
+        shard: str,
+        *,
+        retries: int = 2,
+        backoff: float = 0.05,
+    ) -> None:
+        self.node = node
+        self.shard = shard
+        self.retries = retries
+        self.backoff = backoff
+        self.stats = NodeStats()
+        self._headers = {
+            **node.resolved_headers(),
+            "Content-Type": "application/json",
+            "User-Agent": _USER_AGENT,
+        }
+        self._base = node.url + _API
+        self._sessions: dict[int, tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        return self.node.url
+
+    def __repr__(self) -> str:
+        return f"NodeTransport(shard={self.shard!r}, url={self.node.url!r})"
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if not self.node.url.startswith("https"):
+            return False
+        if not self.node.verify:
+            return False
+        ctx = ssl.create_default_context(cafile=self.node.ca_file)
+        return ctx
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise ClientClosedError("the client was closed; create a new one")
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            entry = self._sessions.get(id(loop))
+            if entry is not None and entry[0] is loop and not entry[1].closed:
+                return entry[1]
+            # Forget sessions of loops that are gone; their sockets died with the loop.
+            for key, (old_loop, _) in list(self._sessions.items()):
+                if old_loop.is_closed():
+                    del self._sessions[key]
+            connector = aiohttp.TCPConnector(
+                limit=self.node.max_connections,
+                ssl=self._ssl(),
+                keepalive_timeout=30,
+            )
+            session = aiohttp.ClientSession(
+                connector=connector,
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(
+                    total=self.node.timeout, sock_connect=self.node.connect_timeout
+                ),
+                json_serialize=lambda o: orjson.dumps(o).decode(),
+                raise_for_status=False,
+            )
+            self._sessions[id(loop)] = (loop, session)
+            return session
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, str | int] | None = None,
+        idempotent: bool,
+    ) -> Any:
+        """Send one request and return the decoded JSON body.
+
+        Raises the ``chromadb.errors`` class for a Chroma error body, or
+        ``NodeUnavailableError`` after the allowed attempts for connection failures, timeouts
+        and non-Chroma HTTP errors. Only ``idempotent`` requests are attempted more than once.
+        """
+        session = self._session()
+        url = self._base + quote(path, safe="/")
+        data = None if body is None else orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        attempts: list[str] = []
+        max_attempts = 1 + (self.retries if idempotent else 0)
+        last: BaseException | None = None
+        for attempt in range(max_attempts):
+            if attempt:
+                self.stats.retries += 1
+                await anyio.sleep(self.backoff * (2 ** (attempt - 1)))
+            self.stats.requests += 1
+            self.stats.in_flight += 1
+            started = time.perf_counter()
+            try:
+                async with session.request(method, url, data=data, params=params) as resp:
+                    payload = await resp.read()
+                    status = resp.status
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                self.stats.failures += 1
+                attempts.append(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+                last = exc
+                continue
+            finally:
+                self.stats.in_flight -= 1
+            self.stats.observe(time.perf_counter() - started)
+            if status < 400:
+                return orjson.loads(payload) if payload else None
+            error = _chroma_error(status, payload)
+            if error is not None and status not in _RETRYABLE_STATUS:
+                raise error
+            self.stats.failures += 1
+            failure: Exception = error or _HTTPFailure(status, payload.decode("utf-8", "replace"))
+            attempts.append(f"{type(failure).__name__}: {failure}")
+            last = failure
+            if status not in _RETRYABLE_STATUS:
+                break
+        logger.warning("shard %s node %s failed: %s", self.shard, self.node.url, attempts[-1])
+        raise NodeUnavailableError(
+            shard=self.shard, node=self.node.url, attempts=attempts
+        ) from last
+
+    async def aclose(self) -> None:
+        """Close every pool this transport opened. Further requests raise ClientClosedError."""
+        self._closed = True
+        with self._lock:
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+        current = asyncio.get_running_loop()
+        for loop, session in sessions:
+            if loop is current:
+                await session.close()
+            elif not loop.is_closed():
+                asyncio.run_coroutine_threadsafe(session.close(), loop)
