@@ -1,0 +1,42 @@
+"""sharded_chroma: several self-hosted Chroma servers behind one drop-in async client.
+
+    client = await sharded_chroma.AsyncHttpClient(shards=["http://127.0.0.1:8000", ...])
+
+The client has chromadb's ``AsyncClientAPI`` data-plane methods and returns collections with
+``AsyncCollection``'s methods, result shapes and error classes.
+"""
+
+from ._client import AsyncHttpClient, ShardedClient
+from ._collection import ShardedCollection
+from ._errors import (
+    ClientClosedError,
+    ConfigurationError,
+    NodeUnavailableError,
+    PartialWriteError,
+    ShardedChromaError,
+    ShardFailureError,
+    ShardMismatchError,
+)
+from ._fanout import Coverage
+from ._topology import NodeConfig, ShardConfig, Topology
+from ._transport import NodeStats
+
+__all__ = [
+    "AsyncHttpClient",
+    "ClientClosedError",
+    "ConfigurationError",
+    "Coverage",
+    "NodeConfig",
+    "NodeStats",
+    "NodeUnavailableError",
+    "PartialWriteError",
+    "ShardConfig",
+    "ShardFailureError",
+    "ShardMismatchError",
+    "ShardedChromaError",
+    "ShardedClient",
+    "ShardedCollection",
+    "Topology",
+]
+
+__version__ = "0.1.0"

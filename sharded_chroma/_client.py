@@ -1,0 +1,246 @@
+"""The client facade: chromadb's AsyncClientAPI data-plane methods over a sharded backend."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, cast
+from uuid import UUID
+
+from chromadb.api.collection_configuration import (
+    CreateCollectionConfiguration,
+    validate_embedding_function_conflict_on_create,
+    validate_embedding_function_conflict_on_get,
+)
+from chromadb.api.types import (
+    CollectionMetadata,
+    DataLoader,
+    DefaultEmbeddingFunction,
+    Embeddable,
+    EmbeddingFunction,
+    Loadable,
+    Schema,
+)
+from chromadb.types import Collection as CollectionModel
+
+from ._collection import ShardedCollection
+from ._errors import ClientClosedError, ConfigurationError
+from ._records import RecordOps
+from ._topology import Topology
+from ._transport import NodeStats
+
+__all__ = ["AsyncHttpClient", "ShardedClient"]
+
+_DEFAULT_EF: Any = DefaultEmbeddingFunction()
+
+
+class ShardedClient:
+    """An async client for a cluster of Chroma servers, shaped like ``chromadb.AsyncClientAPI``.
+
+    Create it with ``await sharded_chroma.AsyncHttpClient(...)``. Safe to share between tasks.
+    Close it with ``await client.aclose()`` or use it as ``async with``; any use after closing
+    raises ``ClientClosedError``.
+    """
+
+    def __init__(self, topology: Topology) -> None:
+        self._topology = topology
+        self._backend = RecordOps(topology)
+        self.tenant = topology.tenant
+        self.database = topology.database
+        self._closed = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def topology(self) -> Topology:
+        """The validated topology this client routes by."""
+        return self._topology
+
+    def _live(self) -> RecordOps:
+        if self._closed:
+            raise ClientClosedError("the client was closed; create a new one")
+        return self._backend
+
+    async def aclose(self) -> None:
+        """Close every connection pool. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            await self._backend.aclose()
+
+    async def __aenter__(self) -> ShardedClient:
+        self._live()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def node_stats(self) -> dict[str, NodeStats]:
+        """Request counters per node URL (requests, failures, retries, latency)."""
+        return {t.url: t.stats for t in self._backend.primaries.values()}
+
+    def __repr__(self) -> str:
+        names = ", ".join(self._backend.shard_names)
+        return f"ShardedClient(shards=[{names}], tenant={self.tenant!r}, database={self.database!r})"
+
+    # -- server-wide ------------------------------------------------------------------------
+
+    async def heartbeat(self) -> int:
+        """Nanosecond heartbeat of the catalog shard, after every shard has answered."""
+        return await self._live().heartbeat()
+
+    async def get_version(self) -> str:
+        return await self._live().get_version()
+
+    async def get_max_batch_size(self) -> int:
+        """The largest batch every shard accepts (the smallest shard limit)."""
+        return await self._live().get_max_batch_size()
+
+    async def reset(self) -> bool:
+        """Reset every shard (the servers must allow it)."""
+        return await self._live().reset()
+
+    # -- collections ------------------------------------------------------------------------
+
+    def _wrap(
+        self,
+        model: CollectionModel,
+        embedding_function: Any = None,
+        data_loader: DataLoader[Loadable] | None = None,
+    ) -> ShardedCollection:
+        return ShardedCollection(
+            client=cast(Any, self._backend),
+            model=model,
+            embedding_function=embedding_function,
+            data_loader=data_loader,
+        )
+
+    async def list_collections(
+        self, limit: int | None = None, offset: int | None = None
+    ) -> Sequence[ShardedCollection]:
+        models = await self._live().list_collections(limit, offset, self.tenant, self.database)
+        return [self._wrap(m, _DEFAULT_EF) for m in models]
+
+    async def count_collections(self) -> int:
+        return await self._live().count_collections(self.tenant, self.database)
+
+    async def create_collection(
+        self,
+        name: str,
+        schema: Schema | None = None,
+        configuration: CreateCollectionConfiguration | None = None,
+        metadata: CollectionMetadata | None = None,
+        embedding_function: EmbeddingFunction[Embeddable] | None = _DEFAULT_EF,
+        data_loader: DataLoader[Loadable] | None = None,
+        get_or_create: bool = False,
+    ) -> ShardedCollection:
+        """Create the collection on every shard; see ``AsyncClientAPI.create_collection``."""
+        backend = self._live()
+        configuration = dict(configuration or {})  # type: ignore[assignment]
+        configured_ef = configuration.get("embedding_function")
+        validate_embedding_function_conflict_on_create(embedding_function, configured_ef)
+        if embedding_function is not None and configured_ef is None:
+            configuration["embedding_function"] = embedding_function
+        model = await backend.create_collection(
+            name, schema, configuration, metadata, get_or_create, self.tenant, self.database
+        )
+        if get_or_create:
+            validate_embedding_function_conflict_on_get(
+                embedding_function, model.configuration_json.get("embedding_function")
+            )
+        return self._wrap(model, embedding_function, data_loader)
+
+    async def get_or_create_collection(
+        self,
+        name: str,
+        schema: Schema | None = None,
+        configuration: CreateCollectionConfiguration | None = None,
+        metadata: CollectionMetadata | None = None,
+        embedding_function: EmbeddingFunction[Embeddable] | None = _DEFAULT_EF,
+        data_loader: DataLoader[Loadable] | None = None,
+    ) -> ShardedCollection:
+        """Get the collection, creating it (or repairing a shard missing it) if needed."""
+        return await self.create_collection(
+            name,
+            schema,
+            configuration,
+            metadata,
+            embedding_function,
+            data_loader,
+            get_or_create=True,
+        )
+
+    async def get_collection(
+        self,
+        name: str,
+        embedding_function: EmbeddingFunction[Embeddable] | None = _DEFAULT_EF,
+        data_loader: DataLoader[Loadable] | None = None,
+    ) -> ShardedCollection:
+        model = await self._live().get_collection(name, self.tenant, self.database)
+        validate_embedding_function_conflict_on_get(
+            embedding_function, model.configuration_json.get("embedding_function")
+        )
+        return self._wrap(model, embedding_function, data_loader)
+
+    async def get_collection_by_id(
+        self,
+        id: UUID,
+        embedding_function: EmbeddingFunction[Embeddable] | None = _DEFAULT_EF,
+        data_loader: DataLoader[Loadable] | None = None,
+    ) -> ShardedCollection:
+        """By the cluster's collection id (``collection.id``), stable across processes."""
+        model = await self._live().get_collection_by_id(id, self.tenant, self.database)
+        validate_embedding_function_conflict_on_get(
+            embedding_function, model.configuration_json.get("embedding_function")
+        )
+        return self._wrap(model, embedding_function, data_loader)
+
+    async def delete_collection(self, name: str) -> None:
+        await self._live().delete_collection(name, self.tenant, self.database)
+
+
+async def AsyncHttpClient(  # noqa: N802 - named like the chromadb factory it replaces
+    shards: Sequence[str] | None = None,
+    *,
+    topology: Topology | str | os.PathLike[str] | None = None,
+    tenant: str | None = None,
+    database: str | None = None,
+    routing_key: str | None = None,
+) -> ShardedClient:
+    """Create a client for a sharded Chroma cluster.
+
+    Give either ``shards`` (one Chroma server URL per shard; records placed by hash of their id)
+    or ``topology`` (a ``Topology`` or the path of a TOML topology file). ``tenant``,
+    ``database`` and ``routing_key`` override the topology's. Every shard's primary is asked for
+    the tenant and database before the client is returned, as chromadb's client does.
+    """
+    if (shards is None) == (topology is None):
+        raise ConfigurationError("give exactly one of shards=[urls] or topology=")
+    overrides = {
+        k: v
+        for k, v in (("tenant", tenant), ("database", database), ("routing_key", routing_key))
+        if v is not None
+    }
+    if shards is not None:
+        topo = Topology.from_urls(shards, **overrides)
+    else:
+        topo = topology if isinstance(topology, Topology) else Topology.from_toml(topology)  # type: ignore[arg-type]
+        if overrides:
+            topo = Topology.build({**topo.model_dump(), **overrides})
+    client = ShardedClient(topo)
+    try:
+        await client._backend.call_all(
+            "connect",
+            lambda _n, t: t.request(
+                "GET", f"/tenants/{topo.tenant}/databases/{topo.database}", idempotent=True
+            ),
+        )
+    except BaseException:
+        await client.aclose()
+        raise
+    return client

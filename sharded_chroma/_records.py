@@ -1,0 +1,578 @@
+"""Record operations across shards: writes split by owner, reads fanned out and merged."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+from uuid import UUID
+
+import numpy as np
+from chromadb.api.types import (
+    DeleteResult,
+    Documents,
+    Embeddings,
+    GetResult,
+    IDs,
+    Include,
+    Metadatas,
+    QueryResult,
+    URIs,
+    Where,
+    WhereDocument,
+    serialize_metadata,
+    validate_batch,
+)
+from chromadb.errors import InvalidArgumentError
+
+from ._backend import RESERVED_PREFIX, SEQ_KEY, BackendCore, CollectionState
+from ._fanout import Coverage, OnShardError, fan_out, raise_for_failures
+from ._merge import merge_get, merge_query, strip_seq
+
+__all__ = ["RecordOps"]
+
+_Row = dict[str, Any]
+
+
+def _check_where(where: Any, what: str = "where") -> None:
+    """Reserved keys are invisible: filtering on them is refused like an unknown operator."""
+    if isinstance(where, Mapping):
+        for key, value in where.items():
+            if isinstance(key, str) and key.startswith(RESERVED_PREFIX):
+                raise ValueError(
+                    f"{what} filter key {key!r} uses the prefix {RESERVED_PREFIX!r}, "
+                    "which sharded_chroma reserves"
+                )
+            _check_where(value, what)
+    elif isinstance(where, list):
+        for item in where:
+            _check_where(item, what)
+
+
+def _check_metadatas(metadatas: Metadatas | None) -> None:
+    for meta in metadatas or ():
+        for key in meta or {}:
+            if key.startswith(RESERVED_PREFIX):
+                raise ValueError(
+                    f"metadata key {key!r} uses the prefix {RESERVED_PREFIX!r}, "
+                    "which sharded_chroma reserves"
+                )
+
+
+def _b64(matrix: np.ndarray[Any, Any]) -> list[str]:
+    """Chroma's base64 wire form: little-endian float32 per vector."""
+    data = np.ascontiguousarray(matrix, dtype="<f4")
+    return [base64.b64encode(row.tobytes()).decode("ascii") for row in data]
+
+
+def _dimension_error(expected: int, got: int) -> InvalidArgumentError:
+    # Same text as a Chroma server's, so the error reads the same whichever shard it came from.
+    return InvalidArgumentError(
+        f"Collection expecting embedding with dimension of {expected}, got {got}"
+    )
+
+
+class RecordOps(BackendCore):
+    """Data-plane methods with the signatures chromadb's AsyncCollection calls."""
+
+    # -- routing ----------------------------------------------------------------------------
+
+    def _routing_values(
+        self, state: CollectionState, ids: IDs, metadatas: Metadatas | None
+    ) -> list[str]:
+        field = state.routing_key
+        if field is None:
+            return list(ids)
+        values = []
+        for i, record_id in enumerate(ids):
+            meta = metadatas[i] if metadatas is not None else None
+            value = None if meta is None else meta.get(field)
+            if value is None or isinstance(value, (list, dict)):
+                raise ValueError(
+                    f"record {record_id!r} needs a scalar metadata value for the routing key "
+                    f"{field!r}; nothing was written"
+                )
+            values.append(str(value))
+        return values
+
+    def _group(self, state: CollectionState, keys: Sequence[str]) -> dict[str, list[int]]:
+        groups = state.slot_table.group_by_shard(keys)
+        return {self.shard_names[s]: pos for s, pos in sorted(groups.items())}
+
+    async def _locate(self, state: CollectionState, ids: IDs) -> dict[str, list[int]]:
+        """Owners of existing ids. Under hash-of-id this is pure; under a metadata routing key
+        the shards are asked, and ids found nowhere are left out."""
+        if state.routing_key is None:
+            return self._group(state, ids)
+        found = await self.call_all(
+            "locate",
+            lambda n, t: t.request(
+                "POST",
+                state.path(n, "/get"),
+                body={"ids": list(ids), "include": []},
+                idempotent=True,
+            ),
+        )
+        position = {record_id: i for i, record_id in enumerate(ids)}
+        return {
+            n: sorted(position[i] for i in r["ids"]) for n, r in sorted(found.items()) if r["ids"]
+        }
+
+    def _check_dimension(self, state: CollectionState, embeddings: Embeddings | None) -> None:
+        if embeddings is None or len(embeddings) == 0:
+            return
+        expected = state.dimension if state.dimension is not None else len(embeddings[0])
+        for emb in embeddings:
+            if len(emb) != expected:
+                raise _dimension_error(expected, len(emb))
+
+    # -- writes -----------------------------------------------------------------------------
+
+    async def _write(
+        self,
+        op: str,
+        state: CollectionState,
+        ids: IDs,
+        groups: Mapping[str, list[int]],
+        embeddings: Embeddings | None,
+        metadatas: list[Any] | None,
+        documents: Documents | None,
+        uris: URIs | None,
+    ) -> None:
+        max_batch = await self.get_max_batch_size()
+        matrix = None if embeddings is None else np.asarray(embeddings)
+
+        def column(values: Sequence[Any] | None, pos: list[int]) -> list[Any] | None:
+            return None if values is None else [values[i] for i in pos]
+
+        async def send(shard: str) -> None:
+            pos = groups[shard]
+            step = max_batch if max_batch > 0 else len(pos)
+            transport = self.primaries[shard]
+            supports_b64 = bool((await self.preflight(shard)).get("supports_base64_encoding"))
+            # Chunks go one after another so a shard stores them in the order they were given.
+            for start in range(0, len(pos), step):
+                chunk = pos[start : start + step]
+                emb: Any = None
+                if matrix is not None:
+                    rows = matrix[chunk]
+                    emb = _b64(rows) if supports_b64 else rows.tolist()
+                metas = column(metadatas, chunk)
+                body = {
+                    "ids": [ids[i] for i in chunk],
+                    "embeddings": emb,
+                    "metadatas": None if metas is None else [serialize_metadata(m) for m in metas],
+                    "documents": column(documents, chunk),
+                    "uris": column(uris, chunk),
+                }
+                await transport.request("POST", state.path(shard, f"/{op}"), body=body, idempotent=False)
+
+        _, failures = await fan_out({shard: (lambda s=shard: send(s)) for shard in groups})  # type: ignore[misc]
+        raise_for_failures(
+            op,
+            failures,
+            unwritten_ids={s: [ids[i] for i in groups[s]] for s in failures},
+            all_failed=len(failures) == len(groups),
+        )
+        if embeddings is not None and len(embeddings) and state.dimension is None:
+            state.dimension = len(embeddings[0])
+
+    async def _prepare_write(
+        self,
+        collection_id: UUID,
+        ids: IDs,
+        embeddings: Embeddings | None,
+        metadatas: Metadatas | None,
+        documents: Documents | None,
+        uris: URIs | None,
+        tenant: str,
+        database: str,
+    ) -> CollectionState:
+        state = await self.state(collection_id, tenant, database)
+        validate_batch(
+            (ids, embeddings, metadatas, documents, uris),
+            {"max_batch_size": await self.get_max_batch_size()},
+        )
+        _check_metadatas(metadatas)
+        self._check_dimension(state, embeddings)
+        return state
+
+    def _with_seq(
+        self, metadatas: Metadatas | None, n: int, fresh: Sequence[bool] | None = None
+    ) -> list[Any]:
+        base = self.clock.reserve(n)
+        out: list[Any] = []
+        for i in range(n):
+            meta = metadatas[i] if metadatas is not None else None
+            if fresh is None or fresh[i]:
+                out.append({**(meta or {}), SEQ_KEY: base + i})
+            else:
+                out.append(meta)
+        return out
+
+    async def _add(
+        self,
+        ids: IDs,
+        collection_id: UUID,
+        embeddings: Embeddings,
+        metadatas: Metadatas | None = None,
+        documents: Documents | None = None,
+        uris: URIs | None = None,
+        tenant: str = "default_tenant",
+        database: str = "default_database",
+    ) -> bool:
+        state = await self._prepare_write(
+            collection_id, ids, embeddings, metadatas, documents, uris, tenant, database
+        )
+        groups = self._group(state, self._routing_values(state, ids, metadatas))
+        metas = self._with_seq(metadatas, len(ids))
+        await self._write("add", state, ids, groups, embeddings, metas, documents, uris)
+        return True
+
+    async def _upsert(
+        self,
+        collection_id: UUID,
+        ids: IDs,
+        embeddings: Embeddings,
+        metadatas: Metadatas | None = None,
+        documents: Documents | None = None,
+        uris: URIs | None = None,
+        tenant: str = "default_tenant",
+        database: str = "default_database",
+    ) -> bool:
+        state = await self._prepare_write(
+            collection_id, ids, embeddings, metadatas, documents, uris, tenant, database
+        )
+        groups = self._group(state, self._routing_values(state, ids, metadatas))
+        existing = await self._locate(state, ids)
+        if state.routing_key is not None:
+            for shard, pos in existing.items():
+                moved = [ids[i] for i in pos if i not in set(groups.get(shard, ()))]
+                if moved:
+                    raise ValueError(
+                        f"upsert would move {moved[:5]} to another shard by changing the routing "
+                        f"key {state.routing_key!r}; moving records is not supported yet, "
+                        "nothing was written"
+                    )
+        # An existing record keeps its sequence (its place in get() order), as on one server,
+        # where an upsert merges metadata into the stored record.
+        present = await self._existing(state, ids, existing)
+        metas = self._with_seq(metadatas, len(ids), [i not in present for i in ids])
+        await self._write("upsert", state, ids, groups, embeddings, metas, documents, uris)
+        return True
+
+    async def _existing(
+        self, state: CollectionState, ids: IDs, groups: Mapping[str, list[int]]
+    ) -> set[str]:
+        if state.routing_key is not None:
+            return {ids[i] for pos in groups.values() for i in pos}
+        found = await self.call_all(
+            "upsert",
+            lambda n, t: t.request(
+                "POST",
+                state.path(n, "/get"),
+                body={"ids": [ids[i] for i in groups[n]], "include": []},
+                idempotent=True,
+            ),
+            shards=list(groups),
+        )
+        return {i for r in found.values() for i in r["ids"]}
+
+    async def _update(
+        self,
+        collection_id: UUID,
+        ids: IDs,
+        embeddings: Embeddings | None = None,
+        metadatas: Metadatas | None = None,
+        documents: Documents | None = None,
+        uris: URIs | None = None,
+        tenant: str = "default_tenant",
+        database: str = "default_database",
+    ) -> bool:
+        state = await self._prepare_write(
+            collection_id, ids, embeddings, metadatas, documents, uris, tenant, database
+        )
+        groups = await self._locate(state, ids)
+        if state.routing_key is not None and metadatas is not None:
+            for i, meta in enumerate(metadatas):
+                if meta is not None and state.routing_key in meta:
+                    raise ValueError(
+                        f"update of {ids[i]!r} changes the routing key {state.routing_key!r}; "
+                        "moving records is not supported yet, nothing was written"
+                    )
+        if groups:
+            await self._write("update", state, ids, groups, embeddings, metadatas, documents, uris)
+        return True
+
+    async def _delete(
+        self,
+        collection_id: UUID,
+        ids: IDs | None = None,
+        where: Where | None = None,
+        where_document: WhereDocument | None = None,
+        limit: int | None = None,
+        tenant: str = "default_tenant",
+        database: str = "default_database",
+    ) -> DeleteResult:
+        state = await self.state(collection_id, tenant, database)
+        _check_where(where)
+        if limit is not None:
+            # "Delete n in total": pick the first n matches in the cluster's order.
+            picked = await self._get(
+                collection_id, ids, where, limit, None, where_document, [], tenant, database
+            )
+            if not picked["ids"]:
+                return DeleteResult(deleted=0)
+            ids, where, where_document = picked["ids"], None, None
+        if ids is not None:
+            groups = await self._locate(state, ids)
+            targets = {s: [ids[i] for i in pos] for s, pos in groups.items()}
+        else:
+            targets = {s: None for s in self.shard_names}  # type: ignore[misc]
+        if not targets:
+            return DeleteResult(deleted=0)
+
+        async def delete(shard: str) -> int:
+            body = {"ids": targets[shard], "where": where, "where_document": where_document}
+            resp = await self.primaries[shard].request(
+                "POST", state.path(shard, "/delete"), body=body, idempotent=False
+            )
+            return int(resp.get("deleted", 0)) if isinstance(resp, dict) else 0
+
+        results, failures = await fan_out({s: (lambda s=s: delete(s)) for s in targets})  # type: ignore[misc]
+        raise_for_failures(
+            "delete",
+            failures,
+            unwritten_ids={s: list(targets[s] or ()) for s in failures},
+            all_failed=len(failures) == len(targets),
+        )
+        return DeleteResult(deleted=sum(results.values()))
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def _read_shards(
+        self, state: CollectionState, ids: IDs | None
+    ) -> dict[str, list[str] | None]:
+        """Which shards a read must ask, with the ids to ask each for (None: no id filter)."""
+        if ids is not None and state.routing_key is None:
+            groups = self._group(state, ids)
+            return {s: [ids[i] for i in pos] for s, pos in groups.items()}
+        return {s: (list(ids) if ids is not None else None) for s in self.shard_names}
+
+    async def _gather(
+        self,
+        op: str,
+        state: CollectionState,
+        targets: Mapping[str, Any],
+        body_for: Any,
+        on_shard_error: OnShardError,
+    ) -> tuple[list[Any], Coverage]:
+        results, failures = await fan_out(
+            {
+                s: (
+                    lambda s=s: self.primaries[s].request(  # type: ignore[misc]
+                        "POST", state.path(s, f"/{op}"), body=body_for(s), idempotent=True
+                    )
+                )
+                for s in targets
+            }
+        )
+        if on_shard_error == "raise" or not results:
+            raise_for_failures(op, failures)
+        coverage = Coverage(
+            asked=tuple(targets),
+            answered=tuple(s for s in targets if s in results),
+            failed={s: f"{type(e).__name__}: {e}" for s, e in failures.items()},
+        )
+        return [results[s] for s in targets if s in results], coverage
+
+    async def _get(
+        self,
+        collection_id: UUID,
+        ids: IDs | None = None,
+        where: Where | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        where_document: WhereDocument | None = None,
+        include: Include = ["metadatas", "documents"],  # noqa: B006 - chromadb's signature
+        tenant: str = "default_tenant",
+        database: str = "default_database",
+        on_shard_error: OnShardError = "raise",
+    ) -> GetResult:
+        state = await self.state(collection_id, tenant, database)
+        _check_where(where)
+        start = offset or 0
+        fields = [f for f in include if f != "data"]
+        wire_include = sorted({*fields, "metadatas"})
+        shard_limit = None if limit is None else start + limit
+        targets = await self._read_shards(state, ids)
+        if not targets or limit == 0:
+            return self._empty_get(include)
+
+        def body(shard: str) -> dict[str, Any]:
+            return {
+                "ids": targets[shard],
+                "where": where,
+                "where_document": where_document,
+                "limit": shard_limit,
+                "offset": None,
+                "include": wire_include,
+            }
+
+        responses, coverage = await self._gather("get", state, targets, body, on_shard_error)
+        merged = merge_get(responses, seq_key=SEQ_KEY, offset=start, limit=limit, fields=fields)
+        result = GetResult(
+            ids=merged["ids"],
+            embeddings=merged["embeddings"],
+            metadatas=merged["metadatas"],
+            documents=merged["documents"],
+            uris=merged["uris"],
+            data=None,
+            included=include,
+        )
+        if on_shard_error == "partial":
+            result["coverage"] = coverage  # type: ignore[typeddict-unknown-key]
+        return result
+
+    def _empty_get(self, include: Include) -> GetResult:
+        return GetResult(
+            ids=[],
+            embeddings=[] if "embeddings" in include else None,
+            metadatas=[] if "metadatas" in include else None,
+            documents=[] if "documents" in include else None,
+            uris=[] if "uris" in include else None,
+            data=None,
+            included=include,
+        )
+
+    async def _peek(
+        self,
+        collection_id: UUID,
+        n: int = 10,
+        tenant: str = "default_tenant",
+        database: str = "default_database",
+    ) -> GetResult:
+        return await self._get(
+            collection_id,
+            limit=n,
+            include=["embeddings", "metadatas", "documents"],
+            tenant=tenant,
+            database=database,
+        )
+
+    async def _count(
+        self,
+        collection_id: UUID,
+        tenant: str = "default_tenant",
+        database: str = "default_database",
+        read_level: Any = None,
+    ) -> int:
+        state = await self.state(collection_id, tenant, database)
+        counts = await self.call_all(
+            "count",
+            lambda n, t: t.request("GET", state.path(n, "/count"), idempotent=True),
+        )
+        return sum(int(c) for c in counts.values())
+
+    async def _query(
+        self,
+        collection_id: UUID,
+        query_embeddings: Embeddings,
+        ids: IDs | None = None,
+        n_results: int = 10,
+        where: Where | None = None,
+        where_document: WhereDocument | None = None,
+        include: Include = ["metadatas", "documents", "distances"],  # noqa: B006
+        tenant: str = "default_tenant",
+        database: str = "default_database",
+        on_shard_error: OnShardError = "raise",
+    ) -> QueryResult:
+        state = await self.state(collection_id, tenant, database)
+        _check_where(where)
+        if state.dimension is not None:
+            self._check_dimension(state, query_embeddings)
+        fields = [f for f in include if f != "data"]
+        targets = await self._read_shards(state, ids)
+        n_queries = len(query_embeddings)
+        if not targets:
+            # query(ids=[]) asks no shard: one empty row list per query, as one server answers.
+            merged = {
+                k: ([[] for _ in range(n_queries)] if k == "ids" or k in fields else None)
+                for k in ("ids", "distances", "embeddings", "metadatas", "documents", "uris")
+            }
+            coverage = Coverage(asked=(), answered=())
+        else:
+            matrix = np.asarray(query_embeddings, dtype=np.float32)
+            wire_include = sorted({*fields, "distances"})
+
+            def body(shard: str) -> dict[str, Any]:
+                return {
+                    "ids": targets[shard],
+                    "query_embeddings": matrix,
+                    "n_results": n_results,
+                    "where": where,
+                    "where_document": where_document,
+                    "include": wire_include,
+                }
+
+            responses, coverage = await self._gather("query", state, targets, body, on_shard_error)
+            merged = merge_query(responses, n_results, fields)
+        if merged["metadatas"] is not None:
+            merged["metadatas"] = [strip_seq(m, SEQ_KEY) for m in merged["metadatas"]]
+        result = QueryResult(
+            ids=merged["ids"],
+            distances=merged["distances"],
+            embeddings=merged["embeddings"],
+            metadatas=merged["metadatas"],
+            documents=merged["documents"],
+            uris=merged["uris"],
+            data=None,
+            included=include,
+        )
+        if on_shard_error == "partial":
+            result["coverage"] = coverage  # type: ignore[typeddict-unknown-key]
+        return result
+
+    async def scan_pages(
+        self,
+        collection_id: UUID,
+        *,
+        batch_size: int,
+        where: Where | None,
+        where_document: WhereDocument | None,
+        include: Include,
+        tenant: str,
+        database: str,
+    ) -> AsyncIterator[GetResult]:
+        """Pages of at most ``batch_size`` records in get() order, in bounded memory: each shard
+        is read page by page and the shard streams are merged lazily."""
+        state = await self.state(collection_id, tenant, database)
+        _check_where(where)
+        fields = [f for f in include if f != "data"]
+        wire_include = sorted({*fields, "metadatas"})
+        from ._scan import merged_rows  # noqa: PLC0415 - keeps the module graph acyclic
+
+        async def fetch(shard: str, offset: int) -> Mapping[str, Any]:
+            return await self.primaries[shard].request(  # type: ignore[no-any-return]
+                "POST",
+                state.path(shard, "/get"),
+                body={
+                    "where": where,
+                    "where_document": where_document,
+                    "limit": batch_size,
+                    "offset": offset,
+                    "include": wire_include,
+                },
+                idempotent=True,
+            )
+
+        async for page in merged_rows(self.shard_names, fetch, batch_size, SEQ_KEY, fields):
+            yield GetResult(
+                ids=page["ids"],
+                embeddings=page["embeddings"],
+                metadatas=page["metadatas"],
+                documents=page["documents"],
+                uris=page["uris"],
+                data=None,
+                included=include,
+            )

@@ -1,0 +1,86 @@
+"""Lazy merge of per-shard paged streams, for scanning a whole collection in bounded memory."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import anyio
+
+from ._merge import strip_seq
+
+__all__ = ["merged_rows"]
+
+_COLUMNS = ("embeddings", "metadatas", "documents", "uris")
+
+
+def _order_key(meta: Mapping[str, Any] | None, record_id: str, seq_key: str) -> tuple[Any, ...]:
+    # The same order merge_get uses: sequenced records by (seq, id), then unsequenced by id.
+    seq = None if meta is None else meta.get(seq_key)
+    if isinstance(seq, int) and not isinstance(seq, bool):
+        return (0, seq, record_id)
+    return (1, 0, record_id)
+
+
+async def merged_rows(
+    shards: Sequence[str],
+    fetch: Callable[[str, int], Awaitable[Mapping[str, Any]]],
+    batch_size: int,
+    seq_key: str,
+    fields: Sequence[str],
+) -> AsyncIterator[dict[str, Any]]:
+    """Yield pages (column dicts like a get() result) in the same order ``merge_get`` gives.
+
+    Each step takes the smallest head among the shard streams, so every non-exhausted stream
+    must have a head before a pick; a stream is refilled (one page of ``batch_size``) only when
+    its buffer runs dry, which bounds memory by shards x batch_size records.
+    """
+    buffers: dict[str, deque[tuple[Any, ...]]] = {s: deque() for s in shards}
+    offsets = dict.fromkeys(shards, 0)
+    exhausted: set[str] = set()
+
+    async def refill(shard: str) -> None:
+        page = await fetch(shard, offsets[shard])
+        ids = page["ids"]
+        offsets[shard] += len(ids)
+        if len(ids) < batch_size:
+            exhausted.add(shard)
+        cols = [page.get(c) for c in _COLUMNS]
+        metas = page.get("metadatas") or [None] * len(ids)
+        for i, record_id in enumerate(ids):
+            meta = metas[i]
+            buffers[shard].append(
+                (_order_key(meta, record_id, seq_key), record_id, *[(c[i] if c else None) for c in cols])
+            )
+
+    out: dict[str, list[Any]] = {"ids": [], **{c: [] for c in _COLUMNS}}
+
+    def flush() -> dict[str, Any]:
+        nonlocal out
+        page: dict[str, Any] = {"ids": out["ids"]}
+        for c in _COLUMNS:
+            page[c] = out[c] if c in fields else None
+        if page["metadatas"] is not None:
+            page["metadatas"] = strip_seq(page["metadatas"], seq_key)
+        out = {"ids": [], **{c: [] for c in _COLUMNS}}
+        return page
+
+    while True:
+        dry = [s for s in shards if not buffers[s] and s not in exhausted]
+        if dry:
+            async with anyio.create_task_group() as tg:
+                for s in dry:
+                    tg.start_soon(refill, s)
+        live = [s for s in shards if buffers[s]]
+        if not live:
+            break
+        shard = min(live, key=lambda s: buffers[s][0][0])
+        _, record_id, *values = buffers[shard].popleft()
+        out["ids"].append(record_id)
+        for c, v in zip(_COLUMNS, values):
+            out[c].append(v)
+        if len(out["ids"]) >= batch_size:
+            yield flush()
+    if out["ids"]:
+        yield flush()
