@@ -9,6 +9,7 @@ stable across processes and unique per creation, exactly like a single server's 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -118,7 +119,7 @@ class BackendCore:
     ) -> dict[str, T]:
         """Run ``make`` on every (or the named) shard's primary; raise if any failed."""
         names = self.shard_names if shards is None else shards
-        calls = {n: (lambda n=n: make(n, self.primaries[n])) for n in names}  # type: ignore[misc]
+        calls = {n: functools.partial(make, n, self.primaries[n]) for n in names}
         results, failures = await fan_out(calls)
         raise_for_failures(operation, failures)
         return results
@@ -126,7 +127,9 @@ class BackendCore:
     async def preflight(self, shard: str) -> dict[str, Any]:
         cached = self._preflight.get(shard)
         if cached is None:
-            cached = await self.primaries[shard].request("GET", "/pre-flight-checks", idempotent=True)
+            cached = await self.primaries[shard].request(
+                "GET", "/pre-flight-checks", idempotent=True
+            )
             self._preflight[shard] = cached
         return cached
 
@@ -368,7 +371,7 @@ class BackendCore:
         path = self._base(tenant, database) + f"/collections/{name}"
         # Other shards first: if one fails, the catalog still lists the collection and the
         # caller can retry, instead of data left behind under a name nobody sees.
-        results, failures = await fan_out(
+        _, failures = await fan_out(
             {
                 n: (lambda t=t: t.request("DELETE", path, idempotent=False))  # type: ignore[misc]
                 for n, t in self.primaries.items()
@@ -418,9 +421,7 @@ class BackendCore:
         if new_name is not None:
             state.name = new_name
 
-    async def state(
-        self, collection_id: UUID, tenant: str, database: str
-    ) -> CollectionState:
+    async def state(self, collection_id: UUID, tenant: str, database: str) -> CollectionState:
         """The cached state of a collection, loading it from the shards on first use."""
         state = self._states.get(collection_id)
         if state is None:

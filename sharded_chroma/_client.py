@@ -86,7 +86,9 @@ class ShardedClient:
 
     def __repr__(self) -> str:
         names = ", ".join(self._backend.shard_names)
-        return f"ShardedClient(shards=[{names}], tenant={self.tenant!r}, database={self.database!r})"
+        return (
+            f"ShardedClient(shards=[{names}], tenant={self.tenant!r}, database={self.database!r})"
+        )
 
     # -- server-wide ------------------------------------------------------------------------
 
@@ -141,7 +143,7 @@ class ShardedClient:
     ) -> ShardedCollection:
         """Create the collection on every shard; see ``AsyncClientAPI.create_collection``."""
         backend = self._live()
-        configuration = dict(configuration or {})  # type: ignore[assignment]
+        configuration = cast(CreateCollectionConfiguration, dict(configuration or {}))
         configured_ef = configuration.get("embedding_function")
         validate_embedding_function_conflict_on_create(embedding_function, configured_ef)
         if embedding_function is not None and configured_ef is None:
@@ -204,7 +206,7 @@ class ShardedClient:
         await self._live().delete_collection(name, self.tenant, self.database)
 
 
-async def AsyncHttpClient(  # noqa: N802 - named like the chromadb factory it replaces
+async def AsyncHttpClient(
     shards: Sequence[str] | None = None,
     *,
     topology: Topology | str | os.PathLike[str] | None = None,

@@ -86,7 +86,7 @@ class ShardedCollection(AsyncCollection):
         )
         result = self._transform_get_response(response=response, include=request["include"])
         if "coverage" in response:
-            result["coverage"] = response["coverage"]  # type: ignore[typeddict-unknown-key]
+            result["coverage"] = response["coverage"]  # type: ignore[typeddict-item]
         return result
 
     async def query(
@@ -130,7 +130,7 @@ class ShardedCollection(AsyncCollection):
         )
         result = self._transform_query_response(response=response, include=request["include"])
         if "coverage" in response:
-            result["coverage"] = response["coverage"]  # type: ignore[typeddict-unknown-key]
+            result["coverage"] = response["coverage"]  # type: ignore[typeddict-item]
         return result
 
     async def scan(

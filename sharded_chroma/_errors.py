@@ -13,9 +13,9 @@ __all__ = [
     "ConfigurationError",
     "NodeUnavailableError",
     "PartialWriteError",
+    "ShardFailureError",
     "ShardMismatchError",
     "ShardedChromaError",
-    "ShardFailureError",
 ]
 
 
@@ -44,7 +44,8 @@ class NodeUnavailableError(ShardedChromaError):
         self.attempts = tuple(attempts)
         tries = "; ".join(self.attempts) or "no attempt"
         super().__init__(
-            f"shard {shard!r} node {node} unavailable after {len(self.attempts)} attempt(s): {tries}"
+            f"shard {shard!r} node {node} unavailable after "
+            f"{len(self.attempts)} attempt(s): {tries}"
         )
 
 

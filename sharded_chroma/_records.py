@@ -165,7 +165,9 @@ class RecordOps(BackendCore):
                     "documents": column(documents, chunk),
                     "uris": column(uris, chunk),
                 }
-                await transport.request("POST", state.path(shard, f"/{op}"), body=body, idempotent=False)
+                await transport.request(
+                    "POST", state.path(shard, f"/{op}"), body=body, idempotent=False
+                )
 
         _, failures = await fan_out({shard: (lambda s=shard: send(s)) for shard in groups})  # type: ignore[misc]
         raise_for_failures(
@@ -496,7 +498,7 @@ class RecordOps(BackendCore):
         n_queries = len(query_embeddings)
         if not targets:
             # query(ids=[]) asks no shard: one empty row list per query, as one server answers.
-            merged = {
+            merged: dict[str, Any] = {
                 k: ([[] for _ in range(n_queries)] if k == "ids" or k in fields else None)
                 for k in ("ids", "distances", "embeddings", "metadatas", "documents", "uris")
             }
@@ -518,7 +520,7 @@ class RecordOps(BackendCore):
             responses, coverage = await self._gather("query", state, targets, body, on_shard_error)
             merged = merge_query(responses, n_results, fields)
         if merged["metadatas"] is not None:
-            merged["metadatas"] = [strip_seq(m, SEQ_KEY) for m in merged["metadatas"]]
+            merged["metadatas"] = [strip_seq(m, SEQ_KEY) or [] for m in merged["metadatas"]]
         result = QueryResult(
             ids=merged["ids"],
             distances=merged["distances"],
@@ -550,7 +552,7 @@ class RecordOps(BackendCore):
         _check_where(where)
         fields = [f for f in include if f != "data"]
         wire_include = sorted({*fields, "metadatas"})
-        from ._scan import merged_rows  # noqa: PLC0415 - keeps the module graph acyclic
+        from ._scan import merged_rows
 
         async def fetch(shard: str, offset: int) -> Mapping[str, Any]:
             return await self.primaries[shard].request(  # type: ignore[no-any-return]

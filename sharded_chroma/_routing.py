@@ -34,7 +34,9 @@ class SlotTable:
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.owners) <= MAX_SLOTS:
-            raise ConfigurationError(f"slot count must be in 1..{MAX_SLOTS}, got {len(self.owners)}")
+            raise ConfigurationError(
+                f"slot count must be in 1..{MAX_SLOTS}, got {len(self.owners)}"
+            )
         if self.n_shards < 1:
             raise ConfigurationError("a slot table needs at least one shard")
         bad = [o for o in self.owners if not 0 <= o < self.n_shards]
@@ -52,7 +54,8 @@ class SlotTable:
             raise ConfigurationError("a slot table needs at least one shard")
         if not n_shards <= slots <= MAX_SLOTS:
             raise ConfigurationError(
-                f"slot count must be in {n_shards}..{MAX_SLOTS} for {n_shards} shard(s), got {slots}"
+                f"slot count must be in {n_shards}..{MAX_SLOTS} for {n_shards} shard(s), "
+                f"got {slots}"
             )
         return cls(tuple(s * n_shards // slots for s in range(slots)), n_shards, epoch)
 

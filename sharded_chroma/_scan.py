@@ -51,7 +51,11 @@ async def merged_rows(
         for i, record_id in enumerate(ids):
             meta = metas[i]
             buffers[shard].append(
-                (_order_key(meta, record_id, seq_key), record_id, *[(c[i] if c else None) for c in cols])
+                (
+                    _order_key(meta, record_id, seq_key),
+                    record_id,
+                    *[(c[i] if c else None) for c in cols],
+                )
             )
 
     out: dict[str, list[Any]] = {"ids": [], **{c: [] for c in _COLUMNS}}
@@ -78,7 +82,7 @@ async def merged_rows(
         shard = min(live, key=lambda s: buffers[s][0][0])
         _, record_id, *values = buffers[shard].popleft()
         out["ids"].append(record_id)
-        for c, v in zip(_COLUMNS, values):
+        for c, v in zip(_COLUMNS, values, strict=True):
             out[c].append(v)
         if len(out["ids"]) >= batch_size:
             yield flush()
