@@ -1,0 +1,69 @@
+"""Shared fixtures: one local cluster of real Chroma servers for the whole test session.
+
+Server 0 is the "oracle" (a plain single-node Chroma to compare results against); servers 1..3
+are the shards. Function-scoped fixtures wipe the servers they hand out, so every test starts
+from empty databases without paying for a server start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from sharded_chroma._local_cluster import LocalChromaServer, LocalCluster
+
+CLUSTER_SIZE = 4
+# Four servers booting at once on a small CI machine take several seconds each; leave headroom.
+CLUSTER_START_TIMEOUT = 180.0
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def chroma_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(CLUSTER_SIZE, tmp_path_factory.mktemp("chroma-cluster"))
+    cluster.start(timeout=CLUSTER_START_TIMEOUT)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _fresh_one(server: LocalChromaServer) -> None:
+    # A fault-injection test may have killed or stopped a server; bring it back so one test's
+    # damage does not fail every test after it.
+    if not server.running:
+        server.restart()
+    server.reset()
+
+
+def _fresh(servers: list[LocalChromaServer]) -> None:
+    # Resets are mostly waiting on the servers, and this runs before every test that uses them.
+    with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+        for future in [pool.submit(_fresh_one, server) for server in servers]:
+            future.result()
+
+
+@pytest.fixture
+def oracle_url(chroma_servers: LocalCluster) -> str:
+    oracle = chroma_servers.servers[0]
+    _fresh([oracle])
+    return oracle.url
+
+
+@pytest.fixture
+def shard_urls(chroma_servers: LocalCluster) -> list[str]:
+    shards = chroma_servers.servers[1:]
+    _fresh(shards)
+    return [server.url for server in shards]
+
+
+@pytest.fixture
+def cluster_servers(chroma_servers: LocalCluster, shard_urls: list[str]) -> list[LocalChromaServer]:
+    # Depends on shard_urls for the reset, so a test asking for both resets only once.
+    return chroma_servers.servers[1:]
