@@ -27,7 +27,7 @@ lint: venv
 	$(VENV)/bin/mypy sharded_chroma
 
 demo: venv
-	$(VENV_PY) examples/quickstart.py
+	$(VENV)/bin/sharded-chroma demo
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -18,12 +18,14 @@ from ._errors import (
     ShardMismatchError,
 )
 from ._fanout import Coverage
+from ._status import CollectionStatus, ShardStatus
 from ._topology import NodeConfig, ShardConfig, Topology
 from ._transport import NodeStats
 
 __all__ = [
     "AsyncHttpClient",
     "ClientClosedError",
+    "CollectionStatus",
     "ConfigurationError",
     "Coverage",
     "NodeConfig",
@@ -33,6 +35,7 @@ __all__ = [
     "ShardConfig",
     "ShardFailureError",
     "ShardMismatchError",
+    "ShardStatus",
     "ShardedChromaError",
     "ShardedClient",
     "ShardedCollection",

@@ -8,6 +8,7 @@ from types import TracebackType
 from typing import Any, cast
 from uuid import UUID
 
+import anyio
 from chromadb.api.collection_configuration import (
     CreateCollectionConfiguration,
     validate_embedding_function_conflict_on_create,
@@ -27,6 +28,7 @@ from chromadb.types import Collection as CollectionModel
 from ._collection import ShardedCollection
 from ._errors import ClientClosedError, ConfigurationError
 from ._records import RecordOps
+from ._status import ShardStatus, shard_status
 from ._topology import Topology
 from ._transport import NodeStats
 
@@ -79,6 +81,24 @@ class ShardedClient:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+    async def status(self, *, node_deadline: float = 10.0) -> tuple[ShardStatus, ...]:
+        """Health, version, latency and per-collection record counts of every shard's primary.
+
+        Unreachable nodes are reported (``healthy=False`` with the error), never raised.
+        """
+        backend = self._live()
+        out: dict[str, ShardStatus] = {}
+
+        async def one(name: str) -> None:
+            out[name] = await shard_status(
+                name, backend.primaries[name], self.tenant, self.database, node_deadline
+            )
+
+        async with anyio.create_task_group() as tg:
+            for name in backend.shard_names:
+                tg.start_soon(one, name)
+        return tuple(out[n] for n in backend.shard_names)
 
     def node_stats(self) -> dict[str, NodeStats]:
         """Request counters per node URL (requests, failures, retries, latency)."""

@@ -457,7 +457,7 @@ class RecordOps(BackendCore):
         return await self._get(
             collection_id,
             limit=n,
-            include=["embeddings", "metadatas", "documents"],
+            include=["metadatas", "documents", "embeddings"],  # chromadb's peek order
             tenant=tenant,
             database=database,
         )

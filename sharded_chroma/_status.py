@@ -1,0 +1,87 @@
+"""Cluster status: per shard health, version, latency, record counts and a memory estimate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from ._transport import NodeTransport
+
+__all__ = ["CollectionStatus", "ShardStatus", "estimate_server_memory"]
+
+# Chroma 1.5.9 server RSS model, measured on this project's machine and to be recalibrated by
+# benchmarks/bench_memory.py: an idle server, a cost per collection, and the vectors themselves
+# with HNSW overhead. The common "records x dimension x 4" rule underestimates by 2-3x.
+IDLE_BYTES = 112 * 2**20
+PER_COLLECTION_BYTES = 52 * 2**20
+VECTOR_OVERHEAD = 1.4
+
+
+def estimate_server_memory(collections: dict[str, tuple[int, int | None]]) -> int:
+    """Estimated resident memory of one server holding ``{name: (records, dimension)}``."""
+    total = float(IDLE_BYTES)
+    for records, dim in collections.values():
+        total += PER_COLLECTION_BYTES + VECTOR_OVERHEAD * records * (dim or 0) * 4
+    return int(total)
+
+
+@dataclass(frozen=True)
+class CollectionStatus:
+    name: str
+    records: int
+    dimension: int | None
+
+
+@dataclass(frozen=True)
+class ShardStatus:
+    """One shard's primary node as seen by one status call."""
+
+    shard: str
+    url: str
+    healthy: bool
+    version: str | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+    collections: tuple[CollectionStatus, ...] = field(default_factory=tuple)
+
+    @property
+    def records(self) -> int:
+        return sum(c.records for c in self.collections)
+
+    @property
+    def estimated_memory_bytes(self) -> int:
+        return estimate_server_memory({c.name: (c.records, c.dimension) for c in self.collections})
+
+
+async def shard_status(
+    shard: str, transport: NodeTransport, tenant: str, database: str, deadline: float
+) -> ShardStatus:
+    """Ask one node for its health, version and per-collection counts; never raises for an
+    unreachable node (that is what status is for)."""
+    base = f"/tenants/{tenant}/databases/{database}/collections"
+    try:
+        with anyio.fail_after(deadline):
+            started = time.perf_counter()
+            await transport.request("GET", "/heartbeat", idempotent=False)
+            latency = (time.perf_counter() - started) * 1000
+            version = await transport.request("GET", "/version", idempotent=False)
+            listed: list[dict[str, Any]] = []
+            while True:
+                page = await transport.request(
+                    "GET", base, params={"limit": 100, "offset": len(listed)}, idempotent=True
+                )
+                listed.extend(page)
+                if len(page) < 100:
+                    break
+            cols = []
+            for item in listed:
+                count = await transport.request(
+                    "GET", f"{base}/{item['id']}/count", idempotent=True
+                )
+                cols.append(CollectionStatus(str(item["name"]), int(count), item.get("dimension")))
+    except Exception as exc:  # reported, not raised: a status view must show dead nodes
+        return ShardStatus(shard, transport.url, False, error=f"{type(exc).__name__}: {exc}")
+    return ShardStatus(shard, transport.url, True, str(version), latency, None, tuple(cols))

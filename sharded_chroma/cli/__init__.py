@@ -1,0 +1,92 @@
+"""The ``sharded-chroma`` command: ``dev``, ``demo`` and ``status``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+
+from .._client import ShardedClient
+from .._errors import ShardedChromaError
+from .._topology import Topology
+
+__all__ = ["main"]
+
+
+def _out(text: str) -> None:
+    print(text, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sharded-chroma", description="Sharded Chroma tools.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="local cluster, sample corpus, queries, teardown")
+    demo.add_argument("--shards", type=int, default=3)
+    demo.add_argument("--records", type=int, default=50_000)
+    demo.add_argument("--dim", type=int, default=64)
+
+    dev = sub.add_parser("dev", help="run local Chroma servers until Ctrl-C")
+    dev.add_argument("--shards", type=int, default=3)
+    dev.add_argument("--data-dir", type=Path, default=Path(".sharded-chroma/dev"))
+    dev.add_argument("--topology-out", type=Path, default=Path("cluster.toml"))
+
+    status = sub.add_parser("status", help="health, versions, latency and counts per shard")
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("--topology", type=Path, help="topology TOML file")
+    where.add_argument("--shards", nargs="+", metavar="URL", help="one URL per shard")
+    return p
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise SystemExit(f"sharded-chroma: --{name} must be at least 1, got {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "demo":
+            from ._demo import run_demo
+
+            for name in ("shards", "records", "dim"):
+                _positive(name, getattr(args, name))
+            run_demo(shards=args.shards, records=args.records, dim=args.dim, out=_out)
+        elif args.command == "dev":
+            from ._dev import run_dev
+
+            _positive("shards", args.shards)
+            run_dev(
+                shards=args.shards,
+                data_dir=args.data_dir,
+                topology_path=args.topology_out,
+                out=_out,
+            )
+        else:
+            anyio.run(_status, args.topology, args.shards)
+    except KeyboardInterrupt:
+        _out("\ninterrupted; local servers stopped.")
+        return 130
+    except ShardedChromaError as exc:
+        print(f"sharded-chroma: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _status(topology: Path | None, shards: list[str] | None) -> None:
+    from ._status_view import render_status
+
+    # Not AsyncHttpClient(): it refuses to connect when a shard is down, and showing down
+    # shards is what status is for.
+    topo = Topology.from_urls(shards) if shards else Topology.from_toml(topology)  # type: ignore[arg-type]
+    async with ShardedClient(topo) as client:
+        _out(render_status(await client.status()))
