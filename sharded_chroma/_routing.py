@@ -21,6 +21,8 @@ MAX_SLOTS = 65536
 
 def slot_for_key(key: str, slots: int) -> int:
     """The slot of ``key`` in a space of ``slots`` slots."""
+    if not 1 <= slots <= MAX_SLOTS:
+        raise ConfigurationError(f"slot count must be in 1..{MAX_SLOTS}, got {slots}")
     return int(mmh3.hash(key.encode("utf-8"), 0, False)) % slots
 
 

@@ -26,10 +26,18 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ._errors import ConfigurationError
 from ._routing import DEFAULT_SLOTS, MAX_SLOTS, SlotTable
@@ -47,13 +55,39 @@ DEFAULT_DATABASE = "default_database"
 _Frozen = ConfigDict(frozen=True, extra="forbid")
 
 
+class _FrozenHeaders(dict[str, str]):
+    """A read-only, hashable header mapping, so frozen configs stay frozen and hashable."""
+
+    def _readonly(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("node headers are read-only; build a new NodeConfig instead")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _readonly
+    __ior__ = _readonly
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+
+def _redact(url: str) -> str:
+    """The URL with any user:password part masked, for error messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "<unparseable url>" if "@" in url else url
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return f"{scheme}://{netloc}{slash}{tail}"
+
+
 class NodeConfig(BaseModel):
     """One Chroma server: where it is and how to talk to it."""
 
     model_config = _Frozen
 
     url: str
-    headers: Mapping[str, str] = Field(default_factory=dict, repr=False)
+    headers: Annotated[Mapping[str, str], AfterValidator(_FrozenHeaders)] = Field(
+        default_factory=_FrozenHeaders, repr=False
+    )
     token_env: str | None = None
     """Name of an environment variable holding the auth token; the token itself is never stored
     in the configuration, so it never appears in reprs, logs or errors."""
@@ -69,7 +103,7 @@ class NodeConfig(BaseModel):
     def _check_url(cls, url: str) -> str:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"node url must look like http(s)://host:port, got {url!r}")
+            raise ValueError(f"node url must look like http(s)://host:port, got {_redact(url)!r}")
         if parts.query or parts.fragment or parts.username or parts.password:
             raise ValueError(
                 "node url must not carry credentials, a query or a fragment "
@@ -78,7 +112,7 @@ class NodeConfig(BaseModel):
         try:
             parts.port  # noqa: B018 - raises on a malformed port
         except ValueError as exc:
-            raise ValueError(f"node url has an invalid port: {url!r}") from exc
+            raise ValueError(f"node url has an invalid port: {_redact(url)!r}") from exc
         return url.rstrip("/")
 
     def resolved_headers(self) -> dict[str, str]:
@@ -182,9 +216,14 @@ class Topology(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(x) for x in e['loc']) or '(root)'}: {e['msg']}"
-                for e in exc.errors(include_input=False)
-            )
-            # Not chained: pydantic's error repr echoes input values, and headers may hold secrets.
-            raise ConfigurationError(f"invalid {source}: {problems}") from None
+            errors = exc.errors(include_input=False)
+        # A failed shard entry also fails the tuple's length check; that second message would
+        # only mislead, so it is dropped when the entries themselves have problems.
+        if len(errors) > 1:
+            errors = [e for e in errors if e["type"] != "too_short"] or errors
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or '(root)'}: {e['msg']}" for e in errors
+        )
+        # Raised outside the except block so neither __cause__ nor __context__ holds pydantic's
+        # error, whose text echoes input values (and headers may hold secrets).
+        raise ConfigurationError(f"invalid {source}: {problems}")

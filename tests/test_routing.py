@@ -196,11 +196,6 @@ def test_sequential_ids_spread_evenly_over_three_shards() -> None:
     assert all(abs(c - 10_000) <= 500 for c in counts.values()), counts
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="slot_for_key does not validate `slots`: 0 raises ZeroDivisionError and a negative "
-    "count silently returns a slot <= 0, instead of ConfigurationError",
-)
 @pytest.mark.parametrize("slots", [0, -4096])
 def test_slot_for_key_rejects_non_positive_slot_count(slots: int) -> None:
     with pytest.raises(sharded_chroma.ConfigurationError):
