@@ -13,7 +13,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from uuid import UUID
@@ -136,8 +136,23 @@ class BackendCore:
     async def get_max_batch_size(self) -> int:
         """The cluster's figure: the smallest limit of any shard, since a batch may land on one."""
         sizes = await self.call_all("get_max_batch_size", lambda n, _t: self.preflight(n))
-        limits = [int(p.get("max_batch_size", -1)) for p in sizes.values()]
-        positive = [x for x in limits if x > 0]
+        return self._smallest_limit(sizes.values())
+
+    async def _batch_limit(self) -> int:
+        """The batch limit for validating writes. Shards that cannot answer now are left out
+        (all shards of a cluster normally share one limit), so a write whose records route to
+        live shards is not refused because another shard is down."""
+        missing = [n for n in self.shard_names if n not in self._preflight]
+        if missing:
+            _, failures = await fan_out({n: functools.partial(self.preflight, n) for n in missing})
+            if len(failures) == len(self.shard_names):
+                raise_for_failures("get_max_batch_size", failures)
+        return self._smallest_limit(self._preflight.values())
+
+    @staticmethod
+    def _smallest_limit(preflights: Iterable[Mapping[str, Any]]) -> int:
+        positive = [int(p.get("max_batch_size", -1)) for p in preflights]
+        positive = [x for x in positive if x > 0]
         return min(positive) if positive else -1
 
     # -- server-wide ------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import numpy as np
@@ -135,33 +136,64 @@ class RecordOps(BackendCore):
         ids: IDs,
         groups: Mapping[str, list[int]],
         embeddings: Embeddings | None,
-        metadatas: list[Any] | None,
+        metadatas: Metadatas | None,
         documents: Documents | None,
         uris: URIs | None,
+        *,
+        sequence: Literal["all", "new", "none"],
+        existing: set[int] | None = None,
     ) -> None:
-        max_batch = await self.get_max_batch_size()
+        """Send each shard its records, shards concurrently, each shard's chunks in order.
+
+        ``sequence`` says which records get a fresh hidden sequence value: all (add), only
+        those not stored yet (upsert: an existing record keeps its place in get() order, as
+        on one server, where an upsert merges metadata into the stored record), or none.
+        For ``"new"`` each shard is asked which of its ids it holds, unless ``existing`` (input
+        positions) is known already; a shard that cannot answer fails like its write would.
+        """
+        max_batch = await self._batch_limit()
         matrix = None if embeddings is None else np.asarray(embeddings)
+        base = self.clock.reserve(len(ids)) if sequence != "none" else 0
 
         def column(values: Sequence[Any] | None, pos: list[int]) -> list[Any] | None:
             return None if values is None else [values[i] for i in pos]
 
+        def meta(i: int, fresh: bool) -> Any:
+            user = metadatas[i] if metadatas is not None else None
+            return {**(user or {}), SEQ_KEY: base + i} if fresh else user
+
         async def send(shard: str) -> None:
             pos = groups[shard]
-            step = max_batch if max_batch > 0 else len(pos)
             transport = self.primaries[shard]
+            if sequence == "new" and existing is None:
+                found = await transport.request(
+                    "POST",
+                    state.path(shard, "/get"),
+                    body={"ids": [ids[i] for i in pos], "include": []},
+                    idempotent=True,
+                )
+                present = set(found["ids"])
+                fresh = [ids[i] not in present for i in pos]
+            else:
+                fresh = [
+                    sequence == "all" or (sequence == "new" and i not in (existing or ()))
+                    for i in pos
+                ]
+            metas = None
+            if sequence != "none" or metadatas is not None:
+                metas = [serialize_metadata(meta(i, f)) for i, f in zip(pos, fresh, strict=True)]
             supports_b64 = bool((await self.preflight(shard)).get("supports_base64_encoding"))
-            # Chunks go one after another so a shard stores them in the order they were given.
+            step = max_batch if max_batch > 0 else len(pos)
             for start in range(0, len(pos), step):
                 chunk = pos[start : start + step]
                 emb: Any = None
                 if matrix is not None:
                     rows = matrix[chunk]
                     emb = _b64(rows) if supports_b64 else rows.tolist()
-                metas = column(metadatas, chunk)
                 body = {
                     "ids": [ids[i] for i in chunk],
                     "embeddings": emb,
-                    "metadatas": None if metas is None else [serialize_metadata(m) for m in metas],
+                    "metadatas": None if metas is None else metas[start : start + step],
                     "documents": column(documents, chunk),
                     "uris": column(uris, chunk),
                 }
@@ -169,7 +201,7 @@ class RecordOps(BackendCore):
                     "POST", state.path(shard, f"/{op}"), body=body, idempotent=False
                 )
 
-        _, failures = await fan_out({shard: (lambda s=shard: send(s)) for shard in groups})  # type: ignore[misc]
+        _, failures = await fan_out({shard: functools.partial(send, shard) for shard in groups})
         raise_for_failures(
             op,
             failures,
@@ -193,24 +225,11 @@ class RecordOps(BackendCore):
         state = await self.state(collection_id, tenant, database)
         validate_batch(
             (ids, embeddings, metadatas, documents, uris),
-            {"max_batch_size": await self.get_max_batch_size()},
+            {"max_batch_size": await self._batch_limit()},
         )
         _check_metadatas(metadatas)
         self._check_dimension(state, embeddings)
         return state
-
-    def _with_seq(
-        self, metadatas: Metadatas | None, n: int, fresh: Sequence[bool] | None = None
-    ) -> list[Any]:
-        base = self.clock.reserve(n)
-        out: list[Any] = []
-        for i in range(n):
-            meta = metadatas[i] if metadatas is not None else None
-            if fresh is None or fresh[i]:
-                out.append({**(meta or {}), SEQ_KEY: base + i})
-            else:
-                out.append(meta)
-        return out
 
     async def _add(
         self,
@@ -227,8 +246,9 @@ class RecordOps(BackendCore):
             collection_id, ids, embeddings, metadatas, documents, uris, tenant, database
         )
         groups = self._group(state, self._routing_values(state, ids, metadatas))
-        metas = self._with_seq(metadatas, len(ids))
-        await self._write("add", state, ids, groups, embeddings, metas, documents, uris)
+        await self._write(
+            "add", state, ids, groups, embeddings, metadatas, documents, uris, sequence="all"
+        )
         return True
 
     async def _upsert(
@@ -246,8 +266,12 @@ class RecordOps(BackendCore):
             collection_id, ids, embeddings, metadatas, documents, uris, tenant, database
         )
         groups = self._group(state, self._routing_values(state, ids, metadatas))
-        existing = await self._locate(state, ids)
+        known: set[int] | None = None
         if state.routing_key is not None:
+            # Under a metadata routing key a record may live on any shard: every shard must
+            # answer before anything is written.
+            existing = await self._locate(state, ids)
+            known = {i for pos in existing.values() for i in pos}
             for shard, pos in existing.items():
                 moved = [ids[i] for i in pos if i not in set(groups.get(shard, ()))]
                 if moved:
@@ -256,29 +280,19 @@ class RecordOps(BackendCore):
                         f"key {state.routing_key!r}; moving records is not supported yet, "
                         "nothing was written"
                     )
-        # An existing record keeps its sequence (its place in get() order), as on one server,
-        # where an upsert merges metadata into the stored record.
-        present = await self._existing(state, ids, existing)
-        metas = self._with_seq(metadatas, len(ids), [i not in present for i in ids])
-        await self._write("upsert", state, ids, groups, embeddings, metas, documents, uris)
-        return True
-
-    async def _existing(
-        self, state: CollectionState, ids: IDs, groups: Mapping[str, list[int]]
-    ) -> set[str]:
-        if state.routing_key is not None:
-            return {ids[i] for pos in groups.values() for i in pos}
-        found = await self.call_all(
+        await self._write(
             "upsert",
-            lambda n, t: t.request(
-                "POST",
-                state.path(n, "/get"),
-                body={"ids": [ids[i] for i in groups[n]], "include": []},
-                idempotent=True,
-            ),
-            shards=list(groups),
+            state,
+            ids,
+            groups,
+            embeddings,
+            metadatas,
+            documents,
+            uris,
+            sequence="new",
+            existing=known,
         )
-        return {i for r in found.values() for i in r["ids"]}
+        return True
 
     async def _update(
         self,
@@ -303,7 +317,17 @@ class RecordOps(BackendCore):
                         "moving records is not supported yet, nothing was written"
                     )
         if groups:
-            await self._write("update", state, ids, groups, embeddings, metadatas, documents, uris)
+            await self._write(
+                "update",
+                state,
+                ids,
+                groups,
+                embeddings,
+                metadatas,
+                documents,
+                uris,
+                sequence="none",
+            )
         return True
 
     async def _delete(

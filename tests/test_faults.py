@@ -278,12 +278,6 @@ async def test_write_spanning_dead_shard_is_partial_then_repeatable(
         await client.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="upsert during a shard outage raises a plain ShardFailureError('upsert') from its "
-    "existence lookup (RecordOps._existing via call_all) before writing anything, instead of "
-    "PartialWriteError with the live shards' records written",
-)
 async def test_upsert_spanning_dead_shard_writes_live_shards(
     shard_urls: list[str], cluster_servers: list[LocalChromaServer]
 ) -> None:
@@ -305,13 +299,6 @@ async def test_upsert_spanning_dead_shard_writes_live_shards(
         await client.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a client that has not written yet cannot write at all while any shard is down: "
-    "every write first calls get_max_batch_size(), which asks every shard's /pre-flight-checks "
-    "(cached only after success) and raises ShardFailureError('get_max_batch_size'), even for "
-    "records that all route to live shards",
-)
 async def test_cold_client_writes_to_live_shards_during_outage(
     shard_urls: list[str], cluster_servers: list[LocalChromaServer]
 ) -> None:
