@@ -213,8 +213,6 @@ async def test_write_spanning_dead_shard_is_partial_then_repeatable(
     client = await _client(shard_urls)
     try:
         col = await client.create_collection("faults-write", embedding_function=None)
-        # Prime the cluster facts this client caches (see the xfail test for a cold client).
-        await client.get_max_batch_size()
         with killed(cluster_servers[victim_index]):
             with pytest.raises(PartialWriteError) as info:
                 await col.add(ids=ids, embeddings=emb, metadatas=metas)
