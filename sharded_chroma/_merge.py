@@ -1,0 +1,216 @@
+"""Combine raw Chroma v2 REST responses from several shards into one response.
+
+Everything here is pure and synchronous: it works on the decoded JSON bodies, so it can be tested
+without servers and timed in isolation. Rows are never turned into per-row dicts: the hot path
+merges small (key, shard, row) tuples and gathers the requested columns afterwards.
+"""
+
+from __future__ import annotations
+
+import heapq
+import operator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import count, repeat
+from typing import Any
+
+__all__ = ["merge_get", "merge_query", "strip_seq"]
+
+# Columns a merged ``/query`` response carries besides ``ids``.
+_QUERY_FIELDS: tuple[str, ...] = ("distances", "embeddings", "metadatas", "documents", "uris")
+# Columns a merged ``/get`` response carries besides ``ids``.
+_GET_FIELDS: tuple[str, ...] = ("embeddings", "metadatas", "documents", "uris")
+
+# A merge key that sorts every sequenced record before every unsequenced one; the leading tag
+# keeps ints and the filler 0 in the same slot so comparisons never mix types.
+_SEQUENCED = 0
+_UNSEQUENCED = 1
+
+
+def merge_query(
+    responses: Sequence[Mapping[str, Any]], n_results: int, fields: Sequence[str]
+) -> dict[str, Any]:
+    """Merge per-shard ``/query`` responses into the exact global top ``n_results``.
+
+    For each query the union of the shards' rows is ordered by ``(distance, id)``, a duplicate id
+    keeps only its first (smallest) row, and the first ``n_results`` rows are kept. ``ids`` is
+    always returned; every other column is a per-query list row-aligned with ``ids`` when named in
+    ``fields`` and None otherwise. A requested column a shard did not return yields None cells
+    for that shard's rows.
+
+    Raises ValueError if the shards disagree on the number of queries, if a shard's ``ids`` and
+    ``distances`` differ in shape, or if ``n_results`` is negative.
+    """
+    if n_results < 0:
+        raise ValueError(f"n_results must be non-negative, got {n_results}")
+    wanted = [f for f in _QUERY_FIELDS if f in fields]
+    n_queries = _query_count(responses)
+    id_cols = [r["ids"] for r in responses]
+    dist_cols = [r["distances"] for r in responses]
+    field_cols = {f: [r.get(f) for r in responses] for f in wanted}
+
+    out_ids: list[list[str]] = []
+    out_fields: dict[str, list[list[Any]]] = {f: [] for f in wanted}
+    for q in range(n_queries):
+        # Per shard, (distance, id, shard, row) tuples: comparing plain tuples is far cheaper
+        # than comparing dicts, and shard/row make each tuple unique so comparison stops there.
+        runs: list[Iterable[tuple[float, str, int, int]]] = []
+        for s in range(len(responses)):
+            ids_q = id_cols[s][q]
+            dists_q = dist_cols[s][q]
+            if len(ids_q) != len(dists_q):
+                raise ValueError(
+                    f"shard {s} query {q}: {len(ids_q)} ids but {len(dists_q)} distances"
+                )
+            run = zip(dists_q, ids_q, repeat(s), count())
+            if all(map(operator.lt, dists_q, dists_q[1:])):
+                # Strictly increasing distances are already in (distance, id) order, the usual
+                # case; a lazy run only builds the tuples the merge actually pops.
+                runs.append(run)
+            else:
+                # Ties (or an unsorted shard) need the id tie-break, so sort this run outright.
+                runs.append(sorted(run))
+        picked = _first_unique(heapq.merge(*runs), n_results)
+        out_ids.append([row[1] for row in picked])
+        for f in wanted:
+            cells = [
+                _cells(col, q, len(ids[q])) for col, ids in zip(field_cols[f], id_cols, strict=True)
+            ]
+            out_fields[f].append([cells[s][r] for _, _, s, r in picked])
+
+    merged: dict[str, Any] = {"ids": out_ids}
+    for f in _QUERY_FIELDS:
+        merged[f] = out_fields.get(f)
+    return merged
+
+
+def _query_count(responses: Sequence[Mapping[str, Any]]) -> int:
+    """The number of queries every shard answered; ValueError if they disagree."""
+    counts = {len(r["ids"]) for r in responses}
+    if len(counts) > 1:
+        raise ValueError(f"shards answered different numbers of queries: {sorted(counts)}")
+    return counts.pop() if counts else 0
+
+
+def _first_unique(
+    rows: Iterable[tuple[float, str, int, int]], n: int
+) -> list[tuple[float, str, int, int]]:
+    """The first ``n`` rows with distinct ids, in order."""
+    picked: list[tuple[float, str, int, int]] = []
+    if n == 0:
+        return picked
+    seen: set[str] = set()
+    for row in rows:
+        if row[1] in seen:
+            continue
+        seen.add(row[1])
+        picked.append(row)
+        if len(picked) == n:
+            break
+    return picked
+
+
+def _cells(column: Any, q: int, rows: int) -> Sequence[Any]:
+    """One query's cells of a column, or None cells when the shard left the column out."""
+    per_query = None if column is None else column[q]
+    return [None] * rows if per_query is None else per_query
+
+
+def merge_get(
+    responses: Sequence[Mapping[str, Any]],
+    *,
+    seq_key: str,
+    offset: int = 0,
+    limit: int | None = None,
+    fields: Sequence[str],
+) -> dict[str, Any]:
+    """Merge per-shard ``/get`` responses into one page in global sequence order.
+
+    The shards' streams are k-way merged as returned (never re-sorted), each step taking the
+    stream head with the smallest ``(seq, id)``; equal keys go to the lower shard index. Records
+    whose metadata lacks an integer ``seq_key`` sort after all sequenced ones, by id. Because
+    only heads are compared, merging prefixes of length ``offset + limit`` yields the same first
+    ``offset + limit`` items as merging the full streams, so shards need only return that much.
+    Duplicate ids keep their first occurrence, then ``offset``/``limit`` apply; the prefix
+    guarantee still holds because a prefix only runs dry after supplying ``offset + limit``
+    distinct ids of its own (ids are unique within one shard).
+
+    ``seq_key`` is removed from returned metadata (see :func:`strip_seq`). ``ids`` is always
+    returned; each other column is a flat list when named in ``fields`` and None otherwise.
+    Raises ValueError for a negative ``offset`` or ``limit``.
+    """
+    if offset < 0:
+        raise ValueError(f"offset must be non-negative, got {offset}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be non-negative, got {limit}")
+    wanted = [f for f in _GET_FIELDS if f in fields]
+    stop = None if limit is None else offset + limit
+
+    picked: list[tuple[int, int]] = []
+    if stop != 0:
+        seen: set[str] = set()
+        streams = [_get_stream(s, r, seq_key) for s, r in enumerate(responses)]
+        # Plain tuples end in (shard, row), so heapq.merge's comparison gives equal keys to the
+        # lower shard; within a stream only heads are compared, so its own order is kept.
+        for _, _, rid, s, r in heapq.merge(*streams):
+            if rid in seen:
+                continue
+            seen.add(rid)
+            picked.append((s, r))
+            if len(picked) == stop:
+                break
+    page = picked[offset:]
+
+    merged: dict[str, Any] = {"ids": [responses[s]["ids"][r] for s, r in page]}
+    for f in _GET_FIELDS:
+        if f not in wanted:
+            merged[f] = None
+            continue
+        cols: list[Any] = [resp.get(f) for resp in responses]
+        values = [None if cols[s] is None else cols[s][r] for s, r in page]
+        merged[f] = strip_seq(values, seq_key) if f == "metadatas" else values
+    return merged
+
+
+def _get_stream(
+    shard: int, response: Mapping[str, Any], seq_key: str
+) -> Iterator[tuple[int, int, str, int, int]]:
+    """One shard's rows as merge keys ``(tag, seq, id, shard, row)``, in the shard's order."""
+    ids = response["ids"]
+    metadatas = response.get("metadatas")
+    if metadatas is not None and len(metadatas) != len(ids):
+        raise ValueError(f"shard {shard}: {len(ids)} ids but {len(metadatas)} metadatas")
+    # Lazy, so a merge that stops early never builds keys for the tail of a long stream.
+    for r, rid in enumerate(ids):
+        md = None if metadatas is None else metadatas[r]
+        seq = None if md is None else md.get(seq_key)
+        # bool is an int subclass but never a clock value; anything non-int is treated as a
+        # record written outside the cluster rather than risking a mixed-type comparison.
+        if isinstance(seq, int) and not isinstance(seq, bool):
+            yield (_SEQUENCED, seq, rid, shard, r)
+        else:
+            yield (_UNSEQUENCED, 0, rid, shard, r)
+
+
+def strip_seq(
+    metadatas: list[Mapping[str, Any] | None] | None, seq_key: str
+) -> list[dict[str, Any] | None] | None:
+    """Remove ``seq_key`` from each metadata, mapping an empty result to None.
+
+    A record stored with no user metadata therefore reads back as None, as on a single server.
+    Inputs are never mutated: a metadata that changes is copied, an unchanged dict is returned
+    as is. None passes through, both for the whole list and for single entries.
+    """
+    if metadatas is None:
+        return None
+    out: list[dict[str, Any] | None] = []
+    for md in metadatas:
+        if md is None:
+            out.append(None)
+        elif seq_key in md:
+            rest = {k: v for k, v in md.items() if k != seq_key}
+            out.append(rest or None)
+        elif not md:
+            out.append(None)
+        else:
+            out.append(md if isinstance(md, dict) else dict(md))
+    return out
