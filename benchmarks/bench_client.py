@@ -1,0 +1,502 @@
+"""Compare sharded_chroma's client with chromadb's official async client on local servers.
+
+Run from the repository root: ``python benchmarks/bench_client.py`` (about 5-10 minutes on two
+cores) or ``python benchmarks/bench_client.py --quick`` (a smoke run under a minute).
+
+The script starts its own Chroma servers on loopback in a temporary directory, loads
+deterministic clustered vectors, and measures against the same servers in one run:
+
+A. one server: official ``chromadb.AsyncHttpClient`` vs ``sharded_chroma.AsyncHttpClient``
+   with one shard: sequential query latency, concurrent query throughput, client CPU per query
+   and add throughput;
+B. ``--shards`` servers: the sharded client vs a hand-rolled fan-out over one official client
+   per server (asyncio.gather, then a top-k merge in Python): throughput and client CPU;
+C. recall@10 of each against exact brute-force neighbours.
+
+Client CPU is ``time.process_time()`` of this process; the servers are separate processes, so
+it counts only the client's work. Each measurement is repeated ``--rounds`` times with the
+clients' order alternating, and the median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import heapq
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from operator import itemgetter
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+# Lets the script run from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import chromadb
+import numpy as np
+from _data import Dataset, exact_top_k, make_dataset, recall_at_k
+from chromadb.config import Settings
+
+import sharded_chroma
+from sharded_chroma._local_cluster import LocalCluster
+
+K = 10
+ADD_BATCH = 1000
+CONFIGURATION: Any = {"hnsw": {"space": "l2"}}
+
+QueryFn = Callable[[np.ndarray], Awaitable[list[str]]]
+
+
+# -- measurement --------------------------------------------------------------------------
+
+
+def percentile(samples: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile (no interpolation), so p99 of 200 samples is the 198th."""
+    ordered = sorted(samples)
+    rank = max(1, int(np.ceil(pct / 100.0 * len(ordered))))
+    return ordered[rank - 1]
+
+
+@dataclasses.dataclass
+class Sequential:
+    p50_ms: float
+    p99_ms: float
+    cpu_ms: float
+    answers: list[list[str]]
+
+
+@dataclasses.dataclass
+class Series:
+    """Per-round values of one metric for one client; ``median`` is what gets reported."""
+
+    values: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+
+async def run_sequential(query: QueryFn, queries: np.ndarray) -> Sequential:
+    """One query at a time; wall-clock latency per query and client CPU for the whole run."""
+    latencies: list[float] = []
+    answers: list[list[str]] = []
+    cpu0 = time.process_time()
+    for i in range(len(queries)):
+        t0 = time.perf_counter()
+        ids = await query(queries[i : i + 1])
+        latencies.append(time.perf_counter() - t0)
+        answers.append(ids)
+    cpu = time.process_time() - cpu0
+    return Sequential(
+        p50_ms=percentile(latencies, 50) * 1e3,
+        p99_ms=percentile(latencies, 99) * 1e3,
+        cpu_ms=cpu / len(queries) * 1e3,
+        answers=answers,
+    )
+
+
+async def run_concurrent(query: QueryFn, queries: np.ndarray, total: int, workers: int) -> float:
+    """``total`` queries by ``workers`` tasks each issuing its next query when one returns;
+    returns queries per second of wall-clock time."""
+    position = 0
+
+    async def worker() -> None:
+        nonlocal position
+        while position < total:
+            i = position
+            position += 1
+            await query(queries[i % len(queries) : i % len(queries) + 1])
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return total / (time.perf_counter() - t0)
+
+
+async def run_add(collection: Any, data: Dataset) -> float:
+    """Insert every record in batches of ADD_BATCH, one batch at a time; records per second."""
+    t0 = time.perf_counter()
+    for start in range(0, len(data), ADD_BATCH):
+        stop = start + ADD_BATCH
+        await collection.add(
+            ids=data.ids[start:stop],
+            embeddings=data.vectors[start:stop],
+            metadatas=[{"cluster": int(c)} for c in data.clusters[start:stop]],
+        )
+    return len(data) / (time.perf_counter() - t0)
+
+
+# -- clients ------------------------------------------------------------------------------
+
+
+async def official_client(url: str) -> Any:
+    parts = urlsplit(url)
+    return await chromadb.AsyncHttpClient(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 8000,
+        # Telemetry would try to reach the internet from a background thread.
+        settings=Settings(anonymized_telemetry=False),
+    )
+
+
+async def close_official_clients() -> None:
+    """chromadb 1.5's AsyncFastAPI keeps one httpx client per event loop in a class-level dict
+    shared by every instance and offers no public close; close them before the loop ends."""
+    from chromadb.api.async_fastapi import AsyncFastAPI
+
+    while AsyncFastAPI._clients:
+        _, client = AsyncFastAPI._clients.popitem()
+        with contextlib.suppress(Exception):
+            await client.aclose()
+
+
+def single_query(collection: Any) -> QueryFn:
+    async def query(q: np.ndarray) -> list[str]:
+        result = await collection.query(query_embeddings=q, n_results=K)
+        return list(result["ids"][0])
+
+    return query
+
+
+def fanout_query(collections: Sequence[Any]) -> QueryFn:
+    """The hand-rolled baseline: the same query to every shard, then the top K by distance."""
+
+    async def query(q: np.ndarray) -> list[str]:
+        results = await asyncio.gather(
+            *(c.query(query_embeddings=q, n_results=K) for c in collections)
+        )
+        rows: list[tuple[float, str, Any, Any]] = []
+        for r in results:
+            rows.extend(
+                zip(
+                    r["distances"][0],
+                    r["ids"][0],
+                    r["metadatas"][0],
+                    r["documents"][0],
+                    strict=True,
+                )
+            )
+        top = heapq.nsmallest(K, rows, key=itemgetter(0))
+        return [row[1] for row in top]
+
+    return query
+
+
+# -- benchmark ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Pair:
+    """One client's series per metric."""
+
+    p50: Series = dataclasses.field(default_factory=Series)
+    p99: Series = dataclasses.field(default_factory=Series)
+    cpu: Series = dataclasses.field(default_factory=Series)
+    qps: Series = dataclasses.field(default_factory=Series)
+    add: Series = dataclasses.field(default_factory=Series)
+    answers: list[list[str]] = dataclasses.field(default_factory=list)
+
+
+def log(message: str) -> None:
+    stamp = time.strftime("%H:%M:%S")
+    print(f"[{stamp}] {message}", flush=True)
+
+
+async def measure_queries(
+    clients: dict[str, QueryFn], pairs: dict[str, Pair], data: Dataset, args: argparse.Namespace
+) -> None:
+    """Warm up every client, then ``rounds`` rounds of sequential + concurrent phases, the
+    clients' order reversed every other round so drift on a shared machine hits both alike."""
+    names = list(clients)
+    for name in names:
+        await run_concurrent(clients[name], data.queries, args.warmup, min(4, args.concurrency))
+    for rnd in range(args.rounds):
+        order = names if rnd % 2 == 0 else names[::-1]
+        for name in order:
+            seq = await run_sequential(clients[name], data.queries)
+            pair = pairs[name]
+            pair.p50.values.append(seq.p50_ms)
+            pair.p99.values.append(seq.p99_ms)
+            pair.cpu.values.append(seq.cpu_ms)
+            if not pair.answers:
+                pair.answers = seq.answers
+            qps = await run_concurrent(
+                clients[name], data.queries, args.throughput_queries, args.concurrency
+            )
+            pair.qps.values.append(qps)
+            log(
+                f"  round {rnd + 1}/{args.rounds} {name:>9}: p50 {seq.p50_ms:7.2f} ms  "
+                f"p99 {seq.p99_ms:7.2f} ms  cpu {seq.cpu_ms:6.3f} ms/q  {qps:7.1f} q/s"
+            )
+
+
+async def part_a(url: str, data: Dataset, args: argparse.Namespace) -> dict[str, Pair]:
+    log(f"A. one server {url}: official chromadb client vs sharded_chroma (1 shard)")
+    official = await official_client(url)
+    sharded = await sharded_chroma.AsyncHttpClient(shards=[url])
+    pairs = {"official": Pair(), "sharded": Pair()}
+    collections: dict[str, Any] = {}
+    try:
+        makers = {"official": official, "sharded": sharded}
+        for rnd in range(args.add_rounds):
+            order = list(makers) if rnd % 2 == 0 else list(makers)[::-1]
+            for name in order:
+                client = makers[name]
+                coll_name = f"bench_a_{name}_{rnd}"
+                coll = await client.create_collection(
+                    coll_name, configuration=CONFIGURATION, embedding_function=None
+                )
+                rate = await run_add(coll, data)
+                pairs[name].add.values.append(rate)
+                log(f"  add round {rnd + 1}/{args.add_rounds} {name:>9}: {rate:8.0f} records/s")
+                if rnd == 0:
+                    collections[name] = coll
+                else:
+                    await client.delete_collection(coll_name)
+        clients = {name: single_query(coll) for name, coll in collections.items()}
+        await measure_queries(clients, pairs, data, args)
+    finally:
+        await sharded.aclose()
+    return pairs
+
+
+async def part_b(urls: list[str], data: Dataset, args: argparse.Namespace) -> dict[str, Pair]:
+    log(f"B. {len(urls)} servers: sharded_chroma vs hand-rolled fan-out over official clients")
+    sharded = await sharded_chroma.AsyncHttpClient(shards=urls)
+    pairs = {"fan-out": Pair(), "sharded": Pair()}
+    try:
+        coll = await sharded.create_collection(
+            "bench_b", configuration=CONFIGURATION, embedding_function=None
+        )
+        rate = await run_add(coll, data)
+        pairs["sharded"].add.values.append(rate)
+        log(f"  loaded {len(data)} records over {len(urls)} shards: {rate:.0f} records/s")
+        # One physical collection of the same name lives on every shard; the baseline reads
+        # those directly, so both clients query exactly the same indexes.
+        officials = [await official_client(u) for u in urls]
+        per_shard = [await c.get_collection("bench_b", embedding_function=None) for c in officials]
+        counts = [await c.count() for c in per_shard]
+        log(f"  records per shard: {counts}")
+        clients = {"fan-out": fanout_query(per_shard), "sharded": single_query(coll)}
+        await measure_queries(clients, pairs, data, args)
+    finally:
+        await sharded.aclose()
+    return pairs
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, str]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 0
+    load = ""
+    with contextlib.suppress(OSError):
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    import aiohttp
+
+    return {
+        "date": datetime.date.today().isoformat(),
+        "cpu": model,
+        "cores": f"{os.cpu_count()} (usable {usable})",
+        "python": platform.python_version(),
+        "chromadb": chromadb.__version__,
+        "aiohttp": aiohttp.__version__,
+        "sharded_chroma": sharded_chroma.__version__,
+        "platform": platform.platform(),
+        "load average at start": load,
+    }
+
+
+def verdict(ratio: float, target: float | None, higher_is_better: bool) -> str:
+    if target is None or ratio != ratio:
+        return ""
+    if higher_is_better:
+        return f">= {target:g}x  {'met' if ratio >= target else 'MISSED'}"
+    return f"<= {target:g}x  {'met' if ratio <= target else 'MISSED'}"
+
+
+def table(
+    title: str,
+    base_name: str,
+    base: Pair,
+    new: Pair,
+    rows: Sequence[tuple[str, str, float | None, bool]],
+) -> list[str]:
+    """Rows of (label, metric attribute, target or None, higher is better)."""
+    lines = [title]
+    header = f"  {'metric':<36}{base_name:>11}{'sharded':>11}{'ratio':>9}   target"
+    lines += [header, "  " + "-" * (len(header) + 12)]
+    for label, attr, target, higher in rows:
+        b = getattr(base, attr).median
+        n = getattr(new, attr).median
+        ratio = n / b if b else float("nan")
+        lines.append(
+            f"  {label:<36}{b:>11.2f}{n:>11.2f}{ratio:>8.2f}x   {verdict(ratio, target, higher)}"
+        )
+    return lines
+
+
+def report(
+    info: dict[str, str],
+    args: argparse.Namespace,
+    a: dict[str, Pair],
+    b: dict[str, Pair],
+    recalls: dict[str, float],
+) -> str:
+    lines = ["", "=" * 78, "Results (medians over rounds; ratio = sharded / baseline)", "=" * 78]
+    lines += [f"  {k}: {v}" for k, v in info.items()]
+    lines.append(
+        f"  run: records={args.records} dim={args.dim} queries={args.queries} "
+        f"shards={args.shards} concurrency={args.concurrency} rounds={args.rounds} "
+        f"throughput_queries={args.throughput_queries} add_rounds={args.add_rounds} "
+        f"n_results={K}"
+    )
+    lines.append("")
+    lines += table(
+        "A. one server: official chromadb.AsyncHttpClient vs sharded_chroma (1 shard)",
+        "official",
+        a["official"],
+        a["sharded"],
+        [
+            ("query latency p50 (ms)", "p50", 0.6, False),
+            ("query latency p99 (ms)", "p99", None, False),
+            (f"throughput @{args.concurrency} (queries/s)", "qps", 2.0, True),
+            ("client CPU per query (ms)", "cpu", 0.3, False),
+            (f"add, batches of {ADD_BATCH} (records/s)", "add", 1.0, True),
+        ],
+    )
+    lines.append("")
+    lines += table(
+        f"B. {args.shards} servers: hand-rolled fan-out (official clients) vs sharded_chroma",
+        "fan-out",
+        b["fan-out"],
+        b["sharded"],
+        [
+            ("query latency p50 (ms)", "p50", None, False),
+            ("query latency p99 (ms)", "p99", None, False),
+            (f"throughput @{args.concurrency} (queries/s)", "qps", None, True),
+            ("client CPU per query (ms)", "cpu", None, False),
+        ],
+    )
+    lines.append(
+        f"  sharded add over {args.shards} shards (one load): "
+        f"{b['sharded'].add.median:.0f} records/s"
+    )
+    lines.append("")
+    lines.append(f"C. recall@{K} against exact brute-force neighbours (numpy, squared L2)")
+    for label, value in recalls.items():
+        lines.append(f"  {label:<52}{value:>8.4f}")
+    lines.append("=" * 78)
+    return "\n".join(lines)
+
+
+async def run(urls: list[str], data: Dataset, args: argparse.Namespace) -> dict[str, Any]:
+    """Run every part and print the report; returns the raw numbers."""
+    info = machine_info()
+    try:
+        a = await part_a(urls[0], data, args)
+        b = await part_b(urls, data, args)
+    finally:
+        await close_official_clients()
+
+    log("C. recall against exact neighbours")
+    truth_rows = exact_top_k(data.vectors, data.queries, K)
+    truth = [[data.ids[i] for i in row] for row in truth_rows]
+    recalls = {
+        "one server, official client": recall_at_k(a["official"].answers, truth, K),
+        "one server, sharded_chroma (1 shard)": recall_at_k(a["sharded"].answers, truth, K),
+        f"{args.shards} shards, sharded_chroma": recall_at_k(b["sharded"].answers, truth, K),
+        f"{args.shards} shards, hand-rolled fan-out": recall_at_k(b["fan-out"].answers, truth, K),
+    }
+    text = report(info, args, a, b, recalls)
+    print(text, flush=True)
+    return {
+        "machine": info,
+        "args": {k: v for k, v in vars(args).items() if k != "json"},
+        "A": {n: {k: v.values for k, v in _series(p).items()} for n, p in a.items()},
+        "B": {n: {k: v.values for k, v in _series(p).items()} for n, p in b.items()},
+        "recall": recalls,
+    }
+
+
+def _series(pair: Pair) -> dict[str, Series]:
+    return {f.name: getattr(pair, f.name) for f in dataclasses.fields(pair) if f.name != "answers"}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--records", type=int, default=20000, help="records loaded (default 20000)")
+    p.add_argument("--dim", type=int, default=384, help="vector dimension (default 384)")
+    p.add_argument("--queries", type=int, default=200, help="held-out queries (default 200)")
+    p.add_argument("--shards", type=int, default=3, help="servers for part B (default 3)")
+    p.add_argument(
+        "--concurrency", type=int, default=32, help="queries in flight for throughput (32)"
+    )
+    p.add_argument("--rounds", type=int, default=3, help="query rounds per client (default 3)")
+    p.add_argument(
+        "--throughput-queries",
+        type=int,
+        default=None,
+        help="queries per throughput measurement (default 2 x --queries)",
+    )
+    p.add_argument(
+        "--add-rounds", type=int, default=3, help="fresh-collection loads per client (default 3)"
+    )
+    p.add_argument("--warmup", type=int, default=None, help="warm-up queries per client")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (well under a minute)")
+    p.add_argument("--json", metavar="PATH", help="also write the raw per-round numbers here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.records, args.dim, args.queries = 2000, 64, 40
+        args.rounds, args.add_rounds = 1, 1
+        args.concurrency = min(args.concurrency, 8)
+    if args.throughput_queries is None:
+        args.throughput_queries = 2 * args.queries
+    if args.warmup is None:
+        args.warmup = min(args.queries, 20)
+    for name in ("records", "dim", "queries", "shards", "concurrency", "rounds", "add_rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    data = make_dataset(args.records, args.dim, args.queries)
+    log(f"dataset: {args.records} x {args.dim} float32, {args.queries} held-out queries")
+    with tempfile.TemporaryDirectory(prefix="bench_client_") as tmp:
+        cluster = LocalCluster(args.shards, Path(tmp))
+        log(f"starting {args.shards} local chroma server(s)")
+        # LocalCluster.start stops whatever it started if a server fails; the with-block
+        # stops every server when the benchmark ends, on error or Ctrl-C too.
+        with cluster:
+            log(f"servers: {', '.join(cluster.urls)}")
+            raw = asyncio.run(run(cluster.urls, data, args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=2) + "\n")
+    log(f"done in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
