@@ -1,0 +1,153 @@
+"""The sharded-chroma command: demo, status and dev, run for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import sharded_chroma
+from sharded_chroma._local_cluster import LocalChromaServer
+from sharded_chroma.cli import main
+from sharded_chroma.cli._corpus import batches
+from sharded_chroma.cli._progress import Progress
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "sharded_chroma.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+def test_demo_runs_end_to_end() -> None:
+    proc = _run_cli("demo", "--records", "3000", "--dim", "16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "ingested 3,000 records" in out
+    assert "collection count (summed over shards): 3,000" in out
+    assert "doc-001000" in out  # get(limit=5, offset=1000) starts at the 1001st record
+    assert out.count(" ok ") == 3  # three healthy shards in the status table
+    assert "servers stopped" in out
+
+
+def test_bad_arguments_exit_cleanly() -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--records", "0"])
+    assert "--records must be at least 1" in str(info.value)
+    with pytest.raises(SystemExit):
+        main(["status"])  # needs --topology or --shards
+
+
+def test_status_shows_counts_and_down_shards(
+    shard_urls: list[str],
+    cluster_servers: list[LocalChromaServer],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import anyio
+
+    async def load() -> None:
+        async with await sharded_chroma.AsyncHttpClient(shards=shard_urls) as client:
+            col = await client.create_collection("cli-status", embedding_function=None)
+            await col.add(
+                ids=[f"r{i}" for i in range(90)], embeddings=[[i, 1.0] for i in range(90)]
+            )
+
+    anyio.run(load)
+    assert main(["status", "--shards", *shard_urls]) == 0
+    out = capsys.readouterr().out
+    assert "total records 90" in out
+    assert out.count("cli-status") == 3
+    cluster_servers[2].kill()
+    try:
+        assert main(["status", "--shards", *shard_urls]) == 0
+        out = capsys.readouterr().out
+        assert "DOWN" in out and shard_urls[2] in out
+        assert out.count(" ok ") == 2
+    finally:
+        cluster_servers[2].restart()
+
+
+def test_dev_writes_topology_and_stops_on_sigterm(tmp_path: Path) -> None:
+    topo = tmp_path / "cluster.toml"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sharded_chroma.cli",
+            "dev",
+            "--shards",
+            "2",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--topology-out",
+            str(topo),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not topo.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert topo.exists(), "dev did not write its topology"
+        loaded = sharded_chroma.Topology.from_toml(topo)
+        assert len(loaded.shards) == 2
+        import anyio
+
+        async def ping() -> int:
+            async with await sharded_chroma.AsyncHttpClient(topology=topo) as client:
+                return await client.heartbeat()
+
+        assert anyio.run(ping) > 0
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert "stopped." in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # The servers are gone once dev has exited.
+    for shard in loaded.shards:
+        port = int(shard.primary.url.rsplit(":", 1)[1])
+        with pytest.raises(OSError):
+            import socket
+
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_corpus_is_deterministic_and_batch_independent() -> None:
+    whole = next(batches(10, 8, 10))
+    again = next(batches(10, 8, 10))
+    assert whole.ids == again.ids and (whole.embeddings == again.embeddings).all()
+    parts = list(batches(10, 8, 4))
+    assert [i for b in parts for i in b.ids] == [f"doc-{k:06d}" for k in range(10)]
+    assert len({m["region"] for m in whole.metadatas}) == 3
+
+
+def test_progress_lines() -> None:
+    import io
+
+    stream = io.StringIO()
+    p = Progress("ingest", 10, stream=stream, every=0)
+    p.advance(4)
+    p.advance(6)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("ingest: 4/10 (40%)")
+    assert lines[-1].startswith("ingest: 10/10 (100%)")
