@@ -1,6 +1,6 @@
 """Compare sharded_chroma's client with chromadb's official async client on local servers.
 
-Run from the repository root: ``python benchmarks/bench_client.py`` (about 5-10 minutes on two
+Run from the repository root: ``python benchmarks/bench_client.py`` (about 7-12 minutes on two
 cores) or ``python benchmarks/bench_client.py --quick`` (a smoke run under a minute).
 
 The script starts its own Chroma servers on loopback in a temporary directory, loads
@@ -11,7 +11,10 @@ A. one server: official ``chromadb.AsyncHttpClient`` vs ``sharded_chroma.AsyncHt
    and add throughput;
 B. ``--shards`` servers: the sharded client vs a hand-rolled fan-out over one official client
    per server (asyncio.gather, then a top-k merge in Python): throughput and client CPU;
-C. recall@10 of each against exact brute-force neighbours.
+C. recall@10 of each against exact brute-force neighbours;
+D. ``--shards`` shards vs one server holding everything, both driven by sharded_chroma (the
+   1-shard collection from A vs the sharded collection from B): query latency, throughput,
+   client CPU, add throughput into fresh collections, and recall@10 side by side.
 
 Client CPU is ``time.process_time()`` of this process; the servers are separate processes, so
 it counts only the client's work. Each measurement is repeated ``--rounds`` times with the
@@ -294,6 +297,41 @@ async def part_b(urls: list[str], data: Dataset, args: argparse.Namespace) -> di
     return pairs
 
 
+async def part_d(urls: list[str], data: Dataset, args: argparse.Namespace) -> dict[str, Pair]:
+    """Sharding itself: the same sharded_chroma client code on one server holding everything
+    vs on ``--shards`` servers. Queries go to the collections loaded in A and B; add throughput
+    is measured on fresh collections, the two setups alternating round by round."""
+    log(f"D. sharded_chroma: one server holding everything vs {len(urls)} shards")
+    one = await sharded_chroma.AsyncHttpClient(shards=[urls[0]])
+    many = await sharded_chroma.AsyncHttpClient(shards=urls)
+    makers = {"1 server": one, f"{len(urls)} shards": many}
+    slugs = {"1 server": "one", f"{len(urls)} shards": "many"}
+    pairs = {name: Pair() for name in makers}
+    try:
+        for rnd in range(args.add_rounds):
+            order = list(makers) if rnd % 2 == 0 else list(makers)[::-1]
+            for name in order:
+                client = makers[name]
+                coll_name = f"bench_d_{slugs[name]}_{rnd}"
+                coll = await client.create_collection(
+                    coll_name, configuration=CONFIGURATION, embedding_function=None
+                )
+                rate = await run_add(coll, data)
+                pairs[name].add.values.append(rate)
+                log(f"  add round {rnd + 1}/{args.add_rounds} {name:>9}: {rate:8.0f} records/s")
+                await client.delete_collection(coll_name)
+        colls = [
+            await one.get_collection("bench_a_sharded_0", embedding_function=None),
+            await many.get_collection("bench_b", embedding_function=None),
+        ]
+        clients = {name: single_query(c) for name, c in zip(makers, colls, strict=True)}
+        await measure_queries(clients, pairs, data, args)
+    finally:
+        await one.aclose()
+        await many.aclose()
+    return pairs
+
+
 # -- report -------------------------------------------------------------------------------
 
 
@@ -340,10 +378,11 @@ def table(
     base: Pair,
     new: Pair,
     rows: Sequence[tuple[str, str, float | None, bool]],
+    new_name: str = "sharded",
 ) -> list[str]:
     """Rows of (label, metric attribute, target or None, higher is better)."""
     lines = [title]
-    header = f"  {'metric':<36}{base_name:>11}{'sharded':>11}{'ratio':>9}   target"
+    header = f"  {'metric':<36}{base_name:>11}{new_name:>11}{'ratio':>9}   target"
     lines += [header, "  " + "-" * (len(header) + 12)]
     for label, attr, target, higher in rows:
         b = getattr(base, attr).median
@@ -361,6 +400,7 @@ def report(
     a: dict[str, Pair],
     b: dict[str, Pair],
     recalls: dict[str, float],
+    d: dict[str, Pair],
 ) -> str:
     lines = ["", "=" * 78, "Results (medians over rounds; ratio = sharded / baseline)", "=" * 78]
     lines += [f"  {k}: {v}" for k, v in info.items()]
@@ -405,6 +445,26 @@ def report(
     lines.append(f"C. recall@{K} against exact brute-force neighbours (numpy, squared L2)")
     for label, value in recalls.items():
         lines.append(f"  {label:<52}{value:>8.4f}")
+    lines.append("")
+    one, many = list(d)
+    lines += table(
+        f"D. sharded_chroma on 1 server holding everything vs {args.shards} shards "
+        f"(ratio = {many} / {one})",
+        one,
+        d[one],
+        d[many],
+        [
+            ("query latency p50 (ms)", "p50", None, False),
+            ("query latency p99 (ms)", "p99", None, False),
+            (f"throughput @{args.concurrency} (queries/s)", "qps", None, True),
+            ("client CPU per query (ms)", "cpu", None, False),
+            (f"add, batches of {ADD_BATCH} (records/s)", "add", None, True),
+        ],
+        new_name=many,
+    )
+    r1 = recalls["one server, sharded_chroma (1 shard)"]
+    rn = recalls[f"{args.shards} shards, sharded_chroma"]
+    lines.append(f"  {'recall@' + str(K) + ' (from C)':<36}{r1:>11.4f}{rn:>11.4f}{rn / r1:>8.3f}x")
     lines.append("=" * 78)
     return "\n".join(lines)
 
@@ -415,6 +475,7 @@ async def run(urls: list[str], data: Dataset, args: argparse.Namespace) -> dict[
     try:
         a = await part_a(urls[0], data, args)
         b = await part_b(urls, data, args)
+        d = await part_d(urls, data, args)
     finally:
         await close_official_clients()
 
@@ -427,13 +488,14 @@ async def run(urls: list[str], data: Dataset, args: argparse.Namespace) -> dict[
         f"{args.shards} shards, sharded_chroma": recall_at_k(b["sharded"].answers, truth, K),
         f"{args.shards} shards, hand-rolled fan-out": recall_at_k(b["fan-out"].answers, truth, K),
     }
-    text = report(info, args, a, b, recalls)
+    text = report(info, args, a, b, recalls, d)
     print(text, flush=True)
     return {
         "machine": info,
         "args": {k: v for k, v in vars(args).items() if k != "json"},
         "A": {n: {k: v.values for k, v in _series(p).items()} for n, p in a.items()},
         "B": {n: {k: v.values for k, v in _series(p).items()} for n, p in b.items()},
+        "D": {n: {k: v.values for k, v in _series(p).items()} for n, p in d.items()},
         "recall": recalls,
     }
 
@@ -447,7 +509,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--records", type=int, default=20000, help="records loaded (default 20000)")
     p.add_argument("--dim", type=int, default=384, help="vector dimension (default 384)")
     p.add_argument("--queries", type=int, default=200, help="held-out queries (default 200)")
-    p.add_argument("--shards", type=int, default=3, help="servers for part B (default 3)")
+    p.add_argument("--shards", type=int, default=3, help="servers for parts B and D (default 3)")
     p.add_argument(
         "--concurrency", type=int, default=32, help="queries in flight for throughput (32)"
     )
@@ -459,7 +521,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="queries per throughput measurement (default 2 x --queries)",
     )
     p.add_argument(
-        "--add-rounds", type=int, default=3, help="fresh-collection loads per client (default 3)"
+        "--add-rounds",
+        type=int,
+        default=3,
+        help="fresh-collection loads per client in A and per setup in D (default 3)",
     )
     p.add_argument("--warmup", type=int, default=None, help="warm-up queries per client")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (well under a minute)")
