@@ -213,6 +213,9 @@ async def test_write_spanning_dead_shard_is_partial_then_repeatable(
     client = await _client(shard_urls)
     try:
         col = await client.create_collection("faults-write", embedding_function=None)
+        # Cache every shard's pre-flight facts first, so the failure below comes from the
+        # write request itself (a cold client's pre-flight read to the dead node is retried).
+        await client.get_max_batch_size()
         with killed(cluster_servers[victim_index]):
             with pytest.raises(PartialWriteError) as info:
                 await col.add(ids=ids, embeddings=emb, metadatas=metas)
