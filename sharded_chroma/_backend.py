@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from uuid import UUID
 
+import anyio
 from chromadb.api.collection_configuration import (
     CreateCollectionConfiguration,
     UpdateCollectionConfiguration,
@@ -28,7 +29,7 @@ from chromadb.api.types import CollectionMetadata, Schema
 from chromadb.errors import NotFoundError
 from chromadb.types import Collection as CollectionModel
 
-from ._errors import ConfigurationError, ShardMismatchError
+from ._errors import ClientClosedError, ConfigurationError, ShardMismatchError
 from ._fanout import fan_out, raise_for_failures
 from ._routing import SlotTable
 from ._topology import Topology
@@ -105,6 +106,15 @@ class BackendCore:
         self.clock = _HybridClock()
         self._states: dict[UUID, CollectionState] = {}
         self._preflight: dict[str, dict[str, Any]] = {}
+        self._write_locks: dict[tuple[UUID, str], anyio.Lock] = {}
+        self.closed = False
+
+    def _write_lock(self, state: CollectionState, shard: str) -> anyio.Lock:
+        key = (state.id, shard)
+        lock = self._write_locks.get(key)
+        if lock is None:
+            lock = self._write_locks[key] = anyio.Lock()
+        return lock
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -118,6 +128,8 @@ class BackendCore:
         shards: Sequence[str] | None = None,
     ) -> dict[str, T]:
         """Run ``make`` on every (or the named) shard's primary; raise if any failed."""
+        if self.closed:
+            raise ClientClosedError("the client was closed; create a new one")
         names = self.shard_names if shards is None else shards
         calls = {n: functools.partial(make, n, self.primaries[n]) for n in names}
         results, failures = await fan_out(calls)
@@ -438,6 +450,8 @@ class BackendCore:
 
     async def state(self, collection_id: UUID, tenant: str, database: str) -> CollectionState:
         """The cached state of a collection, loading it from the shards on first use."""
+        if self.closed:
+            raise ClientClosedError("the client was closed; create a new one")
         state = self._states.get(collection_id)
         if state is None:
             await self.get_collection_by_id(collection_id, tenant, database)
@@ -445,5 +459,6 @@ class BackendCore:
         return state
 
     async def aclose(self) -> None:
+        self.closed = True
         for t in self.primaries.values():
             await t.aclose()

@@ -119,13 +119,39 @@ class RecordOps(BackendCore):
             n: sorted(position[i] for i in r["ids"]) for n, r in sorted(found.items()) if r["ids"]
         }
 
-    def _check_dimension(self, state: CollectionState, embeddings: Embeddings | None) -> None:
+    def _check_embeddings(
+        self, state: CollectionState, embeddings: Embeddings | None, *, finite: bool = True
+    ) -> None:
+        """Reject what a server would reject, before any shard stores part of the batch."""
         if embeddings is None or len(embeddings) == 0:
             return
         expected = state.dimension if state.dimension is not None else len(embeddings[0])
         for emb in embeddings:
             if len(emb) != expected:
                 raise _dimension_error(expected, len(emb))
+        if not finite:
+            return
+        matrix = np.asarray(embeddings, dtype=np.float64)
+        finite = np.isfinite(matrix)
+        if not finite.all():
+            row, col = np.argwhere(~finite)[0]
+            value = matrix[row, col]
+            text = "NaN" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+            raise InvalidArgumentError(f"Non-finite float value at embedding index {col}: {text}")
+
+    async def _refresh_dimension(self, state: CollectionState) -> None:
+        """Learn the cluster's dimension from the shards while this client has not seen it:
+        another process may have fixed it since this handle was fetched."""
+        if state.dimension is not None:
+            return
+        base = f"/tenants/{state.tenant}/databases/{state.database}/collections/by-id/"
+        models = await self.call_all(
+            "get_collection",
+            lambda n, t: t.request("GET", base + str(state.physical[n]), idempotent=True),
+        )
+        dims = {int(m["dimension"]) for m in models.values() if m.get("dimension") is not None}
+        if dims:
+            state.dimension = min(dims) if len(dims) == 1 else None
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -163,6 +189,16 @@ class RecordOps(BackendCore):
             return {**(user or {}), SEQ_KEY: base + i} if fresh else user
 
         async def send(shard: str) -> None:
+            if sequence == "none":
+                await send_unlocked(shard)
+                return
+            # Sequenced writes from this client reach each shard in sequence order: the lock
+            # is FIFO and each shard task is queued right after the sequence was reserved, so
+            # a shard stores this client's records in the order get() will merge them.
+            async with self._write_lock(state, shard):
+                await send_unlocked(shard)
+
+        async def send_unlocked(shard: str) -> None:
             pos = groups[shard]
             transport = self.primaries[shard]
             if sequence == "new" and existing is None:
@@ -228,7 +264,9 @@ class RecordOps(BackendCore):
             {"max_batch_size": await self._batch_limit()},
         )
         _check_metadatas(metadatas)
-        self._check_dimension(state, embeddings)
+        if embeddings is not None and len(embeddings):
+            await self._refresh_dimension(state)
+        self._check_embeddings(state, embeddings)
         return state
 
     async def _add(
@@ -516,7 +554,8 @@ class RecordOps(BackendCore):
         state = await self.state(collection_id, tenant, database)
         _check_where(where)
         if state.dimension is not None:
-            self._check_dimension(state, query_embeddings)
+            # Non-finite query values are left to the servers, which refuse them as one would.
+            self._check_embeddings(state, query_embeddings, finite=False)
         fields = [f for f in include if f != "data"]
         targets = await self._read_shards(state, ids)
         n_queries = len(query_embeddings)

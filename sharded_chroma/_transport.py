@@ -33,6 +33,8 @@ logger = logging.getLogger("sharded_chroma.transport")
 
 _API = "/api/v2"
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+# Statuses that say "busy or not there", even when the body is a Chroma error.
+_OVERLOAD_STATUS = frozenset({429, 502, 503, 504})
 _USER_AGENT = "sharded-chroma"
 
 
@@ -191,7 +193,9 @@ class NodeTransport:
             if status < 400:
                 return orjson.loads(payload) if payload else None
             error = _chroma_error(status, payload)
-            if error is not None and status not in _RETRYABLE_STATUS:
+            if error is not None and status not in _OVERLOAD_STATUS:
+                # The server understood and answered (even a 500 "InternalError" such as a
+                # unique-name clash): surface it as chromadb would, never as a dead node.
                 raise error
             self.stats.failures += 1
             failure: Exception = error or _HTTPFailure(status, payload.decode("utf-8", "replace"))
