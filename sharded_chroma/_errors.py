@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 __all__ = [
     "ClientClosedError",
     "ConfigurationError",
+    "HintLogFullError",
     "NodeUnavailableError",
     "PartialWriteError",
     "ShardFailureError",
@@ -91,3 +92,38 @@ class ShardMismatchError(ShardedChromaError):
     def __init__(self, message: str, *, shard: str) -> None:
         self.shard = shard
         super().__init__(f"shard {shard!r}: {message}")
+
+
+class HintLogFullError(ShardedChromaError):
+    """The durable hint log for missed replica writes reached its size or count bound, so a
+    missed write could not be recorded; the write is reported as failed for that node."""
+
+    def __init__(self, message: str, *, node: str) -> None:
+        self.node = node
+        super().__init__(message)
+
+
+class WriteConcernError(ShardFailureError):
+    """A write reached fewer copies of a shard than its write concern requires.
+
+    ``acknowledged`` lists the nodes that stored it; the nodes that missed it are in
+    ``failures`` and have the write recorded in the hint log, to be replayed when they answer.
+    """
+
+    def __init__(
+        self,
+        operation: str,
+        failures: Mapping[str, BaseException],
+        *,
+        shard: str,
+        concern: str,
+        acknowledged: Sequence[str],
+    ) -> None:
+        self.shard = shard
+        self.concern = concern
+        self.acknowledged = tuple(acknowledged)
+        super().__init__(operation, failures)
+        self.args = (
+            f"{operation} on shard {shard!r} reached {len(self.acknowledged)} node(s), "
+            f"write concern {concern!r} not met; missed: {self.args[0]}",
+        )
