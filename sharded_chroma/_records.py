@@ -132,9 +132,9 @@ class RecordOps(BackendCore):
         if not finite:
             return
         matrix = np.asarray(embeddings, dtype=np.float64)
-        finite = np.isfinite(matrix)
-        if not finite.all():
-            row, col = np.argwhere(~finite)[0]
+        ok = np.isfinite(matrix)
+        if not ok.all():
+            row, col = np.argwhere(~ok)[0]
             value = matrix[row, col]
             text = "NaN" if np.isnan(value) else ("inf" if value > 0 else "-inf")
             raise InvalidArgumentError(f"Non-finite float value at embedding index {col}: {text}")

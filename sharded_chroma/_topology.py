@@ -47,7 +47,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-__all__ = ["NodeConfig", "ShardConfig", "Topology"]
+__all__ = ["NodeConfig", "ReplicationConfig", "ShardConfig", "Topology"]
 
 DEFAULT_TENANT = "default_tenant"
 DEFAULT_DATABASE = "default_database"
@@ -144,6 +144,45 @@ class ShardConfig(BaseModel):
         return (self.primary, *self.replicas)
 
 
+class ReplicationConfig(BaseModel):
+    """How shards with replicas are read and written. Ignored for shards without replicas,
+    except ``retries`` and the backoff, which also govern a lone node."""
+
+    model_config = _Frozen
+
+    write_concern: Literal["all", "quorum", "one"] = "all"
+    """How many copies of a shard must store a write before it is acknowledged."""
+    read_selection: str = "round_robin"
+    """round_robin, least_outstanding, latency or primary_only."""
+    hedge_after: float | None = Field(default=None, gt=0)
+    """Send a second copy of a read to another node after this many seconds (None: never)."""
+    hedge_percentile: float | None = Field(default=None, gt=0, lt=100)
+    """Or: after this percentile of the node's recent latencies (hedge_after until known)."""
+    hedge_budget: float = Field(default=0.05, ge=0, le=1)
+    """At most this fraction of reads may be hedged."""
+    retries: int = Field(default=2, ge=0, le=10)
+    """Extra attempts for a read, on the next copy (or the same node if it is alone)."""
+    backoff: float = Field(default=0.05, gt=0)
+    """First pause between attempts on the same node; doubles per attempt."""
+    node_retry_after: float = Field(default=1.0, gt=0)
+    """A failed node is skipped for this long, doubling per failure up to node_retry_cap."""
+    node_retry_cap: float = Field(default=30.0, gt=0)
+    hints_dir: str | None = None
+    """Folder of the durable hint log (default: ~/.local/state/sharded-chroma/hints)."""
+    hint_max_count: int = Field(default=1_000_000, ge=1)
+    hint_max_bytes: int = Field(default=1 << 30, ge=1)
+    hint_max_age: float = Field(default=7 * 86400.0, gt=0)
+
+    @field_validator("read_selection")
+    @classmethod
+    def _known_selection(cls, name: str) -> str:
+        from ._selection import SELECTORS
+
+        if name not in SELECTORS:
+            raise ValueError(f"unknown read_selection {name!r}; known: {sorted(SELECTORS)}")
+        return name
+
+
 class Topology(BaseModel):
     """The whole cluster: shards, where the tenant and database live, and the slot space."""
 
@@ -155,6 +194,7 @@ class Topology(BaseModel):
     slots: int = Field(default=DEFAULT_SLOTS, ge=1, le=MAX_SLOTS)
     routing_key: str | None = None
     """Metadata field whose value is hashed to place a record; None hashes the record id."""
+    replication: ReplicationConfig = Field(default_factory=ReplicationConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Topology:
