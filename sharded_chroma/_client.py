@@ -28,6 +28,7 @@ from chromadb.types import Collection as CollectionModel
 from ._collection import ShardedCollection
 from ._errors import ClientClosedError, ConfigurationError
 from ._records import RecordOps
+from ._replicas import Node
 from ._status import ShardStatus, shard_status
 from ._topology import Topology
 from ._transport import NodeStats
@@ -83,26 +84,42 @@ class ShardedClient:
         await self.aclose()
 
     async def status(self, *, node_deadline: float = 10.0) -> tuple[ShardStatus, ...]:
-        """Health, version, latency and per-collection record counts of every shard's primary.
-
-        Unreachable nodes are reported (``healthy=False`` with the error), never raised.
+        """One entry per node (primary first within each shard): role, health, version,
+        latency, whether it is catching up (stale) with how many hints pending, and record
+        counts per collection. Unreachable nodes are reported (``healthy=False``), never raised.
         """
         backend = self._live()
+        nodes = backend.all_nodes()
+        pending = await backend.pending_hints()
         out: dict[str, ShardStatus] = {}
 
-        async def one(name: str) -> None:
-            out[name] = await shard_status(
-                name, backend.primaries[name], self.tenant, self.database, node_deadline
+        async def one(shard: str, node: Node) -> None:
+            out[node.url] = await shard_status(
+                shard,
+                node.transport,
+                self.tenant,
+                self.database,
+                node_deadline,
+                role=node.role,
+                stale=node.stale,
+                pending_hints=pending.get(node.url, 0),
             )
 
         async with anyio.create_task_group() as tg:
-            for name in backend.shard_names:
-                tg.start_soon(one, name)
-        return tuple(out[n] for n in backend.shard_names)
+            for rs in backend.shards.values():
+                for node in rs.nodes:
+                    tg.start_soon(one, rs.name, node)
+        return tuple(out[n.url] for n in nodes)
 
     def node_stats(self) -> dict[str, NodeStats]:
-        """Request counters per node URL (requests, failures, retries, latency)."""
-        return {t.url: t.stats for t in self._backend.primaries.values()}
+        """Request counters per node URL (requests, failures, latency, in flight)."""
+        return {n.url: n.stats for n in self._backend.all_nodes()}
+
+    async def replay_hints(self) -> int:
+        """Replay missed writes to every copy that answers now; returns how many were applied.
+
+        Replays also happen by themselves when a copy that missed writes is used again."""
+        return await self._live().replay_hints()
 
     def __repr__(self) -> str:
         names = ", ".join(self._backend.shard_names)
@@ -258,8 +275,8 @@ async def AsyncHttpClient(
     try:
         await client._backend.call_all(
             "connect",
-            lambda _n, t: t.request(
-                "GET", f"/tenants/{topo.tenant}/databases/{topo.database}", idempotent=True
+            lambda _n, node: node.transport.request(
+                "GET", f"/tenants/{topo.tenant}/databases/{topo.database}"
             ),
         )
     except BaseException:

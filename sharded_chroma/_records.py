@@ -9,6 +9,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 import numpy as np
+import orjson
 from chromadb.api.types import (
     DeleteResult,
     Documents,
@@ -29,6 +30,8 @@ from chromadb.errors import InvalidArgumentError
 from ._backend import RESERVED_PREFIX, SEQ_KEY, BackendCore, CollectionState
 from ._fanout import Coverage, OnShardError, fan_out, raise_for_failures
 from ._merge import merge_get, merge_query, strip_seq
+from ._options import current_options
+from ._replicas import HintTarget, Node
 
 __all__ = ["RecordOps"]
 
@@ -105,15 +108,15 @@ class RecordOps(BackendCore):
         the shards are asked, and ids found nowhere are left out."""
         if state.routing_key is None:
             return self._group(state, ids)
-        found = await self.call_all(
-            "locate",
-            lambda n, t: t.request(
+
+        async def look(_shard: str, node: Node) -> Any:
+            return await node.transport.request(
                 "POST",
-                state.path(n, "/get"),
+                await self.node_path(state, node, "/get"),
                 body={"ids": list(ids), "include": []},
-                idempotent=True,
-            ),
-        )
+            )
+
+        found = await self.call_all("locate", look)
         position = {record_id: i for i, record_id in enumerate(ids)}
         return {
             n: sorted(position[i] for i in r["ids"]) for n, r in sorted(found.items()) if r["ids"]
@@ -144,14 +147,45 @@ class RecordOps(BackendCore):
         another process may have fixed it since this handle was fetched."""
         if state.dimension is not None:
             return
-        base = f"/tenants/{state.tenant}/databases/{state.database}/collections/by-id/"
-        models = await self.call_all(
-            "get_collection",
-            lambda n, t: t.request("GET", base + str(state.physical[n]), idempotent=True),
+
+        async def model(node: Node) -> Any:
+            await self.node_path(state, node)
+            return await node.transport.request(
+                "GET", f"{state.base}/by-id/{state.physical[node.url]}"
+            )
+
+        # Shards that cannot answer now are left out: a write routed to live shards must not
+        # fail because another shard is down.
+        answers, _ = await fan_out(
+            {n: functools.partial(self.shards[n].read, model) for n in self.shard_names}
         )
+        models = answers
         dims = {int(m["dimension"]) for m in models.values() if m.get("dimension") is not None}
         if dims:
             state.dimension = min(dims) if len(dims) == 1 else None
+
+    # -- node access ------------------------------------------------------------------------
+
+    async def _node_get(self, state: CollectionState, node: Node, suffix: str) -> Any:
+        return await node.transport.request("GET", await self.node_path(state, node, suffix))
+
+    async def _read_from(self, shard: str, state: CollectionState, suffix: str, body: Any) -> Any:
+        """POST a read to one caught-up copy of a shard (with failover)."""
+
+        async def op(node: Node) -> Any:
+            path = await self.node_path(state, node, suffix)
+            return await node.transport.request("POST", path, body=body)
+
+        return await self.shards[shard].read(op)
+
+    async def _write_to(self, shard: str, state: CollectionState, op: str, body: Any) -> Any:
+        """Send a write to every copy of a shard under the call's write concern."""
+        content = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        target = HintTarget(state.tenant, state.database, str(state.id), state.name, op)
+        concern = current_options().write_concern or self.replication.write_concern
+        return await self.shards[shard].write(
+            lambda node: self.node_path(state, node, f"/{op}"), content, target, concern
+        )
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -200,13 +234,9 @@ class RecordOps(BackendCore):
 
         async def send_unlocked(shard: str) -> None:
             pos = groups[shard]
-            transport = self.primaries[shard]
             if sequence == "new" and existing is None:
-                found = await transport.request(
-                    "POST",
-                    state.path(shard, "/get"),
-                    body={"ids": [ids[i] for i in pos], "include": []},
-                    idempotent=True,
+                found = await self._read_from(
+                    shard, state, "/get", {"ids": [ids[i] for i in pos], "include": []}
                 )
                 present = set(found["ids"])
                 fresh = [ids[i] not in present for i in pos]
@@ -233,9 +263,7 @@ class RecordOps(BackendCore):
                     "documents": column(documents, chunk),
                     "uris": column(uris, chunk),
                 }
-                await transport.request(
-                    "POST", state.path(shard, f"/{op}"), body=body, idempotent=False
-                )
+                await self._write_to(shard, state, op, body)
 
         _, failures = await fan_out({shard: functools.partial(send, shard) for shard in groups})
         raise_for_failures(
@@ -398,12 +426,10 @@ class RecordOps(BackendCore):
 
         async def delete(shard: str) -> int:
             body = {"ids": targets[shard], "where": where, "where_document": where_document}
-            resp = await self.primaries[shard].request(
-                "POST", state.path(shard, "/delete"), body=body, idempotent=False
-            )
+            resp = await self._write_to(shard, state, "delete", body)
             return int(resp.get("deleted", 0)) if isinstance(resp, dict) else 0
 
-        results, failures = await fan_out({s: (lambda s=s: delete(s)) for s in targets})  # type: ignore[misc]
+        results, failures = await fan_out({s: functools.partial(delete, s) for s in targets})
         raise_for_failures(
             "delete",
             failures,
@@ -433,11 +459,7 @@ class RecordOps(BackendCore):
     ) -> tuple[list[Any], Coverage]:
         results, failures = await fan_out(
             {
-                s: (
-                    lambda s=s: self.primaries[s].request(  # type: ignore[misc]
-                        "POST", state.path(s, f"/{op}"), body=body_for(s), idempotent=True
-                    )
-                )
+                s: functools.partial(self._read_from, s, state, f"/{op}", body_for(s))
                 for s in targets
             }
         )
@@ -534,7 +556,7 @@ class RecordOps(BackendCore):
         state = await self.state(collection_id, tenant, database)
         counts = await self.call_all(
             "count",
-            lambda n, t: t.request("GET", state.path(n, "/count"), idempotent=True),
+            lambda _shard, node: self._node_get(state, node, "/count"),
         )
         return sum(int(c) for c in counts.values())
 
@@ -617,19 +639,28 @@ class RecordOps(BackendCore):
         wire_include = sorted({*fields, "metadatas"})
         from ._scan import merged_rows
 
+        # Offsets are positions in one node's stored order, so each shard's pages come from
+        # the same copy for the whole scan while it answers.
+        sticky: dict[str, Node] = {}
+
         async def fetch(shard: str, offset: int) -> Mapping[str, Any]:
-            return await self.primaries[shard].request(  # type: ignore[no-any-return]
-                "POST",
-                state.path(shard, "/get"),
-                body={
-                    "where": where,
-                    "where_document": where_document,
-                    "limit": batch_size,
-                    "offset": offset,
-                    "include": wire_include,
-                },
-                idempotent=True,
-            )
+            body = {
+                "where": where,
+                "where_document": where_document,
+                "limit": batch_size,
+                "offset": offset,
+                "include": wire_include,
+            }
+
+            async def op(node: Node) -> Any:
+                page = await node.transport.request(
+                    "POST", await self.node_path(state, node, "/get"), body=body
+                )
+                sticky[shard] = node
+                return page
+
+            page: Mapping[str, Any] = await self.shards[shard].read(op, prefer=sticky.get(shard))
+            return page
 
         async for page in merged_rows(self.shard_names, fetch, batch_size, SEQ_KEY, fields):
             yield GetResult(

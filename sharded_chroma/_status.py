@@ -42,6 +42,10 @@ class ShardStatus:
     shard: str
     url: str
     healthy: bool
+    role: str = "primary"
+    stale: bool = False
+    """The node missed writes that are not replayed yet; it serves no reads until then."""
+    pending_hints: int = 0
     version: str | None = None
     latency_ms: float | None = None
     error: str | None = None
@@ -57,7 +61,15 @@ class ShardStatus:
 
 
 async def shard_status(
-    shard: str, transport: NodeTransport, tenant: str, database: str, deadline: float
+    shard: str,
+    transport: NodeTransport,
+    tenant: str,
+    database: str,
+    deadline: float,
+    *,
+    role: str = "primary",
+    stale: bool = False,
+    pending_hints: int = 0,
 ) -> ShardStatus:
     """Ask one node for its health, version and per-collection counts; never raises for an
     unreachable node (that is what status is for)."""
@@ -83,5 +95,23 @@ async def shard_status(
                 )
                 cols.append(CollectionStatus(str(item["name"]), int(count), item.get("dimension")))
     except Exception as exc:  # reported, not raised: a status view must show dead nodes
-        return ShardStatus(shard, transport.url, False, error=f"{type(exc).__name__}: {exc}")
-    return ShardStatus(shard, transport.url, True, str(version), latency, None, tuple(cols))
+        return ShardStatus(
+            shard,
+            transport.url,
+            False,
+            role,
+            stale,
+            pending_hints,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+    return ShardStatus(
+        shard,
+        transport.url,
+        True,
+        role,
+        stale,
+        pending_hints,
+        version=str(version),
+        latency_ms=latency,
+        collections=tuple(cols),
+    )

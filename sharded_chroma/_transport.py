@@ -4,7 +4,8 @@ aiohttp was chosen by measurement (client CPU per 20,000-record query on this pr
 machine: official client 2.9 ms, plain httpx 2.6 ms, aiohttp 0.6 ms). Every query fans out to
 every shard, so client CPU per request is what limits a sharded client's throughput.
 
-This is the only layer that retries, and it retries only requests marked idempotent.
+A transport makes one attempt per call; retries and failover live in the replica set, the one
+layer that knows which other copies could answer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-import anyio
 import orjson
 from chromadb import errors as chroma_errors
 
@@ -32,7 +32,6 @@ __all__ = ["NodeStats", "NodeTransport"]
 logger = logging.getLogger("sharded_chroma.transport")
 
 _API = "/api/v2"
-_RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 # Statuses that say "busy or not there", even when the body is a Chroma error.
 _OVERLOAD_STATUS = frozenset({429, 502, 503, 504})
 _USER_AGENT = "sharded-chroma"
@@ -87,14 +86,9 @@ class NodeTransport:
         self,
         node: NodeConfig,
         shard: str,
-        *,
-        retries: int = 2,
-        backoff: float = 0.05,
     ) -> None:
         self.node = node
         self.shard = shard
-        self.retries = retries
-        self.backoff = backoff
         self.stats = NodeStats()
         self._headers = {
             **node.resolved_headers(),
@@ -144,7 +138,6 @@ class NodeTransport:
                 timeout=aiohttp.ClientTimeout(
                     total=self.node.timeout, sock_connect=self.node.connect_timeout
                 ),
-                json_serialize=lambda o: orjson.dumps(o).decode(),
                 raise_for_status=False,
             )
             self._sessions[id(loop)] = (loop, session)
@@ -156,39 +149,35 @@ class NodeTransport:
         path: str,
         *,
         body: Any = None,
+        content: bytes | None = None,
         params: Mapping[str, str | int] | None = None,
-        idempotent: bool,
+        idempotent: bool = False,
     ) -> Any:
-        """Send one request and return the decoded JSON body.
+        """Send one request (one attempt) and return the decoded JSON body.
 
-        Raises the ``chromadb.errors`` class for a Chroma error body, or
-        ``NodeUnavailableError`` after the allowed attempts for connection failures, timeouts
-        and non-Chroma HTTP errors. Only ``idempotent`` requests are attempted more than once.
+        ``body`` is serialised with orjson; ``content`` is sent as is (already serialised, so a
+        write sent to several copies is encoded once). Raises the ``chromadb.errors`` class for
+        a Chroma error answer, or ``NodeUnavailableError`` for connection failures, timeouts
+        and non-Chroma HTTP errors. Retrying and failing over is the replica set's job; the
+        ``idempotent`` flag is accepted for readability at call sites.
         """
+        del idempotent
         session = self._session()
         url = self._base + quote(path, safe="/")
-        data = None if body is None else orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
-        attempts: list[str] = []
-        max_attempts = 1 + (self.retries if idempotent else 0)
-        last: BaseException | None = None
-        for attempt in range(max_attempts):
-            if attempt:
-                self.stats.retries += 1
-                await anyio.sleep(self.backoff * (2 ** (attempt - 1)))
-            self.stats.requests += 1
-            self.stats.in_flight += 1
-            started = time.perf_counter()
-            try:
-                async with session.request(method, url, data=data, params=params) as resp:
-                    payload = await resp.read()
-                    status = resp.status
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                self.stats.failures += 1
-                attempts.append(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-                last = exc
-                continue
-            finally:
-                self.stats.in_flight -= 1
+        data = content
+        if data is None and body is not None:
+            data = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        self.stats.requests += 1
+        self.stats.in_flight += 1
+        started = time.perf_counter()
+        failure: BaseException
+        try:
+            async with session.request(method, url, data=data, params=params) as resp:
+                payload = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            failure = exc
+        else:
             self.stats.observe(time.perf_counter() - started)
             if status < 400:
                 return orjson.loads(payload) if payload else None
@@ -197,16 +186,15 @@ class NodeTransport:
                 # The server understood and answered (even a 500 "InternalError" such as a
                 # unique-name clash): surface it as chromadb would, never as a dead node.
                 raise error
-            self.stats.failures += 1
-            failure: Exception = error or _HTTPFailure(status, payload.decode("utf-8", "replace"))
-            attempts.append(f"{type(failure).__name__}: {failure}")
-            last = failure
-            if status not in _RETRYABLE_STATUS:
-                break
-        logger.warning("shard %s node %s failed: %s", self.shard, self.node.url, attempts[-1])
+            failure = error or _HTTPFailure(status, payload.decode("utf-8", "replace"))
+        finally:
+            self.stats.in_flight -= 1
+        self.stats.failures += 1
+        text = f"{type(failure).__name__}: {failure}" if str(failure) else type(failure).__name__
+        logger.warning("shard %s node %s failed: %s", self.shard, self.node.url, text)
         raise NodeUnavailableError(
-            shard=self.shard, node=self.node.url, attempts=attempts
-        ) from last
+            shard=self.shard, node=self.node.url, attempts=[text]
+        ) from failure
 
     async def aclose(self) -> None:
         """Close every pool this transport opened. Further requests raise ClientClosedError."""

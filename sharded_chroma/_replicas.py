@@ -1,0 +1,399 @@
+"""ReplicaSet: the copies of one shard. Reads pick a healthy, caught-up copy (with failover and
+optional hedging); writes go to every copy and are acknowledged by the write concern; a copy that
+misses a write gets it in the durable hint log and serves no reads until it has replayed it.
+
+This is the one layer that retries: it knows which other copies could answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+import numpy as np
+from chromadb.errors import ChromaError, NotFoundError
+
+from ._errors import HintLogFullError, NodeUnavailableError, WriteConcernError
+from ._hints import HintLog
+from ._selection import Selector, make_selector
+from ._topology import ReplicationConfig, ShardConfig
+from ._transport import NodeStats, NodeTransport
+
+__all__ = ["HintTarget", "Node", "ReplicaSet"]
+
+logger = logging.getLogger("sharded_chroma.replicas")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class HintTarget:
+    """Which collection a write belongs to, so a missed write can be replayed later."""
+
+    tenant: str
+    database: str
+    collection_id: str
+    collection_name: str
+    op: str
+
+
+class Node:
+    """One copy of a shard: its transport, health and catch-up state."""
+
+    def __init__(self, transport: NodeTransport, *, primary: bool, config: ReplicationConfig):
+        self.transport = transport
+        self._primary = primary
+        self._config = config
+        self.failures = 0
+        self.retry_at = 0.0
+        self.stale = False
+        self.hedges_sent = 0
+        self.hedges_won = 0
+        self.replay_lock = anyio.Lock()
+        self.latencies: deque[float] = deque(maxlen=256)
+
+    @property
+    def url(self) -> str:
+        return self.transport.url
+
+    @property
+    def is_primary(self) -> bool:
+        return self._primary
+
+    @property
+    def stats(self) -> NodeStats:
+        return self.transport.stats
+
+    @property
+    def role(self) -> str:
+        return "primary" if self._primary else "replica"
+
+    def healthy(self, now: float) -> bool:
+        return self.failures == 0 or now >= self.retry_at
+
+    def succeeded(self, seconds: float | None = None) -> None:
+        self.failures = 0
+        if seconds is not None:
+            self.latencies.append(seconds)
+
+    def failed(self, now: float) -> None:
+        self.failures += 1
+        pause = self._config.node_retry_after * 2 ** (self.failures - 1)
+        self.retry_at = now + min(pause, self._config.node_retry_cap)
+
+    def __repr__(self) -> str:
+        return f"Node({self.role}, {self.url!r})"
+
+
+class _HedgeBudget:
+    def __init__(self, ratio: float) -> None:
+        self.ratio = ratio
+        self.reads = 0
+        self.hedges = 0
+
+    def allow(self) -> bool:
+        return self.hedges + 1 <= self.ratio * self.reads
+
+
+class ReplicaSet:
+    """The nodes of one shard, primary first."""
+
+    def __init__(
+        self,
+        shard: ShardConfig,
+        config: ReplicationConfig,
+        hints: Callable[[], HintLog | None],
+        *,
+        selector: Selector | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = shard.name
+        self.config = config
+        self.nodes = [
+            Node(NodeTransport(n, shard.name), primary=(i == 0), config=config)
+            for i, n in enumerate(shard.nodes)
+        ]
+        self.selector = selector or make_selector(config.read_selection)
+        self._hints = hints
+        self._clock = clock
+        self._budget = _HedgeBudget(config.hedge_budget)
+        self.replay_target: Callable[[Node, HintTarget], Awaitable[str]] | None = None
+        """Set by the owner: resolves the request path of a hinted write on a node."""
+
+    @property
+    def primary(self) -> Node:
+        return self.nodes[0]
+
+    def node(self, url: str) -> Node:
+        return next(n for n in self.nodes if n.url == url)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def _candidates(self) -> list[Node]:
+        now = self._clock()
+        fresh = [n for n in self.nodes if not n.stale]
+        healthy = [n for n in fresh if n.healthy(now)]
+        ordered: list[Any] = self.selector.order(healthy)
+        # Seed nodes are never forgotten: when every fresh copy is in backoff, try them anyway
+        # rather than failing without asking.
+        if not ordered:
+            ordered = self.selector.order(fresh) or fresh
+        return list(ordered)
+
+    async def read(self, op: Callable[[Node], Awaitable[T]], *, prefer: Node | None = None) -> T:
+        """Run ``op`` on one caught-up copy, failing over to the next on node failures.
+
+        Chroma errors (a bad filter, a missing collection) are answers, not failures: they are
+        raised at once. Copies that are stale (they missed writes) are never read.
+        """
+        await self.catch_up()
+        candidates = self._candidates()
+        if prefer is not None and prefer in candidates:
+            candidates = [prefer, *(n for n in candidates if n is not prefer)]
+        if not candidates:
+            raise NodeUnavailableError(
+                shard=self.name,
+                node=self.primary.url,
+                attempts=["every copy is stale (missed writes are still being replayed)"],
+            )
+        attempts: list[str] = []
+        last: NodeUnavailableError | None = None
+        self._budget.reads += 1
+        for attempt in range(1 + self.config.retries):
+            node = candidates[attempt % len(candidates)]
+            if attempt >= len(candidates):
+                self.primary.stats.retries += 1
+                await anyio.sleep(self.config.backoff * 2 ** (attempt - len(candidates)))
+            others = [n for n in candidates if n is not node]
+            try:
+                return await self._hedged(op, node, others)
+            except NodeUnavailableError as exc:
+                node.failed(self._clock())
+                attempts.extend(exc.attempts)
+                last = exc
+        assert last is not None
+        raise NodeUnavailableError(
+            shard=self.name, node=last.node, attempts=attempts
+        ) from last.__cause__
+
+    def _hedge_delay(self, node: Node) -> float | None:
+        cfg = self.config
+        if cfg.hedge_percentile is not None and len(node.latencies) >= 20:
+            return float(np.percentile(np.fromiter(node.latencies, float), cfg.hedge_percentile))
+        if cfg.hedge_after is not None:
+            return cfg.hedge_after
+        if cfg.hedge_percentile is not None:
+            return 0.05
+        return None
+
+    async def _timed(self, op: Callable[[Node], Awaitable[T]], node: Node) -> T:
+        started = time.perf_counter()
+        result = await op(node)
+        node.succeeded(time.perf_counter() - started)
+        return result
+
+    async def _hedged(
+        self, op: Callable[[Node], Awaitable[T]], first: Node, others: Sequence[Node]
+    ) -> T:
+        delay = self._hedge_delay(first) if others else None
+        if delay is None:
+            return await self._timed(op, first)
+        done = anyio.Event()
+        results: list[tuple[Node, T]] = []
+        errors: list[BaseException] = []
+        launched: list[Node] = []
+
+        async def run(node: Node) -> None:
+            try:
+                result = await self._timed(op, node)
+            except Exception as exc:  # kept; raised if no copy answers
+                errors.append(exc)
+                if isinstance(exc, NodeUnavailableError) and node is not first:
+                    node.failed(self._clock())
+                if len(errors) == len(launched):
+                    done.set()
+            else:
+                results.append((node, result))
+                done.set()
+
+        async with anyio.create_task_group() as tg:
+            launched.append(first)
+            tg.start_soon(run, first)
+            with anyio.move_on_after(delay):
+                await done.wait()
+            if not done.is_set() and self._budget.allow():
+                hedge = others[0]
+                self._budget.hedges += 1
+                first.hedges_sent += 1
+                launched.append(hedge)
+                tg.start_soon(run, hedge)
+            await done.wait()
+            tg.cancel_scope.cancel()
+        if results:
+            winner, result = results[0]
+            if winner is not first:
+                first.hedges_won += 1
+            return result
+        raise errors[0]
+
+    # -- writes -----------------------------------------------------------------------------
+
+    async def write(
+        self,
+        path_for: Callable[[Node], Awaitable[str]],
+        content: bytes,
+        target: HintTarget,
+        concern: str,
+    ) -> Any:
+        """Send one write to every copy; return the primary's answer (or the first copy's).
+
+        A copy that is stale or fails gets the write in the hint log instead. Raises
+        ``WriteConcernError`` when fewer copies stored it than ``concern`` requires (the
+        misses are hinted all the same), or the Chroma error a copy answered with.
+        """
+        await self.catch_up()
+        answers: dict[str, Any] = {}
+        misses: dict[str, BaseException] = {}
+        refusals: dict[str, BaseException] = {}
+
+        async def one(node: Node) -> None:
+            if node.stale:
+                misses[node.url] = await self._hint(node, target, content, reason="stale")
+                return
+            try:
+                path = await path_for(node)
+                answers[node.url] = await self._timed(
+                    lambda n: n.transport.request("POST", path, content=content), node
+                )
+            except NodeUnavailableError as exc:
+                node.failed(self._clock())
+                misses[node.url] = exc
+                await self._hint(node, target, content, reason="unreachable")
+            except ChromaError as exc:
+                refusals[node.url] = exc
+
+        if len(self.nodes) == 1:
+            await one(self.primary)
+        else:
+            async with anyio.create_task_group() as tg:
+                for node in self.nodes:
+                    tg.start_soon(one, node)
+        if refusals:
+            raise next(iter(refusals.values()))
+        needed = _required(concern, len(self.nodes))
+        if len(answers) < needed:
+            if len(self.nodes) == 1:
+                raise next(iter(misses.values()))
+            raise WriteConcernError(
+                target.op,
+                misses,
+                shard=self.name,
+                concern=concern,
+                acknowledged=sorted(answers),
+            )
+        if self.primary.url in answers:
+            return answers[self.primary.url]
+        return next(iter(answers.values()))
+
+    async def _hint(
+        self, node: Node, target: HintTarget, content: bytes, *, reason: str
+    ) -> BaseException:
+        log = self._hints()
+        if log is None or len(self.nodes) == 1:
+            # A lone node has no other copy to catch up from; the caller sees the failure.
+            return NodeUnavailableError(shard=self.name, node=node.url, attempts=[reason])
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: log.append(
+                    node.url,
+                    target.tenant,
+                    target.database,
+                    target.collection_id,
+                    target.collection_name,
+                    target.op,
+                    content,
+                )
+            )
+        except HintLogFullError as exc:
+            logger.error("shard %s node %s: %s", self.name, node.url, exc)
+            node.stale = True
+            return exc
+        node.stale = True
+        return NodeUnavailableError(
+            shard=self.name, node=node.url, attempts=[f"{reason}; write kept in the hint log"]
+        )
+
+    # -- catch-up ---------------------------------------------------------------------------
+
+    def mark_pending(self, counts: dict[str, int]) -> None:
+        """Mark copies with hints left by an earlier process as stale until replayed."""
+        for node in self.nodes:
+            if counts.get(node.url):
+                node.stale = True
+
+    async def catch_up(self, *, force: bool = False) -> None:
+        """Replay hints to stale copies whose retry time has come (or all, with ``force``)."""
+        now = self._clock()
+        for node in self.nodes:
+            if node.stale and (force or node.healthy(now)) and not node.replay_lock.locked():
+                await self.replay(node)
+
+    async def replay(self, node: Node) -> int:
+        """Apply a node's hints in order; the node serves reads again once none are left."""
+        log = self._hints()
+        if log is None or self.replay_target is None:
+            return 0
+        replayed = 0
+        async with node.replay_lock:
+            while True:
+                batch = await anyio.to_thread.run_sync(lambda: log.pending(node.url, 200))
+                if not batch:
+                    node.stale = False
+                    break
+                done_upto = None
+                try:
+                    for hint in batch:
+                        target = HintTarget(
+                            hint.tenant,
+                            hint.database,
+                            hint.collection_id,
+                            hint.collection_name,
+                            hint.op,
+                        )
+                        try:
+                            path = await self.replay_target(node, target)
+                            await node.transport.request("POST", path, content=hint.body)
+                        except NotFoundError:
+                            # The collection was deleted since: the write has nothing to apply to.
+                            logger.info("hint %d for a deleted collection skipped", hint.id)
+                        done_upto = hint.id
+                        replayed += 1
+                except NodeUnavailableError:
+                    node.failed(self._clock())
+                    break
+                finally:
+                    if done_upto is not None:
+                        await anyio.to_thread.run_sync(log.ack, node.url, done_upto)
+        if replayed:
+            logger.info("shard %s node %s: replayed %d hint(s)", self.name, node.url, replayed)
+            node.succeeded()
+        return replayed
+
+    async def aclose(self) -> None:
+        for node in self.nodes:
+            await node.transport.aclose()
+
+
+def _required(concern: str, copies: int) -> int:
+    if concern == "all":
+        return copies
+    if concern == "quorum":
+        return copies // 2 + 1
+    if concern == "one":
+        return 1
+    raise ValueError(f"write concern must be 'all', 'quorum' or 'one', got {concern!r}")
