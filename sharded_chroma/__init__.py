@@ -11,15 +11,18 @@ from ._collection import ShardedCollection
 from ._errors import (
     ClientClosedError,
     ConfigurationError,
+    HintLogFullError,
     NodeUnavailableError,
     PartialWriteError,
     ShardedChromaError,
     ShardFailureError,
     ShardMismatchError,
+    WriteConcernError,
 )
 from ._fanout import Coverage
+from ._options import options
 from ._status import CollectionStatus, ShardStatus
-from ._topology import NodeConfig, ShardConfig, Topology
+from ._topology import NodeConfig, ReplicationConfig, ShardConfig, Topology
 from ._transport import NodeStats
 
 __all__ = [
@@ -28,10 +31,12 @@ __all__ = [
     "CollectionStatus",
     "ConfigurationError",
     "Coverage",
+    "HintLogFullError",
     "NodeConfig",
     "NodeStats",
     "NodeUnavailableError",
     "PartialWriteError",
+    "ReplicationConfig",
     "ShardConfig",
     "ShardFailureError",
     "ShardMismatchError",
@@ -40,6 +45,8 @@ __all__ = [
     "ShardedClient",
     "ShardedCollection",
     "Topology",
+    "WriteConcernError",
+    "options",
 ]
 
 __version__ = "0.1.0"
