@@ -1,4 +1,4 @@
-"""The ``sharded-chroma`` command: ``dev``, ``demo`` and ``status``."""
+"""The ``sharded-chroma`` command: ``dev``, ``demo``, ``status``, ``verify`` and ``repair``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,25 @@ def _parser() -> argparse.ArgumentParser:
     where = status.add_mutually_exclusive_group(required=True)
     where.add_argument("--topology", type=Path, help="topology TOML file")
     where.add_argument("--shards", nargs="+", metavar="URL", help="one URL per shard")
+
+    for name, text in (
+        ("verify", "compare every replica with its primary; exit 1 when they differ"),
+        ("repair", "make every replica equal to its primary; safe under live traffic"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        where = cmd.add_mutually_exclusive_group(required=True)
+        where.add_argument("--topology", type=Path, help="topology TOML file (with replicas)")
+        where.add_argument("--shards", nargs="+", metavar="URL", help="one URL per shard")
+        cmd.add_argument(
+            "--collection",
+            action="append",
+            dest="collections",
+            metavar="NAME",
+            help="only this collection (repeatable; default: all)",
+        )
+        cmd.add_argument("--page-size", type=int, default=1000, help="records per request")
+        if name == "repair":
+            cmd.add_argument("--rounds", type=int, default=3, help="fix-and-recheck passes")
     return p
 
 
@@ -69,6 +88,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 shards=args.shards,
                 data_dir=args.data_dir,
                 topology_path=args.topology_out,
+                out=_out,
+            )
+        elif args.command in ("verify", "repair"):
+            from ._repair import run_antientropy
+
+            _positive("page-size", args.page_size)
+            _positive("rounds", getattr(args, "rounds", 1))
+            return run_antientropy(
+                args.command,
+                topology=args.topology,
+                shards=args.shards,
+                collections=args.collections,
+                page_size=args.page_size,
+                rounds=getattr(args, "rounds", 1),
                 out=_out,
             )
         else:

@@ -1,0 +1,599 @@
+"""Anti-entropy: compare every replica with its primary and repair the difference.
+
+Copies drift when a missed write's hint is lost (another host's hint log, a full log), a node
+is restored from an old backup or written to directly. ``verify`` finds such drift and
+``repair`` removes it, the primary being the truth.
+
+Comparison is by content digest, not by record: a copy's records are read page by page and each
+record is reduced to ``id -> 16-byte digest`` at once. The primary and the replica are read in
+lockstep and a record is dropped from memory as soon as its counterpart on the other copy has
+been seen; since every copy receives writes in about the same order (Chroma returns records in
+insertion order), what is held at any time is the records out of step between the two copies
+plus the differences, and at worst (copies in opposite orders) one digest map of a shard.
+
+Both are safe under live traffic: paging with offsets over a collection that changes may report
+records that do not really differ (and miss some that do), so ``repair`` never trusts the scan:
+it reads the suspect ids from both copies by id, fixes what still differs, and re-checks the
+ids it touched, up to ``rounds`` times, to settle races with concurrent writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import numpy as np
+import orjson
+from chromadb.errors import ChromaError, NotFoundError
+
+from ._backend import BackendCore, CollectionState
+from ._errors import NodeUnavailableError, ShardedChromaError
+from ._replicas import Node, ReplicaSet
+
+if TYPE_CHECKING:
+    from ._client import ShardedClient
+
+__all__ = ["PairRepair", "PairReport", "RepairReport", "VerifyReport", "repair", "verify"]
+
+logger = logging.getLogger("sharded_chroma.antientropy")
+
+Progress = Callable[[int, int], None]
+
+_INCLUDE = ["embeddings", "documents", "metadatas", "uris"]
+
+
+# -- reports (rendered as text by the CLI; the id tuples here are complete) -------------------
+
+
+@dataclass(frozen=True)
+class PairReport:
+    """One replica of one shard compared with its primary, for one collection."""
+
+    collection: str
+    shard: str
+    primary: str
+    replica: str
+    primary_records: int = 0
+    replica_records: int = 0
+    missing: tuple[str, ...] = ()
+    """On the primary, not on the replica."""
+    extra: tuple[str, ...] = ()
+    """On the replica, not on the primary."""
+    differing: tuple[str, ...] = ()
+    """On both, with a different embedding, document, uri or metadata."""
+    stale: bool = False
+    """The replica has missed writes waiting in this host's hint log."""
+    pending_hints: int = 0
+    error: str | None = None
+    """Why the pair could not be compared (a node down, the collection missing on a node)."""
+
+    @property
+    def differences(self) -> int:
+        return len(self.missing) + len(self.extra) + len(self.differing)
+
+    @property
+    def clean(self) -> bool:
+        return self.differences == 0 and self.error is None
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    collections: tuple[str, ...]
+    pairs: tuple[PairReport, ...]
+    """One entry per (collection, shard, replica node); empty when no shard has replicas."""
+    records_read: int = 0
+    seconds: float = 0.0
+
+    @property
+    def clean(self) -> bool:
+        return all(p.clean for p in self.pairs)
+
+    @property
+    def differences(self) -> int:
+        return sum(p.differences for p in self.pairs)
+
+
+@dataclass(frozen=True)
+class PairRepair:
+    """What repair did to one replica for one collection, and what still differs."""
+
+    collection: str
+    shard: str
+    primary: str
+    replica: str
+    copied: tuple[str, ...] = ()
+    """Ids written to the replica from the primary (they were missing or differed)."""
+    deleted: tuple[str, ...] = ()
+    """Ids removed from the replica (the primary does not have them)."""
+    rounds: int = 0
+    remaining: tuple[str, ...] = ()
+    """Ids still different after the last round (concurrent writes kept changing them)."""
+    error: str | None = None
+
+    @property
+    def clean(self) -> bool:
+        return not self.remaining and self.error is None
+
+
+@dataclass(frozen=True)
+class RepairReport:
+    before: VerifyReport
+    """The scan that found what to repair."""
+    pairs: tuple[PairRepair, ...]
+    """Pairs that had differences or could not be compared."""
+    hints_replayed: Mapping[str, int] = field(default_factory=dict)
+    """Missed writes replayed from this host's hint log before comparing, per node URL."""
+    seconds: float = 0.0
+
+    @property
+    def clean(self) -> bool:
+        """Nothing known to differ after repair: every pair was compared and settled."""
+        return all(p.clean for p in self.pairs)
+
+    @property
+    def copied(self) -> int:
+        return sum(len(p.copied) for p in self.pairs)
+
+    @property
+    def deleted(self) -> int:
+        return sum(len(p.deleted) for p in self.pairs)
+
+
+# -- digests ----------------------------------------------------------------------------------
+
+
+def _embedding_rows(embeddings: Sequence[Any] | None, n: int) -> list[bytes | None]:
+    """Embeddings as little-endian float32 bytes: what the server stores, so the JSON float
+    text (and its float64 parse) cannot make equal vectors look different."""
+    if embeddings is None:
+        return [None] * n
+    try:
+        matrix = np.asarray(embeddings, dtype="<f4")
+    except (TypeError, ValueError):  # ragged or holes: row by row
+        matrix = None
+    if matrix is not None and matrix.ndim == 2 and len(matrix) == n:
+        return [row.tobytes() for row in matrix]
+    return [None if e is None else np.asarray(e, dtype="<f4").tobytes() for e in embeddings]
+
+
+def _text(value: Any) -> bytes | None:
+    return None if value is None else str(value).encode()
+
+
+def _digest(record_id: str, embedding: bytes | None, doc: Any, uri: Any, meta: Any) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    meta = None if meta is None else orjson.dumps(meta, option=orjson.OPT_SORT_KEYS)
+    for part in (record_id.encode(), embedding, _text(doc), _text(uri), meta):
+        # Length-prefixed with a presence byte, so None, "" and field boundaries never collide.
+        if part is None:
+            h.update(b"\x00")
+        else:
+            h.update(b"\x01" + len(part).to_bytes(8, "little") + part)
+    return h.digest()
+
+
+def page_digests(page: Mapping[str, Any]) -> list[tuple[str, bytes]]:
+    """``(id, digest)`` for every record of a get() response with every field included."""
+    ids: list[str] = page["ids"]
+    n = len(ids)
+
+    def column(name: str) -> Sequence[Any]:
+        values = page.get(name)
+        return [None] * n if values is None else values
+
+    embeddings = _embedding_rows(page.get("embeddings"), n)
+    docs, uris, metas = column("documents"), column("uris"), column("metadatas")
+    return [(ids[i], _digest(ids[i], embeddings[i], docs[i], uris[i], metas[i])) for i in range(n)]
+
+
+class _Diff:
+    """Streaming comparison of two copies: each side's records not yet seen on the other."""
+
+    def __init__(self) -> None:
+        self.only: tuple[dict[str, bytes], dict[str, bytes]] = ({}, {})
+        self.differing: list[str] = []
+        self.seen = [0, 0]
+
+    def feed(self, side: int, digests: Sequence[tuple[str, bytes]]) -> None:
+        mine, other = self.only[side], self.only[1 - side]
+        self.seen[side] += len(digests)
+        for record_id, digest in digests:
+            theirs = other.pop(record_id, None)
+            if theirs is None:
+                mine[record_id] = digest
+            elif theirs != digest:
+                self.differing.append(record_id)
+
+
+async def _call(rs: ReplicaSet, node: Node, path: str, body: Mapping[str, Any]) -> Any:
+    """One request to a chosen node, retried on connection failures. Every request here is
+    idempotent (reads, deletes by id, and an add of an id that exists is ignored by Chroma)."""
+    attempts = 1 + rs.config.retries
+    for attempt in range(attempts):
+        try:
+            return await node.transport.request("POST", path, body=body)
+        except NodeUnavailableError:
+            if attempt + 1 == attempts:
+                raise
+            await anyio.sleep(rs.config.backoff * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+async def _both(
+    backend: BackendCore, pair: _Pair, state: CollectionState, ids: list[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The records ``ids`` as the primary and as the replica hold them, read concurrently."""
+    rs, replica = pair.rs, pair.replica
+    pages: dict[Node, dict[str, Any]] = {}
+
+    async def read(node: Node) -> None:
+        path = await backend.node_path(state, node, "/get")
+        pages[node] = await _call(rs, node, path, {"ids": ids, "include": _INCLUDE})
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read, rs.primary)
+        tg.start_soon(read, replica)
+    return pages[rs.primary], pages[replica]
+
+
+class _Ticker:
+    """Progress in work units (records read, then records fixed); the total grows as work is
+    discovered, and is never below what is done."""
+
+    def __init__(self, callback: Progress | None) -> None:
+        self.callback, self.done, self.total = callback, 0, 0
+
+    def __call__(self, *, done: int = 0, more: int = 0) -> None:
+        self.done += done
+        self.total = max(self.total + more, self.done)
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+
+def _where(report: PairReport | PairRepair) -> str:
+    return f"{report.collection} / {report.shard} / replica {report.replica}"
+
+
+def _reason(exc: BaseException) -> str:
+    missing = isinstance(exc, NotFoundError)
+    hint = " (missing on this node; get_or_create_collection() recreates it)" if missing else ""
+    return f"{type(exc).__name__}: {exc}{hint}"
+
+
+# -- verify -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pair:
+    collection: str
+    state: CollectionState | None
+    rs: ReplicaSet
+    replica: Node
+    error: str | None = None
+
+
+async def _pairs(
+    client: ShardedClient, backend: BackendCore, collections: Sequence[str] | None
+) -> tuple[list[str], list[_Pair]]:
+    """Every (collection, shard, replica node) to compare."""
+    named = collections is not None
+    names = [c.name for c in await client.list_collections()] if collections is None else []
+    names = list(collections or names)
+    replicated = [rs for rs in backend.shards.values() if len(rs.nodes) > 1]
+    found: list[str] = []
+    pairs: list[_Pair] = []
+    for name in names:
+        state: CollectionState | None = None
+        error = None
+        try:
+            model = await backend.get_collection(name, client.tenant, client.database)
+            state = await backend.state(model.id, client.tenant, client.database)
+        except NotFoundError:
+            if named:
+                raise
+            # Deleted since it was listed: nothing left to compare.
+            logger.info("collection %r was deleted during the run; skipped", name)
+            continue
+        except (ChromaError, ShardedChromaError) as exc:
+            error = _reason(exc)
+        found.append(name)
+        for rs in replicated:
+            for node in rs.nodes[1:]:
+                pairs.append(_Pair(name, state, rs, node, error))
+    return found, pairs
+
+
+async def _count(backend: BackendCore, state: CollectionState, node: Node) -> int:
+    try:
+        path = await backend.node_path(state, node, "/count")
+        return int(await node.transport.request("GET", path))
+    except (ChromaError, ShardedChromaError):
+        return 0  # the comparison itself reports why
+
+
+async def _compare(
+    backend: BackendCore, pair: _Pair, page_size: int, ticker: _Ticker, pending: Mapping[str, int]
+) -> PairReport:
+    rs, replica = pair.rs, pair.replica
+    base = PairReport(
+        pair.collection,
+        rs.name,
+        rs.primary.url,
+        replica.url,
+        stale=replica.stale,
+        pending_hints=pending.get(replica.url, 0),
+    )
+    if pair.error is not None or pair.state is None:
+        return replace(base, error=pair.error or "collection not loaded")
+    nodes = (rs.primary, replica)
+    diff = _Diff()
+    offsets = [0, 0]
+    live = [True, True]
+
+    async def pull(side: int, path: str) -> None:
+        body = {"limit": page_size, "offset": offsets[side], "include": _INCLUDE}
+        digests = page_digests(await _call(rs, nodes[side], path, body))
+        offsets[side] += len(digests)
+        live[side] = len(digests) == page_size
+        diff.feed(side, digests)
+        ticker(done=len(digests))
+
+    try:
+        paths = [await backend.node_path(pair.state, node, "/get") for node in nodes]
+        # Lockstep: both copies advance a page at a time, so records in step are matched and
+        # dropped at once and memory holds only what is out of step.
+        while any(live):
+            async with anyio.create_task_group() as tg:
+                for side in (0, 1):
+                    if live[side]:
+                        tg.start_soon(pull, side, paths[side])
+    except (ChromaError, ShardedChromaError) as exc:
+        return replace(base, error=_reason(exc))
+    report = replace(
+        base,
+        primary_records=diff.seen[0],
+        replica_records=diff.seen[1],
+        missing=tuple(sorted(diff.only[0])),
+        extra=tuple(sorted(diff.only[1])),
+        differing=tuple(sorted(diff.differing)),
+    )
+    if not report.clean:
+        logger.info("%s differs: %d record(s)", _where(report), report.differences)
+    return report
+
+
+async def _verify(
+    client: ShardedClient,
+    backend: BackendCore,
+    collections: Sequence[str] | None,
+    page_size: int,
+    ticker: _Ticker,
+) -> tuple[VerifyReport, list[_Pair]]:
+    if page_size < 1:
+        raise ValueError(f"page_size must be at least 1, got {page_size}")
+    started = time.perf_counter()
+    names, pairs = await _pairs(client, backend, collections)
+    pending = await backend.pending_hints()
+    # Counted first so progress has a total; the counts may move under traffic, which the
+    # ticker absorbs.
+    counted: dict[tuple[str, str], int] = {}
+    for pair in pairs:
+        if pair.state is None:
+            continue
+        for node in (pair.rs.primary, pair.replica):
+            key = (pair.collection, node.url)
+            if key not in counted:
+                counted[key] = await _count(backend, pair.state, node)
+            ticker(more=counted[key])
+    reports = [await _compare(backend, p, page_size, ticker, pending) for p in pairs]
+    report = VerifyReport(
+        collections=tuple(names),
+        pairs=tuple(reports),
+        records_read=sum(r.primary_records + r.replica_records for r in reports),
+        seconds=time.perf_counter() - started,
+    )
+    return report, pairs
+
+
+async def verify(
+    client: ShardedClient,
+    *,
+    collections: Sequence[str] | None = None,
+    page_size: int = 1000,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Compare every replica with its primary, for every (or the named) collection.
+
+    Records are compared by id and by a digest of embedding, document, uri and metadata
+    (hidden sequence key included), read ``page_size`` at a time straight from each node, stale
+    replicas included. ``progress(done, total)`` is called as records are read. Nothing is
+    written. A collection named in ``collections`` that does not exist raises
+    ``NotFoundError``; a node that cannot be read is reported on its pair, not raised.
+    """
+    backend = client._live()  # the package's own client: verify needs the node layer
+    report, _ = await _verify(client, backend, collections, page_size, _Ticker(progress))
+    return report
+
+
+# -- repair -----------------------------------------------------------------------------------
+
+
+def _columns(page: Mapping[str, Any], ids: Sequence[str]) -> dict[str, Any]:
+    """A write body with exactly the records ``ids`` of a get() response, fields verbatim."""
+    at = {record_id: i for i, record_id in enumerate(page["ids"])}
+    rows = [at[record_id] for record_id in ids]
+    body: dict[str, Any] = {"ids": list(ids)}
+    for name in ("embeddings", "documents", "metadatas", "uris"):
+        values = page.get(name)
+        body[name] = None if values is None else [values[i] for i in rows]
+    return body
+
+
+def _patch_metadata(primary: Mapping[str, Any] | None, replica: Mapping[str, Any] | None) -> Any:
+    """Metadata that turns the replica's into the primary's under upsert, which merges keys:
+    keys only the replica has are sent as None, which Chroma takes as "remove the key"."""
+    patch = {**(primary or {}), **{k: None for k in replica or {} if k not in (primary or {})}}
+    return patch or None
+
+
+async def _fix_batch(
+    backend: BackendCore, pair: _Pair, state: CollectionState, batch: list[str], round_no: int
+) -> tuple[list[str], list[str]]:
+    """Make ``batch`` on the replica equal to the primary; returns the ids (copied, deleted).
+    Round -1 only finds what differs."""
+    rs, replica = pair.rs, pair.replica
+    truth, copy = await _both(backend, pair, state, batch)
+    want, have = dict(page_digests(truth)), dict(page_digests(copy))
+    extra = [i for i in batch if i in have and i not in want]
+    absent = [i for i in batch if i in want and i not in have]
+    differing = [i for i in batch if i in want and i in have and want[i] != have[i]]
+    if round_no < 0:
+        return absent + differing, extra
+    # Upsert fixes a differing record in place, so the replica never lacks it while serving
+    # reads; it cannot clear a document or uri (None there means "keep"), so those records, and
+    # any still different in a later round, are deleted and added instead.
+    upsert: list[str] = []
+    swap: list[str] = differing
+    if round_no == 0 and differing:
+        t, c = _columns(truth, differing), _columns(copy, differing)
+        clearing = {
+            differing[k]
+            for name in ("documents", "uris")
+            if t[name] is not None and c[name] is not None
+            for k, (a, b) in enumerate(zip(t[name], c[name], strict=True))
+            if a is None and b is not None
+        }
+        upsert = [i for i in differing if i not in clearing]
+        swap = [i for i in differing if i in clearing]
+    path = await backend.node_path(state, replica, "")
+    if extra or swap:
+        await _call(rs, replica, f"{path}/delete", {"ids": extra + swap})
+    if absent or swap:
+        await _call(rs, replica, f"{path}/add", _columns(truth, absent + swap))
+    if upsert:
+        body = _columns(truth, upsert)
+        old = _columns(copy, upsert)["metadatas"] or [None] * len(upsert)
+        new = body["metadatas"] or [None] * len(upsert)
+        body["metadatas"] = [_patch_metadata(p, r) for p, r in zip(new, old, strict=True)]
+        await _call(rs, replica, f"{path}/upsert", body)
+    return absent + differing, extra
+
+
+async def _repair_pair(
+    backend: BackendCore, pair: _Pair, found: PairReport, page_size: int, rounds: int, tick: _Ticker
+) -> PairRepair:
+    rs, replica, state = pair.rs, pair.replica, pair.state
+    copied: dict[str, None] = {}  # dicts as ordered sets: ids in the order they were fixed
+    deleted: dict[str, None] = {}
+    remaining: list[str] = []
+    suspects = sorted({*found.missing, *found.extra, *found.differing})
+    done_rounds = 0
+    error = found.error if state is not None else (found.error or "collection not loaded")
+    if rs.primary.stale:
+        # A primary that missed writes is not the truth: copying it would undo acknowledged
+        # writes that only the replicas hold.
+        error = (
+            "the primary has missed writes still in the hint log; it is not the truth until "
+            "they are replayed (repair again once it answers)"
+        )
+    try:
+        limit = int((await backend.preflight(rs.name)).get("max_batch_size", -1))
+        step = min(page_size, limit) if limit > 0 else page_size
+        # Rounds fix what differs; one more pass (round -1) only reports what is left.
+        for round_no in range(rounds + 1 if error is None and state is not None else 0):
+            if not suspects:
+                break
+            assert state is not None
+            fix = round_no < rounds
+            tick(more=len(suspects))
+            touched: list[str] = []
+            for start in range(0, len(suspects), step):
+                batch = suspects[start : start + step]
+                wrote, removed = await _fix_batch(
+                    backend, pair, state, batch, round_no if fix else -1
+                )
+                if fix:
+                    copied.update(dict.fromkeys(wrote))
+                    deleted.update(dict.fromkeys(removed))
+                touched.extend(wrote + removed)
+                tick(done=len(batch))
+            suspects = sorted(touched)
+            done_rounds += fix and bool(touched)
+            remaining = [] if fix else suspects
+    except (ChromaError, ShardedChromaError) as exc:
+        error = _reason(exc)
+    result = PairRepair(
+        pair.collection,
+        rs.name,
+        rs.primary.url,
+        replica.url,
+        copied=tuple(copied),
+        deleted=tuple(deleted),
+        rounds=done_rounds,
+        remaining=tuple(remaining),
+        error=error,
+    )
+    logger.info(
+        "%s: copied %d, deleted %d, %d still different (%s)",
+        *(_where(result), len(copied), len(deleted), len(remaining), error or "no error"),
+    )
+    return result
+
+
+async def _replay_stale(backend: BackendCore) -> dict[str, int]:
+    """Replay this host's hint log to every stale copy first, so the scan sees the copies as
+    the hints will leave them and repair does not fight a later replay."""
+    replayed: dict[str, int] = {}
+    for rs in backend.shards.values():
+        for node in rs.nodes:
+            if node.stale:
+                try:
+                    count = await rs.replay(node)
+                except (ChromaError, ShardedChromaError) as exc:
+                    logger.warning("replaying hints to %s failed: %s", node.url, exc)
+                    continue
+                if count:
+                    replayed[node.url] = count
+    return replayed
+
+
+async def repair(
+    client: ShardedClient,
+    *,
+    collections: Sequence[str] | None = None,
+    page_size: int = 1000,
+    progress: Progress | None = None,
+    rounds: int = 3,
+) -> RepairReport:
+    """Make every replica equal to its primary, for every (or the named) collection.
+
+    Pending hints are replayed first; then ``verify`` finds the differences, and each replica
+    is fixed from its primary: missing and differing records are copied (embedding, document,
+    uri and metadata exactly, hidden sequence included), extra records deleted. The touched ids
+    are then read again from both copies and fixed again, up to ``rounds`` passes, so writes
+    that raced with the repair are settled; what still differs is reported in ``remaining``.
+    Safe while traffic continues. ``progress(done, total)`` counts records read, then fixed.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    started = time.perf_counter()
+    backend = client._live()
+    ticker = _Ticker(progress)
+    replayed = await _replay_stale(backend)
+    before, pairs = await _verify(client, backend, collections, page_size, ticker)
+    fixed = [
+        await _repair_pair(backend, p, r, page_size, rounds, ticker)
+        for p, r in zip(pairs, before.pairs, strict=True)
+        if not r.clean or p.rs.primary.stale
+    ]
+    return RepairReport(
+        before=before,
+        pairs=tuple(fixed),
+        hints_replayed=replayed,
+        seconds=time.perf_counter() - started,
+    )
