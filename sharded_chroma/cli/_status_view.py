@@ -1,4 +1,4 @@
-"""Text rendering of a cluster status for the CLI."""
+"""Text rendering of a cluster status for the CLI: one row per node, primary first."""
 
 from __future__ import annotations
 
@@ -13,25 +13,38 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
+def _sync(s: ShardStatus) -> str:
+    # A stale node serves no reads until its missed writes (hints) are replayed.
+    if s.stale:
+        return f"stale, {s.pending_hints:,} hints"
+    return f"{s.pending_hints:,} hints" if s.pending_hints else "current"
+
+
 def render_status(shards: Sequence[ShardStatus]) -> str:
     lines = [
-        f"{'shard':<8} {'node':<28} {'health':<8} {'version':<8} {'latency':>9} "
-        f"{'records':>10} {'est. memory':>12}"
+        f"{'shard':<8} {'role':<8} {'node':<28} {'health':<7} {'sync':<18} {'version':<8} "
+        f"{'latency':>9} {'records':>10} {'est. memory':>12}"
     ]
-    total = sum(s.records for s in shards if s.healthy)
     for s in shards:
+        head = f"{s.shard:<8} {s.role:<8} {s.url:<28}"
         if not s.healthy:
-            lines.append(f"{s.shard:<8} {s.url:<28} {'DOWN':<8} {s.error}")
+            lines.append(f"{head} {'DOWN':<7} {_sync(s):<18} {s.error}")
             continue
         lines.append(
-            f"{s.shard:<8} {s.url:<28} {'ok':<8} {s.version or '?':<8} "
+            f"{head} {'ok':<7} {_sync(s):<18} {s.version or '?':<8} "
             f"{s.latency_ms or 0:>7.1f}ms {s.records:>10,} {_mib(s.estimated_memory_bytes):>12}"
         )
         for c in s.collections:
-            lines.append(f"{'':<8}   {c.name:<26} {'':<8} {'':<8} {'':>9} {c.records:>10,}")
-    healthy = [s for s in shards if s.healthy]
-    if healthy and total:
-        mean = total / len(healthy)
-        skew = max(abs(s.records - mean) / mean for s in healthy)
+            lines.append(f"{'':<20}{c.name:<72} {c.records:>10,}")
+    # The cluster's records are one copy per shard: the primary's count, or a healthy replica's
+    # while the primary is down, so replicas do not multiply the total.
+    per_shard: dict[str, int] = {}
+    for s in sorted(shards, key=lambda s: s.role != "primary"):
+        if s.healthy and s.shard not in per_shard:
+            per_shard[s.shard] = s.records
+    total = sum(per_shard.values())
+    if per_shard and total:
+        mean = total / len(per_shard)
+        skew = max(abs(n - mean) / mean for n in per_shard.values())
         lines.append(f"total records {total:,}; largest deviation from the mean {skew:.1%}")
     return "\n".join(lines)
