@@ -19,20 +19,22 @@ ids it touched, up to ``rounds`` times, to settle races with concurrent writes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import numpy as np
 import orjson
-from chromadb.errors import ChromaError, NotFoundError
+from chromadb.errors import ChromaError, InternalError, NotFoundError
 
 from ._backend import BackendCore, CollectionState
 from ._errors import NodeUnavailableError, ShardedChromaError
+from ._fanout import fan_out
 from ._replicas import Node, ReplicaSet
 
 if TYPE_CHECKING:
@@ -211,17 +213,15 @@ class _Diff:
 
 
 async def _call(rs: ReplicaSet, node: Node, path: str, body: Mapping[str, Any]) -> Any:
-    """One request to a chosen node, retried on connection failures. Every request here is
-    idempotent (reads, deletes by id, and an add of an id that exists is ignored by Chroma)."""
-    attempts = 1 + rs.config.retries
-    for attempt in range(attempts):
+    """One request to a chosen node, retried on connection failures and internal errors: Chroma
+    1.5 can answer a paged get that races a delete with "Error finding id". Every request here
+    is idempotent (reads, deletes by id, and an add of an id that exists is ignored)."""
+    for attempt in range(rs.config.retries):
         try:
             return await node.transport.request("POST", path, body=body)
-        except NodeUnavailableError:
-            if attempt + 1 == attempts:
-                raise
+        except (NodeUnavailableError, InternalError):
             await anyio.sleep(rs.config.backoff * 2**attempt)
-    raise AssertionError("unreachable")
+    return await node.transport.request("POST", path, body=body)
 
 
 async def _both(
@@ -235,15 +235,19 @@ async def _both(
         path = await backend.node_path(state, node, "/get")
         pages[node] = await _call(rs, node, path, {"ids": ids, "include": _INCLUDE})
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(read, rs.primary)
-        tg.start_soon(read, replica)
+    await _concurrently([functools.partial(read, rs.primary), functools.partial(read, replica)])
     return pages[rs.primary], pages[replica]
 
 
+async def _concurrently(calls: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    """Run calls together; raise the first failure as itself, not in an exception group."""
+    _, failures = await fan_out({str(i): call for i, call in enumerate(calls)})
+    if failures:
+        raise next(iter(failures.values()))
+
+
 class _Ticker:
-    """Progress in work units (records read, then records fixed); the total grows as work is
-    discovered, and is never below what is done."""
+    """Progress in work units (records read, then fixed); the total grows as work is found."""
 
     def __init__(self, callback: Progress | None) -> None:
         self.callback, self.done, self.total = callback, 0, 0
@@ -253,10 +257,6 @@ class _Ticker:
         self.total = max(self.total + more, self.done)
         if self.callback is not None:
             self.callback(self.done, self.total)
-
-
-def _where(report: PairReport | PairRepair) -> str:
-    return f"{report.collection} / {report.shard} / replica {report.replica}"
 
 
 def _reason(exc: BaseException) -> str:
@@ -348,10 +348,9 @@ async def _compare(
         # Lockstep: both copies advance a page at a time, so records in step are matched and
         # dropped at once and memory holds only what is out of step.
         while any(live):
-            async with anyio.create_task_group() as tg:
-                for side in (0, 1):
-                    if live[side]:
-                        tg.start_soon(pull, side, paths[side])
+            await _concurrently(
+                [functools.partial(pull, side, paths[side]) for side in (0, 1) if live[side]]
+            )
     except (ChromaError, ShardedChromaError) as exc:
         return replace(base, error=_reason(exc))
     report = replace(
@@ -363,7 +362,8 @@ async def _compare(
         differing=tuple(sorted(diff.differing)),
     )
     if not report.clean:
-        logger.info("%s differs: %d record(s)", _where(report), report.differences)
+        where = f"{pair.collection}/{rs.name} replica {replica.url}"
+        logger.info("%s: %d difference(s)", where, report.differences)
     return report
 
 
@@ -538,10 +538,9 @@ async def _repair_pair(
         remaining=tuple(remaining),
         error=error,
     )
-    logger.info(
-        "%s: copied %d, deleted %d, %d still different (%s)",
-        *(_where(result), len(copied), len(deleted), len(remaining), error or "no error"),
-    )
+    where = f"{pair.collection}/{rs.name} replica {replica.url}"
+    counts = (len(copied), len(deleted), len(remaining))
+    logger.info("%s: copied %d, deleted %d, %d still differ (%s)", where, *counts, error or "-")
     return result
 
 
