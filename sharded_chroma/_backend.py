@@ -12,12 +12,14 @@ id for the collection; requests are addressed per node.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,15 +126,23 @@ class BackendCore:
         self.clock = _HybridClock()
         self._states: dict[UUID, CollectionState] = {}
         self._preflight: dict[str, dict[str, Any]] = {}
-        self._write_locks: dict[tuple[UUID, str], anyio.Lock] = {}
+        # Locks belong to one event loop; threads that each run their own loop (sync wrappers)
+        # get their own locks, and order only matters within one loop anyway.
+        self._write_locks: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[tuple[UUID, str], anyio.Lock]
+        ] = weakref.WeakKeyDictionary()
+        self._locks_guard = threading.Lock()
         self.closed = False
 
     def _write_lock(self, state: CollectionState, shard: str) -> anyio.Lock:
-        key = (state.id, shard)
-        lock = self._write_locks.get(key)
-        if lock is None:
-            lock = self._write_locks[key] = anyio.Lock()
-        return lock
+        loop = asyncio.get_running_loop()
+        with self._locks_guard:
+            locks = self._write_locks.setdefault(loop, {})
+            key = (state.id, shard)
+            lock = locks.get(key)
+            if lock is None:
+                lock = locks[key] = anyio.Lock()
+            return lock
 
     # -- plumbing ---------------------------------------------------------------------------
 

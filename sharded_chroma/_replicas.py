@@ -8,6 +8,7 @@ This is the one layer that retries: it knows which other copies could answer.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,7 +20,7 @@ import numpy as np
 from chromadb.errors import ChromaError, NotFoundError
 
 from ._errors import HintLogFullError, NodeUnavailableError, WriteConcernError
-from ._hints import HintLog
+from ._hints import Hint, HintLog
 from ._selection import Selector, make_selector
 from ._topology import ReplicationConfig, ShardConfig
 from ._transport import NodeStats, NodeTransport
@@ -54,7 +55,11 @@ class Node:
         self.stale = False
         self.hedges_sent = 0
         self.hedges_won = 0
-        self.replay_lock = anyio.Lock()
+        # A try-lock shared by every thread and task: one replay per node at a time, and a
+        # caller that finds it taken moves on instead of waiting (the node stays stale).
+        self.replay_lock = threading.Lock()
+        self.hint_epoch = 0
+        """Bumped whenever a write to this node goes to the hint log."""
         self.latencies: deque[float] = deque(maxlen=256)
 
     @property
@@ -322,8 +327,10 @@ class ReplicaSet:
         except HintLogFullError as exc:
             logger.error("shard %s node %s: %s", self.name, node.url, exc)
             node.stale = True
+            node.hint_epoch += 1
             return exc
         node.stale = True
+        node.hint_epoch += 1
         return NodeUnavailableError(
             shard=self.name, node=node.url, attempts=[f"{reason}; write kept in the hint log"]
         )
@@ -340,49 +347,75 @@ class ReplicaSet:
         """Replay hints to stale copies whose retry time has come (or all, with ``force``)."""
         now = self._clock()
         for node in self.nodes:
-            if node.stale and (force or node.healthy(now)) and not node.replay_lock.locked():
+            if node.stale and (force or node.healthy(now)):
                 await self.replay(node)
 
     async def replay(self, node: Node) -> int:
-        """Apply a node's hints in order; the node serves reads again once none are left."""
+        """Apply a node's hints in order; the node serves reads again once none are left.
+
+        Returns how many hints were applied; 0 without waiting when another task or thread
+        is already replaying this node.
+        """
         log = self._hints()
         if log is None or self.replay_target is None:
             return 0
+        if not node.replay_lock.acquire(blocking=False):
+            return 0
         replayed = 0
-        async with node.replay_lock:
+        try:
+            expired = await anyio.to_thread.run_sync(log.expire)
+            if expired.get(node.url):
+                logger.error(
+                    "shard %s node %s: %d hint(s) expired before they could be replayed; "
+                    "run `sharded-chroma repair`",
+                    self.name,
+                    node.url,
+                    expired[node.url],
+                )
             while True:
-                batch = await anyio.to_thread.run_sync(lambda: log.pending(node.url, 200))
+                epoch = node.hint_epoch
+                batch = await anyio.to_thread.run_sync(log.pending, node.url, 200)
                 if not batch:
-                    node.stale = False
+                    # A write hinted while this replay ran keeps the node stale.
+                    if node.hint_epoch == epoch:
+                        node.stale = False
                     break
-                done_upto = None
-                try:
-                    for hint in batch:
-                        target = HintTarget(
-                            hint.tenant,
-                            hint.database,
-                            hint.collection_id,
-                            hint.collection_name,
-                            hint.op,
-                        )
-                        try:
-                            path = await self.replay_target(node, target)
-                            await node.transport.request("POST", path, content=hint.body)
-                        except NotFoundError:
-                            # The collection was deleted since: the write has nothing to apply to.
-                            logger.info("hint %d for a deleted collection skipped", hint.id)
-                        done_upto = hint.id
-                        replayed += 1
-                except NodeUnavailableError:
-                    node.failed(self._clock())
+                applied = await self._apply(node, batch, log)
+                replayed += applied
+                if applied < len(batch):
                     break
-                finally:
-                    if done_upto is not None:
-                        await anyio.to_thread.run_sync(log.ack, node.url, done_upto)
+        finally:
+            node.replay_lock.release()
         if replayed:
             logger.info("shard %s node %s: replayed %d hint(s)", self.name, node.url, replayed)
             node.succeeded()
         return replayed
+
+    async def _apply(self, node: Node, batch: Sequence[Hint], log: HintLog) -> int:
+        assert self.replay_target is not None
+        done_upto = None
+        applied = 0
+        try:
+            for hint in batch:
+                target = HintTarget(
+                    hint.tenant, hint.database, hint.collection_id, hint.collection_name, hint.op
+                )
+                try:
+                    path = await self.replay_target(node, target)
+                    await node.transport.request("POST", path, content=hint.body)
+                except NotFoundError:
+                    # The collection was deleted since: the write has nothing to apply to.
+                    logger.info("hint %d for a deleted collection skipped", hint.id)
+                done_upto = hint.id
+                applied += 1
+        except NodeUnavailableError:
+            node.failed(self._clock())
+        finally:
+            if done_upto is not None:
+                # Shielded: an applied hint that is not acknowledged would be applied again.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(log.ack, node.url, done_upto)
+        return applied
 
     async def aclose(self) -> None:
         for node in self.nodes:
