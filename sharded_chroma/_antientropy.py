@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import numpy as np
@@ -46,12 +46,14 @@ logger = logging.getLogger("sharded_chroma.antientropy")
 
 Progress = Callable[[int, int], None]
 
+T = TypeVar("T")
+
 _INCLUDE = ["embeddings", "documents", "metadatas", "uris"]
+_PARALLEL = 4
+"""Pairs compared (or repaired) at once; each holds about two pages of records in flight."""
 
 
 # -- reports (rendered as text by the CLI; the id tuples here are complete) -------------------
-
-
 @dataclass(frozen=True)
 class PairReport:
     """One replica of one shard compared with its primary, for one collection."""
@@ -137,18 +139,8 @@ class RepairReport:
         """Nothing known to differ after repair: every pair was compared and settled."""
         return all(p.clean for p in self.pairs)
 
-    @property
-    def copied(self) -> int:
-        return sum(len(p.copied) for p in self.pairs)
-
-    @property
-    def deleted(self) -> int:
-        return sum(len(p.deleted) for p in self.pairs)
-
 
 # -- digests ----------------------------------------------------------------------------------
-
-
 def _embedding_rows(embeddings: Sequence[Any] | None, n: int) -> list[bytes | None]:
     """Embeddings as little-endian float32 bytes: what the server stores, so the JSON float
     text (and its float64 parse) cannot make equal vectors look different."""
@@ -228,22 +220,29 @@ async def _both(
     backend: BackendCore, pair: _Pair, state: CollectionState, ids: list[str]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The records ``ids`` as the primary and as the replica hold them, read concurrently."""
-    rs, replica = pair.rs, pair.replica
-    pages: dict[Node, dict[str, Any]] = {}
 
-    async def read(node: Node) -> None:
+    async def read(node: Node) -> dict[str, Any]:
         path = await backend.node_path(state, node, "/get")
-        pages[node] = await _call(rs, node, path, {"ids": ids, "include": _INCLUDE})
+        page: dict[str, Any] = await _call(pair.rs, node, path, {"ids": ids, "include": _INCLUDE})
+        return page
 
-    await _concurrently([functools.partial(read, rs.primary), functools.partial(read, replica)])
-    return pages[rs.primary], pages[replica]
+    truth, copy = await _each([functools.partial(read, n) for n in (pair.rs.primary, pair.replica)])
+    return truth, copy
 
 
-async def _concurrently(calls: Sequence[Callable[[], Awaitable[None]]]) -> None:
-    """Run calls together; raise the first failure as itself, not in an exception group."""
-    _, failures = await fan_out({str(i): call for i, call in enumerate(calls)})
+async def _each(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Run calls a few at a time (pairs of different shards load different servers); results
+    in order, and the first failure raised as itself rather than in an exception group."""
+    limiter = anyio.CapacityLimiter(_PARALLEL)
+
+    async def run(call: Callable[[], Awaitable[T]]) -> T:
+        async with limiter:
+            return await call()
+
+    done, failures = await fan_out({str(i): functools.partial(run, c) for i, c in enumerate(calls)})
     if failures:
         raise next(iter(failures.values()))
+    return [done[str(i)] for i in range(len(calls))]
 
 
 class _Ticker:
@@ -266,8 +265,6 @@ def _reason(exc: BaseException) -> str:
 
 
 # -- verify -----------------------------------------------------------------------------------
-
-
 @dataclass
 class _Pair:
     collection: str
@@ -348,9 +345,7 @@ async def _compare(
         # Lockstep: both copies advance a page at a time, so records in step are matched and
         # dropped at once and memory holds only what is out of step.
         while any(live):
-            await _concurrently(
-                [functools.partial(pull, side, paths[side]) for side in (0, 1) if live[side]]
-            )
+            await _each([functools.partial(pull, i, paths[i]) for i in (0, 1) if live[i]])
     except (ChromaError, ShardedChromaError) as exc:
         return replace(base, error=_reason(exc))
     report = replace(
@@ -390,7 +385,9 @@ async def _verify(
             if key not in counted:
                 counted[key] = await _count(backend, pair.state, node)
             ticker(more=counted[key])
-    reports = [await _compare(backend, p, page_size, ticker, pending) for p in pairs]
+    reports = await _each(
+        [functools.partial(_compare, backend, p, page_size, ticker, pending) for p in pairs]
+    )
     report = VerifyReport(
         collections=tuple(names),
         pairs=tuple(reports),
@@ -421,8 +418,6 @@ async def verify(
 
 
 # -- repair -----------------------------------------------------------------------------------
-
-
 def _columns(page: Mapping[str, Any], ids: Sequence[str]) -> dict[str, Any]:
     """A write body with exactly the records ``ids`` of a get() response, fields verbatim."""
     at = {record_id: i for i, record_id in enumerate(page["ids"])}
@@ -585,11 +580,13 @@ async def repair(
     ticker = _Ticker(progress)
     replayed = await _replay_stale(backend)
     before, pairs = await _verify(client, backend, collections, page_size, ticker)
-    fixed = [
-        await _repair_pair(backend, p, r, page_size, rounds, ticker)
-        for p, r in zip(pairs, before.pairs, strict=True)
-        if not r.clean or p.rs.primary.stale
-    ]
+    fixed = await _each(
+        [
+            functools.partial(_repair_pair, backend, p, r, page_size, rounds, ticker)
+            for p, r in zip(pairs, before.pairs, strict=True)
+            if not r.clean or p.rs.primary.stale
+        ]
+    )
     return RepairReport(
         before=before,
         pairs=tuple(fixed),

@@ -77,9 +77,11 @@ def render_verify(report: VerifyReport, cap: int = SHOWN_IDS) -> str:
 
 def render_repair(report: RepairReport, cap: int = SHOWN_IDS) -> str:
     before = report.before
+    copied = sum(len(p.copied) for p in report.pairs)
+    deleted = sum(len(p.deleted) for p in report.pairs)
     lines = [
         f"repair: {len(before.pairs)} replica pair(s) checked, {before.differences:,} "
-        f"difference(s) found; {report.copied:,} record(s) copied, {report.deleted:,} deleted "
+        f"difference(s) found; {copied:,} record(s) copied, {deleted:,} deleted "
         f"in {report.seconds:.1f} s"
     ]
     for url, count in sorted(report.hints_replayed.items()):
