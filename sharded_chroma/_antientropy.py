@@ -587,6 +587,15 @@ async def repair(
             if not r.clean or p.rs.primary.stale
         ]
     )
+    if collections is None:
+        # Every collection was compared: a copy whose every pair is clean again may serve
+        # reads even if it once lost a write (a full hint log).
+        settled = {p.replica.url for p in pairs}
+        settled -= {r.replica for r in fixed if not r.clean}
+        for rs in backend.shards.values():
+            for node in rs.nodes:
+                if node.needs_repair and node.url in settled:
+                    rs.mark_repaired(node)
     return RepairReport(
         before=before,
         pairs=tuple(fixed),

@@ -204,23 +204,54 @@ class BackendCore:
         """The request path of a collection on one node, looking its physical id up once."""
         pid = state.physical.get(node.url)
         if pid is None:
-            raw = await node.transport.request("GET", f"{state.base}/{state.name}")
-            pid = state.physical[node.url] = UUID(str(raw["id"]))
+            pid = await self._find_on_node(node, state.tenant, state.database, state.id, state.name)
+            state.physical[node.url] = pid
         return f"{state.base}/{pid}{suffix}"
 
-    async def _replay_path(self, node: Node, target: HintTarget) -> str:
-        state = self._states.get(UUID(target.collection_id))
-        if state is None:
-            state = CollectionState(
-                id=UUID(target.collection_id),
-                name=target.collection_name,
-                tenant=target.tenant,
-                database=target.database,
-                physical={},
-                routing_key=None,
-                slot_table=self.slot_table,
+    def _is_cluster_collection(self, raw: Mapping[str, Any], node: Node, cluster_id: UUID) -> bool:
+        marked = (raw.get("metadata") or {}).get(_ID_META)
+        if marked is not None:
+            return str(marked) == str(cluster_id)
+        return node is self.catalog_node and str(raw["id"]) == str(cluster_id)
+
+    async def _find_on_node(
+        self, node: Node, tenant: str, database: str, cluster_id: UUID, name: str
+    ) -> UUID:
+        """A node's physical id of the cluster collection ``cluster_id``.
+
+        Found by name first, but only trusted when the cluster id matches: the collection may
+        have been renamed, or deleted and re-created under the same name, since the caller
+        learnt the name (hints can be days old). Raises NotFoundError when it is gone.
+        """
+        base = self._base(tenant, database) + "/collections"
+        try:
+            raw = await node.transport.request("GET", f"{base}/{name}")
+            if self._is_cluster_collection(raw, node, cluster_id):
+                return UUID(str(raw["id"]))
+        except NotFoundError:
+            pass
+        offset = 0
+        while True:
+            page = await node.transport.request(
+                "GET", base, params={"limit": 100, "offset": offset}
             )
-        return await self.node_path(state, node, f"/{target.op}")
+            for raw in page:
+                if self._is_cluster_collection(raw, node, cluster_id):
+                    return UUID(str(raw["id"]))
+            if len(page) < 100:
+                raise NotFoundError(f"Collection [{cluster_id}] does not exist")
+            offset += len(page)
+
+    async def _replay_path(self, node: Node, target: HintTarget) -> str:
+        cluster_id = UUID(target.collection_id)
+        state = self._states.get(cluster_id)
+        if state is not None and node.url in state.physical:
+            return await self.node_path(state, node, f"/{target.op}")
+        pid = await self._find_on_node(
+            node, target.tenant, target.database, cluster_id, target.collection_name
+        )
+        base = self._base(target.tenant, target.database)
+        return f"{base}/collections/{pid}/{target.op}"
 
     async def get_max_batch_size(self) -> int:
         """The cluster's figure: the smallest limit of any shard, since a batch may land on one."""

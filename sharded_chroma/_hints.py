@@ -52,6 +52,12 @@ CREATE TABLE IF NOT EXISTS hints (
 CREATE INDEX IF NOT EXISTS hints_node_id ON hints (node, id);
 -- Lets expire() touch only the expired rows instead of scanning up to max_bytes of bodies.
 CREATE INDEX IF NOT EXISTS hints_created_at ON hints (created_at);
+-- One replayer per node across every process sharing this file (see HintLog.lease).
+CREATE TABLE IF NOT EXISTS leases (
+    node TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    until REAL NOT NULL
+);
 """
 
 
@@ -322,6 +328,39 @@ class HintLog:
                     self._counts.pop(node, None)
                     self._bytes.pop(node, None)
         return {node: n for node, n, _ in rows}
+
+    def lease(self, node: str, owner: str, ttl: float) -> bool:
+        """Take (or renew) the right to replay ``node``'s hints for ``ttl`` seconds.
+
+        Two processes replaying the same hints could interleave and leave an older write
+        last, so replay is exclusive per node across every process sharing this file. False
+        when another owner holds an unexpired lease.
+        """
+        _non_empty("node", node)
+        _non_empty("owner", owner)
+        if ttl <= 0:
+            raise ValueError(f"ttl must be positive, got {ttl}")
+        with self._lock:
+            conn = self._connection()
+            with self._transaction(conn):
+                now = self._clock()
+                row = conn.execute(
+                    "SELECT owner, until FROM leases WHERE node = ?", (node,)
+                ).fetchone()
+                if row is not None and row[0] != owner and row[1] > now:
+                    return False
+                conn.execute(
+                    "INSERT OR REPLACE INTO leases (node, owner, until) VALUES (?, ?, ?)",
+                    (node, owner, now + ttl),
+                )
+                return True
+
+    def release(self, node: str, owner: str) -> None:
+        """Give up a lease taken with :meth:`lease` (no-op if another owner holds it)."""
+        with self._lock:
+            conn = self._connection()
+            with self._transaction(conn):
+                conn.execute("DELETE FROM leases WHERE node = ? AND owner = ?", (node, owner))
 
     def close(self) -> None:
         """Close the file. Idempotent; any other call afterwards raises ClientClosedError."""

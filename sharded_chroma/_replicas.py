@@ -8,8 +8,10 @@ This is the one layer that retries: it knows which other copies could answer.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +32,9 @@ __all__ = ["HintTarget", "Node", "ReplicaSet"]
 logger = logging.getLogger("sharded_chroma.replicas")
 
 T = TypeVar("T")
+
+# Long enough for one batch of hints on a slow node; renewed after every batch.
+_LEASE_TTL = 60.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,8 @@ class Node:
         self.replay_lock = threading.Lock()
         self.hint_epoch = 0
         """Bumped whenever a write to this node goes to the hint log."""
+        self.needs_repair = False
+        """A missed write could not be kept (full hint log): only a repair brings it back."""
         self.latencies: deque[float] = deque(maxlen=256)
 
     @property
@@ -96,13 +103,24 @@ class Node:
 
 
 class _HedgeBudget:
-    def __init__(self, ratio: float) -> None:
+    """A token bucket: each read earns ``ratio`` of a hedge, each hedge spends one, and the
+    bucket holds at most a small burst, so quiet periods bank no credit for a slow spell."""
+
+    def __init__(self, ratio: float, burst_reads: int = 20) -> None:
         self.ratio = ratio
+        self.cap = max(1.0, ratio * burst_reads)
+        self.tokens = 0.0
         self.reads = 0
-        self.hedges = 0
+
+    def count_read(self) -> None:
+        self.reads += 1
+        self.tokens = min(self.cap, self.tokens + self.ratio)
 
     def allow(self) -> bool:
-        return self.hedges + 1 <= self.ratio * self.reads
+        return self.tokens >= 1.0
+
+    def spend(self) -> None:
+        self.tokens -= 1.0
 
 
 class ReplicaSet:
@@ -127,6 +145,7 @@ class ReplicaSet:
         self._hints = hints
         self._clock = clock
         self._budget = _HedgeBudget(config.hedge_budget)
+        self._owner = f"{os.getpid()}-{uuid.uuid4().hex}"
         self.replay_target: Callable[[Node, HintTarget], Awaitable[str]] | None = None
         """Set by the owner: resolves the request path of a hinted write on a node."""
 
@@ -168,7 +187,7 @@ class ReplicaSet:
             )
         attempts: list[str] = []
         last: NodeUnavailableError | None = None
-        self._budget.reads += 1
+        self._budget.count_read()
         for attempt in range(1 + self.config.retries):
             node = candidates[attempt % len(candidates)]
             if attempt >= len(candidates):
@@ -233,7 +252,7 @@ class ReplicaSet:
                 await done.wait()
             if not done.is_set() and self._budget.allow():
                 hedge = others[0]
-                self._budget.hedges += 1
+                self._budget.spend()
                 first.hedges_sent += 1
                 launched.append(hedge)
                 tg.start_soon(run, hedge)
@@ -325,8 +344,14 @@ class ReplicaSet:
                 )
             )
         except HintLogFullError as exc:
-            logger.error("shard %s node %s: %s", self.name, node.url, exc)
+            logger.error(
+                "shard %s node %s: %s; the node serves no reads until `sharded-chroma repair`",
+                self.name,
+                node.url,
+                exc,
+            )
             node.stale = True
+            node.needs_repair = True
             node.hint_epoch += 1
             return exc
         node.stale = True
@@ -343,12 +368,29 @@ class ReplicaSet:
             if counts.get(node.url):
                 node.stale = True
 
+    def mark_repaired(self, node: Node) -> None:
+        """A repair made the node equal to its primary: it may serve reads once its hints
+        (if any arrived meanwhile) are replayed."""
+        node.needs_repair = False
+        log = self._hints()
+        if log is None or log.count(node.url) == 0:
+            node.stale = False
+
     async def catch_up(self, *, force: bool = False) -> None:
-        """Replay hints to stale copies whose retry time has come (or all, with ``force``)."""
+        """Replay hints to stale copies whose retry time has come (or all, with ``force``).
+
+        Runs inline in reads and writes, so it is bounded: a copy that does not finish within
+        ``replay_inline_deadline`` is put in backoff and the call goes on without it."""
         now = self._clock()
         for node in self.nodes:
-            if node.stale and (force or node.healthy(now)):
-                await self.replay(node)
+            if node.stale and not node.needs_repair and (force or node.healthy(now)):
+                if force:
+                    await self.replay(node)
+                    continue
+                with anyio.move_on_after(self.config.replay_inline_deadline) as scope:
+                    await self.replay(node)
+                if scope.cancelled_caught:
+                    node.failed(self._clock())
 
     async def replay(self, node: Node) -> int:
         """Apply a node's hints in order; the node serves reads again once none are left.
@@ -362,7 +404,13 @@ class ReplicaSet:
         if not node.replay_lock.acquire(blocking=False):
             return 0
         replayed = 0
+        leased = False
         try:
+            # Exclusive across processes sharing the log too: two interleaved replays could
+            # leave an older write last.
+            leased = await anyio.to_thread.run_sync(log.lease, node.url, self._owner, _LEASE_TTL)
+            if not leased:
+                return 0
             expired = await anyio.to_thread.run_sync(log.expire)
             if expired.get(node.url):
                 logger.error(
@@ -376,15 +424,20 @@ class ReplicaSet:
                 epoch = node.hint_epoch
                 batch = await anyio.to_thread.run_sync(log.pending, node.url, 200)
                 if not batch:
-                    # A write hinted while this replay ran keeps the node stale.
-                    if node.hint_epoch == epoch:
+                    # A write hinted while this replay ran keeps the node stale, and so does
+                    # a write that never reached the log.
+                    if node.hint_epoch == epoch and not node.needs_repair:
                         node.stale = False
                     break
                 applied = await self._apply(node, batch, log)
                 replayed += applied
                 if applied < len(batch):
                     break
+                await anyio.to_thread.run_sync(log.lease, node.url, self._owner, _LEASE_TTL)
         finally:
+            if leased:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(log.release, node.url, self._owner)
             node.replay_lock.release()
         if replayed:
             logger.info("shard %s node %s: replayed %d hint(s)", self.name, node.url, replayed)

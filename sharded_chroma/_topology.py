@@ -167,6 +167,9 @@ class ReplicationConfig(BaseModel):
     node_retry_after: float = Field(default=1.0, gt=0)
     """A failed node is skipped for this long, doubling per failure up to node_retry_cap."""
     node_retry_cap: float = Field(default=30.0, gt=0)
+    replay_inline_deadline: float = Field(default=0.25, gt=0)
+    """How long a read or write may spend replaying missed writes to a recovered copy before
+    it goes on without it (the rest is replayed on later calls or by replay_hints())."""
     hints_dir: str | None = None
     """Folder of the durable hint log (default: ~/.local/state/sharded-chroma/hints)."""
     hint_max_count: int = Field(default=1_000_000, ge=1)
