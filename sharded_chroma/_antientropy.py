@@ -32,7 +32,8 @@ import numpy as np
 import orjson
 from chromadb.errors import ChromaError, InternalError, NotFoundError
 
-from ._backend import BackendCore, CollectionState
+from ._backend import CollectionState
+from ._catalog import CatalogOps
 from ._errors import NodeUnavailableError, ShardedChromaError
 from ._fanout import fan_out
 from ._replicas import Node, ReplicaSet
@@ -217,7 +218,7 @@ async def _call(rs: ReplicaSet, node: Node, path: str, body: Mapping[str, Any]) 
 
 
 async def _both(
-    backend: BackendCore, pair: _Pair, state: CollectionState, ids: list[str]
+    backend: CatalogOps, pair: _Pair, state: CollectionState, ids: list[str]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The records ``ids`` as the primary and as the replica hold them, read concurrently."""
 
@@ -275,7 +276,7 @@ class _Pair:
 
 
 async def _pairs(
-    client: ShardedClient, backend: BackendCore, collections: Sequence[str] | None
+    client: ShardedClient, backend: CatalogOps, collections: Sequence[str] | None
 ) -> tuple[list[str], list[_Pair]]:
     """Every (collection, shard, replica node) to compare."""
     named = collections is not None
@@ -305,7 +306,7 @@ async def _pairs(
     return found, pairs
 
 
-async def _count(backend: BackendCore, state: CollectionState, node: Node) -> int:
+async def _count(backend: CatalogOps, state: CollectionState, node: Node) -> int:
     try:
         path = await backend.node_path(state, node, "/count")
         return int(await node.transport.request("GET", path))
@@ -314,7 +315,7 @@ async def _count(backend: BackendCore, state: CollectionState, node: Node) -> in
 
 
 async def _compare(
-    backend: BackendCore, pair: _Pair, page_size: int, ticker: _Ticker, pending: Mapping[str, int]
+    backend: CatalogOps, pair: _Pair, page_size: int, ticker: _Ticker, pending: Mapping[str, int]
 ) -> PairReport:
     rs, replica = pair.rs, pair.replica
     base = PairReport(
@@ -364,7 +365,7 @@ async def _compare(
 
 async def _verify(
     client: ShardedClient,
-    backend: BackendCore,
+    backend: CatalogOps,
     collections: Sequence[str] | None,
     page_size: int,
     ticker: _Ticker,
@@ -437,7 +438,7 @@ def _patch_metadata(primary: Mapping[str, Any] | None, replica: Mapping[str, Any
 
 
 async def _fix_batch(
-    backend: BackendCore, pair: _Pair, state: CollectionState, batch: list[str], round_no: int
+    backend: CatalogOps, pair: _Pair, state: CollectionState, batch: list[str], round_no: int
 ) -> tuple[list[str], list[str]]:
     """Make ``batch`` on the replica equal to the primary; returns the ids (copied, deleted).
     Round -1 only finds what differs."""
@@ -480,7 +481,7 @@ async def _fix_batch(
 
 
 async def _repair_pair(
-    backend: BackendCore, pair: _Pair, found: PairReport, page_size: int, rounds: int, tick: _Ticker
+    backend: CatalogOps, pair: _Pair, found: PairReport, page_size: int, rounds: int, tick: _Ticker
 ) -> PairRepair:
     rs, replica, state = pair.rs, pair.replica, pair.state
     copied: dict[str, None] = {}  # dicts as ordered sets: ids in the order they were fixed
@@ -539,7 +540,7 @@ async def _repair_pair(
     return result
 
 
-async def _replay_stale(backend: BackendCore) -> dict[str, int]:
+async def _replay_stale(backend: CatalogOps) -> dict[str, int]:
     """Replay this host's hint log to every stale copy first, so the scan sees the copies as
     the hints will leave them and repair does not fight a later replay."""
     replayed: dict[str, int] = {}

@@ -1,10 +1,10 @@
-"""Record operations across shards: writes split by owner, reads fanned out and merged."""
+"""Record writes across shards: validated once, split by owner, sent to every copy."""
 
 from __future__ import annotations
 
 import base64
 import functools
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 from uuid import UUID
 
@@ -14,43 +14,24 @@ from chromadb.api.types import (
     DeleteResult,
     Documents,
     Embeddings,
-    GetResult,
     IDs,
-    Include,
     Metadatas,
-    QueryResult,
     URIs,
     Where,
     WhereDocument,
     serialize_metadata,
     validate_batch,
 )
-from chromadb.errors import InvalidArgumentError
 
-from ._backend import RESERVED_PREFIX, SEQ_KEY, BackendCore, CollectionState
-from ._fanout import Coverage, OnShardError, fan_out, raise_for_failures
-from ._merge import merge_get, merge_query, strip_seq
+from ._backend import RESERVED_PREFIX, SEQ_KEY, CollectionState
+from ._fanout import fan_out, raise_for_failures
 from ._options import current_options
+from ._reads import ReadOps, check_where
 from ._replicas import HintTarget, Node
 
 __all__ = ["RecordOps"]
 
 _Row = dict[str, Any]
-
-
-def _check_where(where: Any, what: str = "where") -> None:
-    """Reserved keys are invisible: filtering on them is refused like an unknown operator."""
-    if isinstance(where, Mapping):
-        for key, value in where.items():
-            if isinstance(key, str) and key.startswith(RESERVED_PREFIX):
-                raise ValueError(
-                    f"{what} filter key {key!r} uses the prefix {RESERVED_PREFIX!r}, "
-                    "which sharded_chroma reserves"
-                )
-            _check_where(value, what)
-    elif isinstance(where, list):
-        for item in where:
-            _check_where(item, what)
 
 
 def _check_metadatas(metadatas: Metadatas | None) -> None:
@@ -69,78 +50,8 @@ def _b64(matrix: np.ndarray[Any, Any]) -> list[str]:
     return [base64.b64encode(row.tobytes()).decode("ascii") for row in data]
 
 
-def _dimension_error(expected: int, got: int) -> InvalidArgumentError:
-    # Same text as a Chroma server's, so the error reads the same whichever shard it came from.
-    return InvalidArgumentError(
-        f"Collection expecting embedding with dimension of {expected}, got {got}"
-    )
-
-
-class RecordOps(BackendCore):
+class RecordOps(ReadOps):
     """Data-plane methods with the signatures chromadb's AsyncCollection calls."""
-
-    # -- routing ----------------------------------------------------------------------------
-
-    def _routing_values(
-        self, state: CollectionState, ids: IDs, metadatas: Metadatas | None
-    ) -> list[str]:
-        field = state.routing_key
-        if field is None:
-            return list(ids)
-        values = []
-        for i, record_id in enumerate(ids):
-            meta = metadatas[i] if metadatas is not None else None
-            value = None if meta is None else meta.get(field)
-            if value is None or isinstance(value, (list, dict)):
-                raise ValueError(
-                    f"record {record_id!r} needs a scalar metadata value for the routing key "
-                    f"{field!r}; nothing was written"
-                )
-            values.append(str(value))
-        return values
-
-    def _group(self, state: CollectionState, keys: Sequence[str]) -> dict[str, list[int]]:
-        groups = state.slot_table.group_by_shard(keys)
-        return {self.shard_names[s]: pos for s, pos in sorted(groups.items())}
-
-    async def _locate(self, state: CollectionState, ids: IDs) -> dict[str, list[int]]:
-        """Owners of existing ids. Under hash-of-id this is pure; under a metadata routing key
-        the shards are asked, and ids found nowhere are left out."""
-        if state.routing_key is None:
-            return self._group(state, ids)
-
-        async def look(_shard: str, node: Node) -> Any:
-            return await node.transport.request(
-                "POST",
-                await self.node_path(state, node, "/get"),
-                body={"ids": list(ids), "include": []},
-            )
-
-        found = await self.call_all("locate", look)
-        position = {record_id: i for i, record_id in enumerate(ids)}
-        return {
-            n: sorted(position[i] for i in r["ids"]) for n, r in sorted(found.items()) if r["ids"]
-        }
-
-    def _check_embeddings(
-        self, state: CollectionState, embeddings: Embeddings | None, *, finite: bool = True
-    ) -> None:
-        """Reject what a server would reject, before any shard stores part of the batch."""
-        if embeddings is None or len(embeddings) == 0:
-            return
-        expected = state.dimension if state.dimension is not None else len(embeddings[0])
-        for emb in embeddings:
-            if len(emb) != expected:
-                raise _dimension_error(expected, len(emb))
-        if not finite:
-            return
-        matrix = np.asarray(embeddings, dtype=np.float64)
-        ok = np.isfinite(matrix)
-        if not ok.all():
-            row, col = np.argwhere(~ok)[0]
-            value = matrix[row, col]
-            text = "NaN" if np.isnan(value) else ("inf" if value > 0 else "-inf")
-            raise InvalidArgumentError(f"Non-finite float value at embedding index {col}: {text}")
 
     async def _refresh_dimension(self, state: CollectionState) -> None:
         """Learn the cluster's dimension from the shards while this client has not seen it:
@@ -163,20 +74,6 @@ class RecordOps(BackendCore):
         dims = {int(m["dimension"]) for m in models.values() if m.get("dimension") is not None}
         if dims:
             state.dimension = min(dims) if len(dims) == 1 else None
-
-    # -- node access ------------------------------------------------------------------------
-
-    async def _node_get(self, state: CollectionState, node: Node, suffix: str) -> Any:
-        return await node.transport.request("GET", await self.node_path(state, node, suffix))
-
-    async def _read_from(self, shard: str, state: CollectionState, suffix: str, body: Any) -> Any:
-        """POST a read to one caught-up copy of a shard (with failover)."""
-
-        async def op(node: Node) -> Any:
-            path = await self.node_path(state, node, suffix)
-            return await node.transport.request("POST", path, body=body)
-
-        return await self.shards[shard].read(op)
 
     async def _write_to(self, shard: str, state: CollectionState, op: str, body: Any) -> Any:
         """Send a write to every copy of a shard under the call's write concern."""
@@ -407,7 +304,7 @@ class RecordOps(BackendCore):
         database: str = "default_database",
     ) -> DeleteResult:
         state = await self.state(collection_id, tenant, database)
-        _check_where(where)
+        check_where(where)
         if limit is not None:
             # "Delete n in total": pick the first n matches in the cluster's order.
             picked = await self._get(
@@ -437,238 +334,3 @@ class RecordOps(BackendCore):
             all_failed=len(failures) == len(targets),
         )
         return DeleteResult(deleted=sum(results.values()))
-
-    # -- reads ------------------------------------------------------------------------------
-
-    async def _read_shards(
-        self, state: CollectionState, ids: IDs | None
-    ) -> dict[str, list[str] | None]:
-        """Which shards a read must ask, with the ids to ask each for (None: no id filter)."""
-        if ids is not None and state.routing_key is None:
-            groups = self._group(state, ids)
-            return {s: [ids[i] for i in pos] for s, pos in groups.items()}
-        return {s: (list(ids) if ids is not None else None) for s in self.shard_names}
-
-    async def _gather(
-        self,
-        op: str,
-        state: CollectionState,
-        targets: Mapping[str, Any],
-        body_for: Any,
-        on_shard_error: OnShardError,
-    ) -> tuple[list[Any], Coverage]:
-        results, failures = await fan_out(
-            {
-                s: functools.partial(self._read_from, s, state, f"/{op}", body_for(s))
-                for s in targets
-            }
-        )
-        if on_shard_error == "raise" or not results:
-            raise_for_failures(op, failures)
-        coverage = Coverage(
-            asked=tuple(targets),
-            answered=tuple(s for s in targets if s in results),
-            failed={s: f"{type(e).__name__}: {e}" for s, e in failures.items()},
-        )
-        return [results[s] for s in targets if s in results], coverage
-
-    async def _get(
-        self,
-        collection_id: UUID,
-        ids: IDs | None = None,
-        where: Where | None = None,
-        limit: int | None = None,
-        offset: int | None = None,
-        where_document: WhereDocument | None = None,
-        include: Include = ["metadatas", "documents"],  # noqa: B006 - chromadb's signature
-        tenant: str = "default_tenant",
-        database: str = "default_database",
-        on_shard_error: OnShardError = "raise",
-    ) -> GetResult:
-        state = await self.state(collection_id, tenant, database)
-        _check_where(where)
-        start = offset or 0
-        fields = [f for f in include if f != "data"]
-        wire_include = sorted({*fields, "metadatas"})
-        shard_limit = None if limit is None else start + limit
-        targets = await self._read_shards(state, ids)
-        if not targets or limit == 0:
-            return self._empty_get(include)
-
-        def body(shard: str) -> dict[str, Any]:
-            return {
-                "ids": targets[shard],
-                "where": where,
-                "where_document": where_document,
-                "limit": shard_limit,
-                "offset": None,
-                "include": wire_include,
-            }
-
-        responses, coverage = await self._gather("get", state, targets, body, on_shard_error)
-        merged = merge_get(responses, seq_key=SEQ_KEY, offset=start, limit=limit, fields=fields)
-        result = GetResult(
-            ids=merged["ids"],
-            embeddings=merged["embeddings"],
-            metadatas=merged["metadatas"],
-            documents=merged["documents"],
-            uris=merged["uris"],
-            data=None,
-            included=include,
-        )
-        if on_shard_error == "partial":
-            result["coverage"] = coverage  # type: ignore[typeddict-unknown-key]
-        return result
-
-    def _empty_get(self, include: Include) -> GetResult:
-        return GetResult(
-            ids=[],
-            embeddings=[] if "embeddings" in include else None,
-            metadatas=[] if "metadatas" in include else None,
-            documents=[] if "documents" in include else None,
-            uris=[] if "uris" in include else None,
-            data=None,
-            included=include,
-        )
-
-    async def _peek(
-        self,
-        collection_id: UUID,
-        n: int = 10,
-        tenant: str = "default_tenant",
-        database: str = "default_database",
-    ) -> GetResult:
-        return await self._get(
-            collection_id,
-            limit=n,
-            include=["metadatas", "documents", "embeddings"],  # chromadb's peek order
-            tenant=tenant,
-            database=database,
-        )
-
-    async def _count(
-        self,
-        collection_id: UUID,
-        tenant: str = "default_tenant",
-        database: str = "default_database",
-        read_level: Any = None,
-    ) -> int:
-        state = await self.state(collection_id, tenant, database)
-        counts = await self.call_all(
-            "count",
-            lambda _shard, node: self._node_get(state, node, "/count"),
-        )
-        return sum(int(c) for c in counts.values())
-
-    async def _query(
-        self,
-        collection_id: UUID,
-        query_embeddings: Embeddings,
-        ids: IDs | None = None,
-        n_results: int = 10,
-        where: Where | None = None,
-        where_document: WhereDocument | None = None,
-        include: Include = ["metadatas", "documents", "distances"],  # noqa: B006
-        tenant: str = "default_tenant",
-        database: str = "default_database",
-        on_shard_error: OnShardError = "raise",
-    ) -> QueryResult:
-        state = await self.state(collection_id, tenant, database)
-        _check_where(where)
-        if state.dimension is not None:
-            # Non-finite query values are left to the servers, which refuse them as one would.
-            self._check_embeddings(state, query_embeddings, finite=False)
-        fields = [f for f in include if f != "data"]
-        targets = await self._read_shards(state, ids)
-        n_queries = len(query_embeddings)
-        if not targets:
-            # query(ids=[]) asks no shard: one empty row list per query, as one server answers.
-            merged: dict[str, Any] = {
-                k: ([[] for _ in range(n_queries)] if k == "ids" or k in fields else None)
-                for k in ("ids", "distances", "embeddings", "metadatas", "documents", "uris")
-            }
-            coverage = Coverage(asked=(), answered=())
-        else:
-            matrix = np.asarray(query_embeddings, dtype=np.float32)
-            wire_include = sorted({*fields, "distances"})
-
-            def body(shard: str) -> dict[str, Any]:
-                return {
-                    "ids": targets[shard],
-                    "query_embeddings": matrix,
-                    "n_results": n_results,
-                    "where": where,
-                    "where_document": where_document,
-                    "include": wire_include,
-                }
-
-            responses, coverage = await self._gather("query", state, targets, body, on_shard_error)
-            merged = merge_query(responses, n_results, fields)
-        if merged["metadatas"] is not None:
-            merged["metadatas"] = [strip_seq(m, SEQ_KEY) or [] for m in merged["metadatas"]]
-        result = QueryResult(
-            ids=merged["ids"],
-            distances=merged["distances"],
-            embeddings=merged["embeddings"],
-            metadatas=merged["metadatas"],
-            documents=merged["documents"],
-            uris=merged["uris"],
-            data=None,
-            included=include,
-        )
-        if on_shard_error == "partial":
-            result["coverage"] = coverage  # type: ignore[typeddict-unknown-key]
-        return result
-
-    async def scan_pages(
-        self,
-        collection_id: UUID,
-        *,
-        batch_size: int,
-        where: Where | None,
-        where_document: WhereDocument | None,
-        include: Include,
-        tenant: str,
-        database: str,
-    ) -> AsyncIterator[GetResult]:
-        """Pages of at most ``batch_size`` records in get() order, in bounded memory: each shard
-        is read page by page and the shard streams are merged lazily."""
-        state = await self.state(collection_id, tenant, database)
-        _check_where(where)
-        fields = [f for f in include if f != "data"]
-        wire_include = sorted({*fields, "metadatas"})
-        from ._scan import merged_rows
-
-        # Offsets are positions in one node's stored order, so each shard's pages come from
-        # the same copy for the whole scan while it answers.
-        sticky: dict[str, Node] = {}
-
-        async def fetch(shard: str, offset: int) -> Mapping[str, Any]:
-            body = {
-                "where": where,
-                "where_document": where_document,
-                "limit": batch_size,
-                "offset": offset,
-                "include": wire_include,
-            }
-
-            async def op(node: Node) -> Any:
-                page = await node.transport.request(
-                    "POST", await self.node_path(state, node, "/get"), body=body
-                )
-                sticky[shard] = node
-                return page
-
-            page: Mapping[str, Any] = await self.shards[shard].read(op, prefer=sticky.get(shard))
-            return page
-
-        async for page in merged_rows(self.shard_names, fetch, batch_size, SEQ_KEY, fields):
-            yield GetResult(
-                ids=page["ids"],
-                embeddings=page["embeddings"],
-                metadatas=page["metadatas"],
-                documents=page["documents"],
-                uris=page["uris"],
-                data=None,
-                included=include,
-            )
