@@ -182,6 +182,11 @@ class ReadOps(CatalogOps):
     ) -> GetResult:
         state = await self.state(collection_id, tenant, database)
         check_where(where)
+        if (offset is not None and offset < 0) or (limit is not None and limit < 0):
+            # Let a server refuse it, so the error is the one a single server gives.
+            await self._read_from(
+                self.catalog_shard, state, "/get", {"limit": limit, "offset": offset}
+            )
         start = offset or 0
         fields = [f for f in include if f != "data"]
         wire_include = sorted({*fields, "metadatas"})
