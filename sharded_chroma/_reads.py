@@ -53,6 +53,18 @@ def dimension_error(expected: int, got: int) -> InvalidArgumentError:
     )
 
 
+def _get_result(columns: Mapping[str, Any], include: Include) -> GetResult:
+    return GetResult(
+        ids=columns["ids"],
+        embeddings=columns["embeddings"],
+        metadatas=columns["metadatas"],
+        documents=columns["documents"],
+        uris=columns["uris"],
+        data=None,
+        included=include,
+    )
+
+
 class ReadOps(CatalogOps):
     """Routing helpers and the read methods chromadb's AsyncCollection calls."""
 
@@ -207,15 +219,7 @@ class ReadOps(CatalogOps):
 
         responses, coverage = await self._gather("get", state, targets, body, on_shard_error)
         merged = merge_get(responses, seq_key=SEQ_KEY, offset=start, limit=limit, fields=fields)
-        result = GetResult(
-            ids=merged["ids"],
-            embeddings=merged["embeddings"],
-            metadatas=merged["metadatas"],
-            documents=merged["documents"],
-            uris=merged["uris"],
-            data=None,
-            included=include,
-        )
+        result = _get_result(merged, include)
         if on_shard_error == "partial":
             result["coverage"] = coverage  # type: ignore[typeddict-unknown-key]
         return result
@@ -363,12 +367,4 @@ class ReadOps(CatalogOps):
             return page
 
         async for page in merged_rows(self.shard_names, fetch, batch_size, SEQ_KEY, fields):
-            yield GetResult(
-                ids=page["ids"],
-                embeddings=page["embeddings"],
-                metadatas=page["metadatas"],
-                documents=page["documents"],
-                uris=page["uris"],
-                data=None,
-                included=include,
-            )
+            yield _get_result(page, include)
