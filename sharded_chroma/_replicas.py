@@ -285,9 +285,22 @@ class ReplicaSet:
         misses: dict[str, BaseException] = {}
         refusals: dict[str, BaseException] = {}
 
+        needed = _required(concern, len(self.nodes))
+        settled = anyio.Event()
+        finished = anyio.Event()
+
+        def check() -> None:
+            done = len(answers) + len(misses) + len(refusals) == len(self.nodes)
+            if done:
+                finished.set()
+            if done or len(answers) >= needed:
+                settled.set()
+
         async def one(node: Node) -> None:
             if node.stale:
-                misses[node.url] = await self._hint(node, target, content, reason="stale")
+                with anyio.CancelScope(shield=True):
+                    misses[node.url] = await self._hint(node, target, content, reason="stale")
+                check()
                 return
             try:
                 path = await path_for(node)
@@ -297,9 +310,19 @@ class ReplicaSet:
             except NodeUnavailableError as exc:
                 node.failed(self._clock())
                 misses[node.url] = exc
-                await self._hint(node, target, content, reason="unreachable")
+                # Shielded: a write cut off while being hinted would be lost for this copy.
+                with anyio.CancelScope(shield=True):
+                    await self._hint(node, target, content, reason="unreachable")
             except ChromaError as exc:
                 refusals[node.url] = exc
+            except anyio.get_cancelled_exc_class():
+                # Cut off after the concern was met: the copy may or may not have stored
+                # it, so it is hinted (replaying a write is idempotent) and stops serving
+                # reads until the replay.
+                with anyio.CancelScope(shield=True):
+                    misses[node.url] = await self._hint(node, target, content, reason="slow")
+                raise
+            check()
 
         if len(self.nodes) == 1:
             await one(self.primary)
@@ -307,9 +330,15 @@ class ReplicaSet:
             async with anyio.create_task_group() as tg:
                 for node in self.nodes:
                     tg.start_soon(one, node)
+                await settled.wait()
+                # The concern is met (or nothing is left to wait for): copies still writing
+                # get a grace period, then are left to the hint log, so a hung copy does not
+                # hold up a write acknowledged by others.
+                with anyio.move_on_after(self.config.write_grace):
+                    await finished.wait()
+                tg.cancel_scope.cancel()
         if refusals:
             raise next(iter(refusals.values()))
-        needed = _required(concern, len(self.nodes))
         if len(answers) < needed:
             if len(self.nodes) == 1:
                 raise next(iter(misses.values()))

@@ -167,6 +167,9 @@ class ReplicationConfig(BaseModel):
     node_retry_after: float = Field(default=1.0, gt=0)
     """A failed node is skipped for this long, doubling per failure up to node_retry_cap."""
     node_retry_cap: float = Field(default=30.0, gt=0)
+    write_grace: float = Field(default=2.0, ge=0)
+    """Once a write met its concern, how long the other copies may still take before they are
+    left to the hint log (a hung copy must not hold up an acknowledged write)."""
     replay_inline_deadline: float = Field(default=0.25, gt=0)
     """How long a read or write may spend replaying missed writes to a recovered copy before
     it goes on without it (the rest is replayed on later calls or by replay_hints())."""

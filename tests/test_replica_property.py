@@ -301,7 +301,9 @@ async def _repair_if_available(client: ShardedClient, name: str) -> None:
     assert report.clean, f"copies differ after hint replay: {report}"
     fixed = await _antientropy.repair(client, collections=[name])
     assert fixed.clean, fixed
-    assert fixed.copied == 0 and fixed.deleted == 0, fixed
+    copied = sum(len(p.copied) for p in fixed.pairs)
+    deleted = sum(len(p.deleted) for p in fixed.pairs)
+    assert copied == 0 and deleted == 0, fixed
 
 
 async def _assert_converged(topology: Topology, name: str, model: Model) -> None:
