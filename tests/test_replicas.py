@@ -1131,3 +1131,31 @@ async def test_a_hung_stale_copy_does_not_stall_reads(
                 await anyio.sleep(0.15)
             proxy.restore()
             assert slowest < 0.75, f"a read took {slowest:.2f}s with a caught-up primary up"
+
+
+async def test_a_hung_copy_does_not_hold_up_a_write_acknowledged_by_others(
+    servers: list[LocalChromaServer], tmp_path: Path
+) -> None:
+    with proxy_for(servers[5]) as proxy:
+        nodes = [servers[4].url, node_spec(proxy.url, timeout=20.0)]
+        # primary_only: this test is about the write path, not reads routed to the hung copy.
+        topology = make_topology(
+            [nodes], tmp_path / "hints", write_grace=0.2, read_selection="primary_only"
+        )
+        async with client_for(topology) as client:
+            col = await client.create_collection("grace", embedding_function=None)
+            await col.add(ids=["a"], embeddings=[[1.0] * DIM])
+            proxy.blackhole()
+            started = time.perf_counter()
+            with sharded_chroma.options(write_concern="one"):
+                await col.add(ids=["b"], documents=["late"], embeddings=[[2.0] * DIM])
+            took = time.perf_counter() - started
+            assert took < 5.0, f"an acknowledged write waited {took:.1f}s for a hung copy"
+            hung = rs_node(client, proxy.url)
+            assert hung.stale, "the cut-off copy must catch up before it serves reads"
+            assert (await client._backend.pending_hints()).get(proxy.url) == 1
+            proxy.restore()
+            await client.replay_hints()
+            assert not hung.stale
+        held = await node_records(proxy.url, "grace")
+        assert held["b"][0] == "late"
