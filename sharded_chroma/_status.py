@@ -13,11 +13,11 @@ from ._transport import NodeTransport
 __all__ = ["CollectionStatus", "ShardStatus", "estimate_server_memory"]
 
 # Chroma 1.5.9 server RSS model, fitted by benchmarks/bench_server_memory.py on this project's
-# machine (2026-11-26; within about 10-20% of measured RSS from 10,000 to 80,000 records at 128
-# and 384 dimensions): an idle server, a small cost per collection holding records, a fixed
-# cost per record (ids, metadata, index links) and the vectors with HNSW overhead. Empty
-# collections cost next to nothing. The common "records x dimension x 4" rule underestimates a
-# small server by 3-30x and a large one by about 1.5x.
+# machine (2026-11-26; within 17% of measured RSS for 10,000 to 80,000 records at 128 and 384
+# dimensions): an idle server, a small cost per collection holding records, a fixed cost per
+# record (ids, metadata, index links) and the vectors with HNSW overhead. Empty collections
+# cost next to nothing. The common "records x dimension x 4" rule underestimated those servers
+# by 2.7x to 29x.
 IDLE_BYTES = 117 * 2**20
 PER_COLLECTION_BYTES = 5 * 2**20
 PER_RECORD_BYTES = 659
