@@ -27,11 +27,8 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import heapq
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -46,6 +43,7 @@ from urllib.parse import urlsplit
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _machine
 import chromadb
 import numpy as np
 from _data import Dataset, exact_top_k, make_dataset, recall_at_k
@@ -336,32 +334,9 @@ async def part_d(urls: list[str], data: Dataset, args: argparse.Namespace) -> di
 
 
 def machine_info() -> dict[str, str]:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
-    load = ""
-    with contextlib.suppress(OSError):
-        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     import aiohttp
 
-    return {
-        "date": datetime.date.today().isoformat(),
-        "cpu": model,
-        "cores": f"{os.cpu_count()} (usable {usable})",
-        "python": platform.python_version(),
-        "chromadb": chromadb.__version__,
-        "aiohttp": aiohttp.__version__,
-        "sharded_chroma": sharded_chroma.__version__,
-        "platform": platform.platform(),
-        "load average at start": load,
-    }
+    return _machine.machine_info(aiohttp=aiohttp.__version__)
 
 
 def verdict(ratio: float, target: float | None, higher_is_better: bool) -> str:

@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,7 +40,7 @@ sys.path.insert(0, str(_ROOT))
 sys.path.insert(0, str(_ROOT / "benchmarks"))
 sys.path.insert(0, str(_ROOT / "tests"))
 
-import chromadb  # noqa: E402
+import _machine  # noqa: E402
 import numpy as np  # noqa: E402
 from _data import Dataset, make_dataset  # noqa: E402
 from _proxy import FaultProxy, pareto_delay  # noqa: E402
@@ -264,29 +262,7 @@ async def part_writes(
 
 
 def machine_info() -> dict[str, str]:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
-    load = ""
-    with contextlib.suppress(OSError):
-        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return {
-        "date": datetime.date.today().isoformat(),
-        "cpu": model,
-        "cores": f"{os.cpu_count()} (usable {usable})",
-        "python": platform.python_version(),
-        "chromadb": chromadb.__version__,
-        "sharded_chroma": sharded_chroma.__version__,
-        "platform": platform.platform(),
-        "load average at start": load,
-    }
+    return _machine.machine_info()
 
 
 def verdict(ok: bool) -> str:

@@ -32,10 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import json
-import os
-import platform
 import re
 import statistics
 import sys
@@ -49,7 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import chromadb
+import _machine
 import numpy as np
 from _data import make_dataset
 
@@ -386,46 +383,28 @@ def marginal(run: Run) -> list[str]:
     return lines
 
 
+class _SDKModel(Model):
+    """The SDK's own estimate, exactly as ``status`` computes it (it charges the
+    per-collection cost only for collections that hold records)."""
+
+    def estimate(self, point: Point) -> float:
+        return float(_status.estimate_server_memory(dict(point.contents)))
+
+
 def current_model() -> Model:
-    return Model(
-        float(_status.IDLE_BYTES), float(_status.PER_COLLECTION_BYTES), _status.VECTOR_OVERHEAD
+    return _SDKModel(
+        float(_status.IDLE_BYTES),
+        float(_status.PER_COLLECTION_BYTES),
+        _status.VECTOR_OVERHEAD,
+        float(_status.PER_RECORD_BYTES),
     )
 
 
-def load_average() -> str:
-    with contextlib.suppress(OSError):
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return "unknown"
+load_average = _machine.load_average
 
 
 def machine_info() -> dict[str, str]:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
-    memory = "unknown"
-    with contextlib.suppress(OSError):
-        match = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
-        if match:
-            memory = f"{int(match.group(1)) / 2**20:.1f} GiB"
-    return {
-        "date": datetime.date.today().isoformat(),
-        "cpu": model,
-        "cores": f"{os.cpu_count()} (usable {usable})",
-        "memory": memory,
-        "python": platform.python_version(),
-        "chromadb": chromadb.__version__,
-        "numpy": np.__version__,
-        "sharded_chroma": sharded_chroma.__version__,
-        "platform": platform.platform(),
-        "load average at start": load_average(),
-    }
+    return _machine.machine_info(numpy=np.__version__)
 
 
 def describe(model: Model) -> str:
