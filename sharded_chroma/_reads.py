@@ -65,6 +65,11 @@ def _get_result(columns: Mapping[str, Any], include: Include) -> GetResult:
     )
 
 
+# Well under the 32,766 records a Chroma 1.5.9 server can return from one get.
+_GET_PAGE = 10_000
+_GET_COLUMNS = ("ids", "embeddings", "metadatas", "documents", "uris")
+
+
 class ReadOps(CatalogOps):
     """Routing helpers and the read methods chromadb's AsyncCollection calls."""
 
@@ -156,6 +161,44 @@ class ReadOps(CatalogOps):
             return {s: [ids[i] for i in pos] for s, pos in groups.items()}
         return {s: (list(ids) if ids is not None else None) for s in self.shard_names}
 
+    async def _read_query(self, shard: str, state: CollectionState, body: Any) -> Any:
+        return await self._read_from(shard, state, "/query", body)
+
+    async def _read_get_paged(
+        self, shard: str, state: CollectionState, body: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """One shard's get(), read in pages of at most ``_GET_PAGE`` records from one copy.
+
+        A Chroma 1.5.9 server refuses a get matching more than 32,766 records ("too many SQL
+        variables"), which a whole-collection get() of a large shard would hit. Results that
+        fit one page are a single request, exactly as before.
+        """
+        want = body.get("limit")
+        sticky: dict[str, Node] = {}
+        out: dict[str, Any] = {}
+        got = 0
+        while True:
+            take = _GET_PAGE if want is None else min(_GET_PAGE, want - got)
+            page_body = {**body, "limit": take, "offset": got}
+
+            async def op(node: Node, page_body: Mapping[str, Any] = page_body) -> Any:
+                path = await self.node_path(state, node, "/get")
+                page = await node.transport.request("POST", path, body=page_body)
+                sticky["node"] = node
+                return page
+
+            page = await self.shards[shard].read(op, prefer=sticky.get("node"))
+            if not out:
+                out = dict(page)
+            else:
+                for key in _GET_COLUMNS:
+                    if out.get(key) is not None and page.get(key) is not None:
+                        out[key].extend(page[key])
+            n = len(page["ids"])
+            got += n
+            if n < take or (want is not None and got >= want):
+                return out
+
     async def _gather(
         self,
         op: str,
@@ -164,11 +207,9 @@ class ReadOps(CatalogOps):
         body_for: Any,
         on_shard_error: OnShardError,
     ) -> tuple[list[Any], Coverage]:
+        read = self._read_get_paged if op == "get" else self._read_query
         results, failures = await fan_out(
-            {
-                s: functools.partial(self._read_from, s, state, f"/{op}", body_for(s))
-                for s in targets
-            }
+            {s: functools.partial(read, s, state, body_for(s)) for s in targets}
         )
         if on_shard_error == "raise" or not results:
             raise_for_failures(op, failures)
