@@ -6,62 +6,37 @@ Several tests here are regressions for bugs found by this file (noted in their d
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
-import chromadb
 import numpy as np
 import pytest
 from chromadb.errors import InvalidArgumentError, NotFoundError
 
 import sharded_chroma
 from sharded_chroma._transport import NodeTransport
+from tests._nodes import drop_official_http_pools, official
 
 pytestmark = pytest.mark.anyio
 
 DIM = 4
 
 
-def _port(url: str) -> int:
-    port = urlsplit(url).port
-    assert port is not None
-    return port
-
-
-async def _drop_official_http_pools() -> None:
-    """chromadb's AsyncFastAPI keeps one httpx client per event loop *hash* in a class-level
-    dict; a later test's loop can reuse a dead loop's hash and get a client bound to it. Close
-    and forget them around each test."""
-    from chromadb.api.async_fastapi import AsyncFastAPI
-
-    while AsyncFastAPI._clients:
-        _, pool = AsyncFastAPI._clients.popitem()
-        # A pool bound to a loop that is gone cannot be closed; dropping it is enough.
-        with contextlib.suppress(Exception):
-            await pool.aclose()
-
-
-async def _official(url: str) -> Any:
-    return await chromadb.AsyncHttpClient(host="127.0.0.1", port=_port(url))
-
-
 @pytest.fixture(autouse=True)
 async def _official_pools() -> AsyncIterator[None]:
-    await _drop_official_http_pools()
+    await drop_official_http_pools()
     yield
-    await _drop_official_http_pools()
+    await drop_official_http_pools()
 
 
 @pytest.fixture
 async def oracle(oracle_url: str, _official_pools: None) -> Any:
-    return await _official(oracle_url)
+    return await official(oracle_url)
 
 
 @pytest.fixture
@@ -372,7 +347,7 @@ async def test_collection_identity_and_catalog(
     assert await sharded.count_collections() == await oracle.count_collections() == 0
     assert await sharded.list_collections() == []
     for url in shard_urls:
-        assert await (await _official(url)).count_collections() == 0
+        assert await (await official(url)).count_collections() == 0
 
 
 async def test_modify_onto_existing_name_raises_oracle_error(
@@ -391,7 +366,7 @@ async def test_modify_onto_existing_name_raises_oracle_error(
     assert type(outcomes[1][1]) is type(outcomes[0][1])
     # Nothing was renamed on any shard either.
     for url in shard_urls:
-        names = sorted(x.name for x in await (await _official(url)).list_collections())
+        names = sorted(x.name for x in await (await official(url)).list_collections())
         assert names == ["mover", "taken"], url
 
 
@@ -413,7 +388,7 @@ async def test_modify_metadata_and_name(oracle: Any, sharded: Any, shard_urls: l
     assert results[1] == results[0]
     # The shards agree on the new name.
     for url in shard_urls:
-        assert [x.name for x in await (await _official(url)).list_collections()] == ["meta-renamed"]
+        assert [x.name for x in await (await official(url)).list_collections()] == ["meta-renamed"]
 
 
 async def test_reserved_keys_never_visible(sharded: Any) -> None:
@@ -502,7 +477,7 @@ async def test_operations_on_deleted_collection(
     # Nothing was recreated by the failed writes.
     assert await sharded.count_collections() == 0
     for url in shard_urls:
-        assert await (await _official(url)).count_collections() == 0
+        assert await (await official(url)).count_collections() == 0
 
 
 # -- concurrency ------------------------------------------------------------------------------
@@ -524,7 +499,7 @@ async def test_concurrent_get_or_create_makes_one_collection(
     assert [c.name for c in await sharded.list_collections()] == ["racy"]
     assert await sharded.count_collections() == 1
     for url in shard_urls:
-        shard = await _official(url)
+        shard = await official(url)
         assert [c.name for c in await shard.list_collections()] == ["racy"], url
     # And the collection works: a write through one handle is visible through another.
     await got[0].add(ids=["z1", "z2", "z3"], embeddings=[[1.0, 0, 0, 0]] * 3)

@@ -20,18 +20,17 @@ is never excused.
 
 from __future__ import annotations
 
-import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import chromadb
 import numpy as np
 import pytest
 
 import sharded_chroma
+from tests._nodes import drop_official_http_pools, port_of
 
 pytestmark = pytest.mark.anyio
 
@@ -61,33 +60,14 @@ DIST_TOL = 1e-4
 EF_SEARCH = 400
 
 
-def _port(url: str) -> int:
-    port = urlsplit(url).port
-    assert port is not None
-    return port
-
-
-async def _drop_official_http_pools() -> None:
-    """chromadb's AsyncFastAPI keeps one httpx client per event loop *hash* in a class-level
-    dict; a later test's loop can reuse a dead loop's hash and get a client bound to it. Close
-    and forget them around each test."""
-    from chromadb.api.async_fastapi import AsyncFastAPI
-
-    while AsyncFastAPI._clients:
-        _, pool = AsyncFastAPI._clients.popitem()
-        # A pool bound to a loop that is gone cannot be closed; dropping it is enough.
-        with contextlib.suppress(Exception):
-            await pool.aclose()
-
-
 @pytest.fixture
 async def oracle(oracle_url: str) -> AsyncIterator[Any]:
-    await _drop_official_http_pools()
-    client = await chromadb.AsyncHttpClient(host="127.0.0.1", port=_port(oracle_url))
+    await drop_official_http_pools()
+    client = await chromadb.AsyncHttpClient(host="127.0.0.1", port=port_of(oracle_url))
     try:
         yield client
     finally:
-        await _drop_official_http_pools()
+        await drop_official_http_pools()
 
 
 # -- comparing results ------------------------------------------------------------------------
@@ -511,7 +491,7 @@ async def test_random_workload_matches_oracle(
         s_col = await _create(client, "workload", space)
         indexes = [o_col]
         for url in shard_urls:
-            shard = await chromadb.AsyncHttpClient(host="127.0.0.1", port=_port(url))
+            shard = await chromadb.AsyncHttpClient(host="127.0.0.1", port=port_of(url))
             indexes.append(await shard.get_collection("workload", embedding_function=None))
         w = Workload(
             rng=rng,

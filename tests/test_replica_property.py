@@ -30,13 +30,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
-import chromadb
 import numpy as np
 import pytest
-from chromadb.config import Settings
 
 import sharded_chroma
 from sharded_chroma import (
@@ -46,6 +43,7 @@ from sharded_chroma import (
     Topology,
 )
 from sharded_chroma._local_cluster import LocalChromaServer, LocalCluster
+from tests._nodes import official
 
 pytestmark = pytest.mark.anyio
 
@@ -83,18 +81,9 @@ def _slow_requested(config: pytest.Config) -> bool:
     return "slow" in (config.getoption("-m") or "") or bool(os.environ.get("SHARDED_CHROMA_SLOW"))
 
 
-async def _official(url: str) -> Any:
-    parts = urlsplit(url)
-    return await chromadb.AsyncHttpClient(
-        host=parts.hostname or "127.0.0.1",
-        port=parts.port or 8000,
-        settings=Settings(anonymized_telemetry=False),
-    )
-
-
 async def node_records(url: str, collection: str) -> dict[str, Record]:
     """What one server holds for ``collection``: id -> (document, raw metadata, vector)."""
-    client = await _official(url)
+    client = await official(url)
     col = await client.get_collection(collection, embedding_function=None)
     got = await col.get(include=["documents", "metadatas", "embeddings"])
     embeddings = got["embeddings"]

@@ -18,13 +18,10 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
-import chromadb
 import numpy as np
 import pytest
-from chromadb.config import Settings
 from chromadb.errors import NotFoundError
 
 import sharded_chroma
@@ -39,6 +36,7 @@ from sharded_chroma._hints import HintLog
 from sharded_chroma._local_cluster import LocalChromaServer, LocalCluster
 from sharded_chroma._replicas import HintTarget, Node, ReplicaSet, _required
 from sharded_chroma._topology import ReplicationConfig, ShardConfig
+from tests._nodes import official
 from tests._proxy import FaultProxy, pareto_delay
 
 pytestmark = pytest.mark.anyio
@@ -109,15 +107,6 @@ async def client_for(topology: Topology) -> AsyncIterator[ShardedClient]:
         yield client
     finally:
         await client.aclose()
-
-
-async def official(url: str) -> Any:
-    parts = urlsplit(url)
-    return await chromadb.AsyncHttpClient(
-        host=parts.hostname or "127.0.0.1",
-        port=parts.port or 8000,
-        settings=Settings(anonymized_telemetry=False),
-    )
 
 
 Record = tuple[Any, Any, tuple[float, ...]]
