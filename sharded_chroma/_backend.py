@@ -38,7 +38,14 @@ from ._replicas import HintTarget, Node, ReplicaSet
 from ._routing import SlotTable
 from ._topology import Topology
 
-__all__ = ["RESERVED_PREFIX", "SEQ_KEY", "BackendCore", "CollectionState"]
+__all__ = [
+    "RESERVED_PREFIX",
+    "SEQ_KEY",
+    "BackendCore",
+    "CollectionState",
+    "reject_reserved",
+    "strip_reserved",
+]
 
 logger = logging.getLogger("sharded_chroma.client")
 
@@ -50,6 +57,16 @@ SEQ_KEY = "_sc_seq"
 _ROUTING_META = "_sc_routing"
 _SLOTS_META = "_sc_slots"
 _ID_META = "_sc_id"
+
+
+def reject_reserved(keys: Iterable[Any], what: str) -> None:
+    """Reserved keys are invisible: writing or filtering on one is a clear error."""
+    for key in keys:
+        if isinstance(key, str) and key.startswith(RESERVED_PREFIX):
+            raise ValueError(
+                f"{what} key {key!r} uses the prefix {RESERVED_PREFIX!r}, "
+                "which sharded_chroma reserves"
+            )
 
 
 def strip_reserved(metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:

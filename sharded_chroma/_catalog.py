@@ -21,9 +21,9 @@ from ._backend import (
     _ID_META,
     _ROUTING_META,
     _SLOTS_META,
-    RESERVED_PREFIX,
     BackendCore,
     CollectionState,
+    reject_reserved,
     strip_reserved,
 )
 from ._errors import ConfigurationError, NodeUnavailableError, ShardMismatchError
@@ -121,18 +121,10 @@ class CatalogOps(BackendCore):
             }
         )
 
-    def _check_user_metadata(self, metadata: CollectionMetadata | None) -> None:
-        for key in metadata or {}:
-            if key.startswith(RESERVED_PREFIX):
-                raise ValueError(
-                    f"metadata key {key!r} uses the prefix {RESERVED_PREFIX!r}, "
-                    "which sharded_chroma reserves"
-                )
-
     def _policy_metadata(
         self, metadata: CollectionMetadata | None, routing_key: str | None
     ) -> dict[str, Any]:
-        self._check_user_metadata(metadata)
+        reject_reserved(metadata or {}, "metadata")
         return {
             **(metadata or {}),
             _ROUTING_META: routing_key or "",

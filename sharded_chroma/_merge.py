@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import count, repeat
 from typing import Any
 
-__all__ = ["merge_get", "merge_query", "strip_seq"]
+__all__ = ["merge_get", "merge_query", "order_key", "strip_seq"]
 
 # Columns a merged ``/query`` response carries besides ``ids``.
 _QUERY_FIELDS: tuple[str, ...] = ("distances", "embeddings", "metadatas", "documents", "uris")
@@ -171,9 +171,18 @@ def merge_get(
     return merged
 
 
-def _get_stream(
-    shard: int, response: Mapping[str, Any], seq_key: str
-) -> Iterator[tuple[int, int, str, int, int]]:
+def order_key(metadata: Mapping[str, Any] | None, record_id: str, seq_key: str) -> tuple[Any, ...]:
+    """A record's place in the cluster's get() order: sequenced records by (seq, id), then
+    records without a sequence (written outside the cluster) by id."""
+    seq = None if metadata is None else metadata.get(seq_key)
+    # bool is an int subclass but never a clock value; anything non-int is treated as a
+    # record written outside the cluster rather than risking a mixed-type comparison.
+    if isinstance(seq, int) and not isinstance(seq, bool):
+        return (_SEQUENCED, seq, record_id)
+    return (_UNSEQUENCED, 0, record_id)
+
+
+def _get_stream(shard: int, response: Mapping[str, Any], seq_key: str) -> Iterator[tuple[Any, ...]]:
     """One shard's rows as merge keys ``(tag, seq, id, shard, row)``, in the shard's order."""
     ids = response["ids"]
     metadatas = response.get("metadatas")
@@ -181,14 +190,7 @@ def _get_stream(
         raise ValueError(f"shard {shard}: {len(ids)} ids but {len(metadatas)} metadatas")
     # Lazy, so a merge that stops early never builds keys for the tail of a long stream.
     for r, rid in enumerate(ids):
-        md = None if metadatas is None else metadatas[r]
-        seq = None if md is None else md.get(seq_key)
-        # bool is an int subclass but never a clock value; anything non-int is treated as a
-        # record written outside the cluster rather than risking a mixed-type comparison.
-        if isinstance(seq, int) and not isinstance(seq, bool):
-            yield (_SEQUENCED, seq, rid, shard, r)
-        else:
-            yield (_UNSEQUENCED, 0, rid, shard, r)
+        yield (*order_key(None if metadatas is None else metadatas[r], rid, seq_key), shard, r)
 
 
 def strip_seq(

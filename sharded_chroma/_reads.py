@@ -20,7 +20,7 @@ from chromadb.api.types import (
 )
 from chromadb.errors import InvalidArgumentError
 
-from ._backend import RESERVED_PREFIX, SEQ_KEY, CollectionState
+from ._backend import SEQ_KEY, CollectionState, reject_reserved
 from ._catalog import CatalogOps
 from ._fanout import Coverage, OnShardError, fan_out, raise_for_failures
 from ._merge import merge_get, merge_query, strip_seq
@@ -34,12 +34,8 @@ _Row = dict[str, Any]
 def check_where(where: Any, what: str = "where") -> None:
     """Reserved keys are invisible: filtering on them is refused like an unknown operator."""
     if isinstance(where, Mapping):
-        for key, value in where.items():
-            if isinstance(key, str) and key.startswith(RESERVED_PREFIX):
-                raise ValueError(
-                    f"{what} filter key {key!r} uses the prefix {RESERVED_PREFIX!r}, "
-                    "which sharded_chroma reserves"
-                )
+        reject_reserved(where, f"{what} filter")
+        for value in where.values():
             check_where(value, what)
     elif isinstance(where, list):
         for item in where:

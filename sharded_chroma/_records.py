@@ -23,7 +23,7 @@ from chromadb.api.types import (
     validate_batch,
 )
 
-from ._backend import RESERVED_PREFIX, SEQ_KEY, CollectionState
+from ._backend import SEQ_KEY, CollectionState, reject_reserved
 from ._fanout import fan_out, raise_for_failures
 from ._options import current_options
 from ._reads import ReadOps, check_where
@@ -36,12 +36,7 @@ _Row = dict[str, Any]
 
 def _check_metadatas(metadatas: Metadatas | None) -> None:
     for meta in metadatas or ():
-        for key in meta or {}:
-            if key.startswith(RESERVED_PREFIX):
-                raise ValueError(
-                    f"metadata key {key!r} uses the prefix {RESERVED_PREFIX!r}, "
-                    "which sharded_chroma reserves"
-                )
+        reject_reserved(meta or {}, "metadata")
 
 
 def _b64(matrix: np.ndarray[Any, Any]) -> list[str]:

@@ -8,19 +8,11 @@ from typing import Any
 
 import anyio
 
-from ._merge import strip_seq
+from ._merge import order_key, strip_seq
 
 __all__ = ["merged_rows"]
 
 _COLUMNS = ("embeddings", "metadatas", "documents", "uris")
-
-
-def _order_key(meta: Mapping[str, Any] | None, record_id: str, seq_key: str) -> tuple[Any, ...]:
-    # The same order merge_get uses: sequenced records by (seq, id), then unsequenced by id.
-    seq = None if meta is None else meta.get(seq_key)
-    if isinstance(seq, int) and not isinstance(seq, bool):
-        return (0, seq, record_id)
-    return (1, 0, record_id)
 
 
 async def merged_rows(
@@ -52,7 +44,7 @@ async def merged_rows(
             meta = metas[i]
             buffers[shard].append(
                 (
-                    _order_key(meta, record_id, seq_key),
+                    order_key(meta, record_id, seq_key),
                     record_id,
                     *[(c[i] if c else None) for c in cols],
                 )
