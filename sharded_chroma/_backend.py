@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
@@ -89,7 +89,6 @@ class CollectionState:
     routing_key: str | None
     slot_table: SlotTable
     dimension: int | None = None
-    configuration_json: dict[str, Any] = field(default_factory=dict)
 
     @property
     def base(self) -> str:

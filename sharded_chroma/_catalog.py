@@ -106,7 +106,6 @@ class CatalogOps(BackendCore):
             routing_key=routing_key,
             slot_table=self.slot_table,
             dimension=dims.pop() if dims else None,
-            configuration_json=dict(catalog.configuration_json),
         )
         self._states[state.id] = state
         return state

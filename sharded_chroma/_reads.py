@@ -28,8 +28,6 @@ from ._replicas import Node
 
 __all__ = ["ReadOps", "check_where", "dimension_error"]
 
-_Row = dict[str, Any]
-
 
 def check_where(where: Any, what: str = "where") -> None:
     """Reserved keys are invisible: filtering on them is refused like an unknown operator."""

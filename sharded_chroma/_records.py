@@ -31,8 +31,6 @@ from ._replicas import HintTarget, Node
 
 __all__ = ["RecordOps"]
 
-_Row = dict[str, Any]
-
 
 def _check_metadatas(metadatas: Metadatas | None) -> None:
     for meta in metadatas or ():

@@ -6,7 +6,7 @@ A rebalance moves slots between shards; it never re-hashes keys. The hash is Mur
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import mmh3
@@ -77,6 +77,3 @@ class SlotTable:
             shard = owners[int(mmh3.hash(key.encode("utf-8"), 0, False)) % n]
             groups.setdefault(shard, []).append(pos)
         return groups
-
-    def shards_for_keys(self, keys: Sequence[str]) -> set[int]:
-        return set(self.group_by_shard(keys))

@@ -92,7 +92,6 @@ def test_group_by_shard_partitions_positions(batch: list[str], shape: tuple[int,
         seen.extend(positions)
     assert sorted(seen) == list(range(len(batch)))  # union is everything...
     assert len(seen) == len(set(seen))  # ...and groups are disjoint
-    assert table.shards_for_keys(batch) == set(groups)
 
 
 def test_group_by_shard_accepts_an_iterator_and_duplicates() -> None:
