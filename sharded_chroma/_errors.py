@@ -14,6 +14,7 @@ __all__ = [
     "HintLogFullError",
     "NodeUnavailableError",
     "PartialWriteError",
+    "RoutingError",
     "ShardFailureError",
     "ShardMismatchError",
     "ShardedChromaError",
@@ -127,3 +128,17 @@ class WriteConcernError(ShardFailureError):
             f"{operation} on shard {shard!r} reached {len(self.acknowledged)} node(s), "
             f"write concern {concern!r} not met; missed: {self.args[0]}",
         )
+
+
+class RoutingError(ShardedChromaError, ValueError):
+    """A record cannot be placed by its collection's policy: the routing value is missing, of
+    the wrong type, malformed, or unknown to the policy. Raised before anything is written.
+
+    ``record_id`` names the first record that failed; ``value`` is its routing value (None when
+    missing).
+    """
+
+    def __init__(self, message: str, *, record_id: str | None = None, value: object = None):
+        self.record_id = record_id
+        self.value = value
+        super().__init__(message)

@@ -1,0 +1,525 @@
+"""Placement policies: where a record lives, and which shards a filter can match.
+
+Each policy is a frozen, validated model with the same small interface (``Policy``) and a name
+in ``POLICIES``. A collection's policy is chosen when it is created, stored as JSON in the
+reserved metadata of its physical collections, and read back by every client, so all processes
+place records the same way. Placement and pruning are pure and synchronous.
+
+- ``hash``: the record id (or a metadata field) is hashed into a fixed slot space; slots map to
+  shards in equal contiguous ranges.
+- ``field``: a metadata value (region, tenant, category) names a partition; a partition owns
+  one or more shards and records are hashed by id within them. Unknown values go to a default
+  partition, or are refused.
+- ``composite``: like ``field``, but hashed within the partition by a chosen key (the id or a
+  metadata field), so a filter on both fields can be pruned to one shard.
+- ``time``: a timestamp field is bucketed (hour, day, week, month, or explicit ranges); each
+  bucket lives on one shard as its own physical collection, so retention drops whole buckets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Protocol
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from ._errors import ConfigurationError, RoutingError
+from ._prune import (
+    Intervals,
+    intersect,
+    normalize,
+    overlaps,
+    range_interval,
+    unite,
+    walk_where,
+)
+from ._routing import DEFAULT_SLOTS, MAX_SLOTS, slot_for_key
+from ._timebuckets import TimeValueError, bucket_interval, bucket_label, parse_time
+
+__all__ = [
+    "POLICIES",
+    "CompositePolicy",
+    "FieldPolicy",
+    "HashPolicy",
+    "Placement",
+    "Policy",
+    "Scope",
+    "TimePolicy",
+    "TimeRange",
+    "policy_from_json",
+    "policy_to_json",
+]
+
+_Frozen = ConfigDict(frozen=True, extra="forbid")
+# Bucket labels become part of physical collection names.
+_LABEL_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
+_SHOW = 20  # values listed in an "unknown value" error
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one record lives: a shard, and a time bucket (its own physical collection)."""
+
+    shard: str
+    bucket: str | None = None
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a filter leaves to ask: shards (None: all) and time intervals (None: all times)."""
+
+    shards: frozenset[str] | None = None
+    times: Intervals | None = None
+
+
+class Policy(Protocol):
+    """The strategy interface every placement policy implements."""
+
+    kind: str
+
+    def shards_named(self) -> frozenset[str]:
+        """Every shard the policy can place a record on."""
+        ...
+
+    def place(self, record_id: str, metadata: Mapping[str, Any] | None) -> Placement:
+        """The placement of one record; raises RoutingError when it cannot be placed."""
+        ...
+
+    def scope(self, where: Mapping[str, Any] | None) -> Scope:
+        """A superset of the places records matching ``where`` can be."""
+        ...
+
+
+def _value(record_id: str, metadata: Mapping[str, Any] | None, field: str) -> Any:
+    value = None if metadata is None else metadata.get(field)
+    if value is None:
+        raise RoutingError(
+            f"record {record_id!r} has no value for the routing field {field!r}; "
+            "every record of this collection needs one, nothing was written",
+            record_id=record_id,
+        )
+    return value
+
+
+def _hash_key(record_id: str, metadata: Mapping[str, Any] | None, field: str | None) -> str:
+    if field is None:
+        return record_id
+    value = _value(record_id, metadata, field)
+    if isinstance(value, (list, dict)):
+        raise RoutingError(
+            f"record {record_id!r} needs a scalar value for the routing field {field!r}, got "
+            f"{type(value).__name__}; nothing was written",
+            record_id=record_id,
+            value=value,
+        )
+    return str(value)
+
+
+def _pick(shards: Sequence[str], key: str, slots: int) -> str:
+    """Hash within a group of shards: the slot space split into equal contiguous ranges."""
+    return shards[slot_for_key(key, slots) * len(shards) // slots]
+
+
+def _hash_scope(
+    field: str | None, slots: int, groups: Iterable[Sequence[str]]
+) -> Any:  # a leaf function for walk_where
+    """Leaf reader for a hashed field: ``$eq``/``$in`` of strings name the owning shards.
+
+    Only string operands are pruned: a number filter may match a stored value of the other
+    numeric type, whose string (and so slot) differs."""
+
+    def leaf(name: str, op: str, arg: Any) -> frozenset[str] | None:
+        if field is None or name != field:
+            return None
+        values = [arg] if op == "$eq" else arg if op == "$in" else None
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            return None
+        return frozenset(_pick(g, v, slots) for v in values for g in groups)
+
+    return leaf
+
+
+def _sets_both(a: frozenset[str], b: frozenset[str]) -> frozenset[str]:
+    return a & b
+
+
+def _sets_either(a: frozenset[str], b: frozenset[str]) -> frozenset[str]:
+    return a | b
+
+
+class HashPolicy(BaseModel):
+    """Hash of the record id (``field=None``) or of a metadata field's value, over all shards."""
+
+    model_config = _Frozen
+    kind: Literal["hash"] = "hash"
+    field: str | None = None
+    slots: int = Field(default=DEFAULT_SLOTS, ge=1, le=MAX_SLOTS)
+    shards: tuple[str, ...] = ()
+    """The shards, in slot order; filled from the topology when the collection is created."""
+
+    @model_validator(mode="after")
+    def _check(self) -> HashPolicy:
+        if self.field is not None and not self.field:
+            raise ValueError("field must be a metadata field name or None (the record id)")
+        if len(set(self.shards)) != len(self.shards):
+            raise ValueError("shards must not repeat")
+        if self.shards and self.slots < len(self.shards):
+            raise ValueError(f"slots ({self.slots}) must be at least the shard count")
+        return self
+
+    def shards_named(self) -> frozenset[str]:
+        return frozenset(self.shards)
+
+    def place(self, record_id: str, metadata: Mapping[str, Any] | None) -> Placement:
+        return Placement(_pick(self.shards, _hash_key(record_id, metadata, self.field), self.slots))
+
+    def scope(self, where: Mapping[str, Any] | None) -> Scope:
+        leaf = _hash_scope(self.field, self.slots, [self.shards])
+        return Scope(shards=walk_where(where, leaf, _sets_both, _sets_either))
+
+
+def _routing_text(record_id: str, value: Any, field: str) -> str:
+    # Strings and integers only: a float or bool would route by a string form that a filter
+    # of the other numeric type could still match.
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RoutingError(
+            f"record {record_id!r}: the routing field {field!r} needs a string or integer "
+            f"value, got {type(value).__name__} {value!r}; nothing was written",
+            record_id=record_id,
+            value=value,
+        )
+    return str(value)
+
+
+class FieldPolicy(BaseModel):
+    """A metadata value names a partition; each partition owns one or more shards.
+
+    ``partitions`` maps partition names to shards; a record whose value is a partition name
+    lands in it. ``values`` adds other values per partition (``{"de": "eu"}``). A value that is
+    neither goes to ``default`` if set, else the write is refused. Within a partition with
+    several shards, records are hashed by id.
+    """
+
+    model_config = _Frozen
+    kind: Literal["field"] = "field"
+    field: str = Field(min_length=1)
+    partitions: dict[str, tuple[str, ...]]
+    values: dict[str, str] = Field(default_factory=dict)
+    default: str | None = None
+    slots: int = Field(default=DEFAULT_SLOTS, ge=1, le=MAX_SLOTS)
+
+    @model_validator(mode="after")
+    def _check(self) -> FieldPolicy:
+        if not self.partitions:
+            raise ValueError("partitions must name at least one partition")
+        for name, shards in self.partitions.items():
+            if not shards:
+                raise ValueError(f"partition {name!r} needs at least one shard")
+            if len(set(shards)) != len(shards):
+                raise ValueError(f"partition {name!r} lists a shard twice")
+            if len(shards) > self.slots:
+                raise ValueError(f"partition {name!r} has more shards than slots")
+        for value, partition in self.values.items():
+            if partition not in self.partitions:
+                raise ValueError(f"value {value!r} maps to unknown partition {partition!r}")
+            if value in self.partitions and value != partition:
+                raise ValueError(f"value {value!r} is a partition name but maps to {partition!r}")
+        if self.default is not None and self.default not in self.partitions:
+            raise ValueError(f"default partition {self.default!r} is not in partitions")
+        return self
+
+    def shards_named(self) -> frozenset[str]:
+        return frozenset(s for shards in self.partitions.values() for s in shards)
+
+    def partition_of(self, value: str) -> str | None:
+        if value in self.partitions:
+            return value
+        return self.values.get(value, self.default)
+
+    def _within_key(self, record_id: str, metadata: Mapping[str, Any] | None) -> str:
+        return record_id
+
+    def _within_field(self) -> str | None:
+        return None
+
+    def place(self, record_id: str, metadata: Mapping[str, Any] | None) -> Placement:
+        text = _routing_text(record_id, _value(record_id, metadata, self.field), self.field)
+        partition = self.partition_of(text)
+        if partition is None:
+            known = sorted({*self.partitions, *self.values})
+            shown = ", ".join(repr(k) for k in known[:_SHOW])
+            more = f" and {len(known) - _SHOW} more" if len(known) > _SHOW else ""
+            raise RoutingError(
+                f"record {record_id!r}: {self.field}={text!r} is not a known value "
+                f"(known: {shown}{more}) and the policy has no default partition; "
+                "nothing was written",
+                record_id=record_id,
+                value=text,
+            )
+        shards = self.partitions[partition]
+        if len(shards) == 1:
+            return Placement(shards[0])
+        return Placement(_pick(shards, self._within_key(record_id, metadata), self.slots))
+
+    def _partitions_for(self, values: Iterable[str]) -> frozenset[str]:
+        out = set()
+        for value in values:
+            partition = self.partition_of(value)
+            if partition is not None:
+                out.add(partition)
+        return frozenset(out)
+
+    def _excluded(self, values: Iterable[str]) -> frozenset[str]:
+        """Partitions that no value outside ``values`` can reach (``$ne``/``$nin``)."""
+        gone = set(values)
+        out = set()
+        for partition in self.partitions:
+            if partition == self.default:
+                continue  # every unknown value lands here
+            members = {partition, *(v for v, p in self.values.items() if p == partition)}
+            if members <= gone:
+                out.add(partition)
+        return frozenset(out)
+
+    def _field_leaf(self, op: str, arg: Any) -> frozenset[str] | None:
+        """Shards allowed by one condition on the routing field."""
+        values = [arg] if op in ("$eq", "$ne") else arg if op in ("$in", "$nin") else None
+        if not isinstance(values, list) or not values:
+            return None
+        if any(isinstance(v, bool) or not isinstance(v, (str, int)) for v in values):
+            return None
+        texts = [str(v) for v in values]
+        if op in ("$eq", "$in"):
+            partitions = self._partitions_for(texts)
+        else:
+            partitions = frozenset(self.partitions) - self._excluded(texts)
+        return frozenset(s for p in partitions for s in self.partitions[p])
+
+    def scope(self, where: Mapping[str, Any] | None) -> Scope:
+        hashed = _hash_scope(self._within_field(), self.slots, list(self.partitions.values()))
+
+        def leaf(name: str, op: str, arg: Any) -> frozenset[str] | None:
+            if name == self.field:
+                return self._field_leaf(op, arg)
+            return hashed(name, op, arg)  # type: ignore[no-any-return]
+
+        return Scope(shards=walk_where(where, leaf, _sets_both, _sets_either))
+
+
+class CompositePolicy(FieldPolicy):
+    """Field first, then a hash within the field's shards by ``hash_key`` (None: the id)."""
+
+    kind: Literal["composite"] = "composite"  # type: ignore[assignment]
+    hash_key: str | None = None
+
+    @model_validator(mode="after")
+    def _check_key(self) -> CompositePolicy:
+        if self.hash_key is not None and (not self.hash_key or self.hash_key == self.field):
+            raise ValueError("hash_key must be another metadata field name or None (the id)")
+        return self
+
+    def _within_key(self, record_id: str, metadata: Mapping[str, Any] | None) -> str:
+        return _hash_key(record_id, metadata, self.hash_key)
+
+    def _within_field(self) -> str | None:
+        return self.hash_key
+
+
+class TimeRange(BaseModel):
+    """An explicit bucket: ``[start, end)`` (epoch seconds or ISO-8601) on one shard."""
+
+    model_config = _Frozen
+    name: str
+    start: float | str
+    end: float | str
+    shard: str
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return parse_time(self.start), parse_time(self.end)
+
+
+class TimePolicy(BaseModel):
+    """A timestamp field is bucketed; each bucket is its own physical collection on one shard.
+
+    Calendar buckets (``granularity``) go to ``buckets[label]`` if mapped, else to ``hot``.
+    With explicit ``ranges`` instead, a time outside every range is refused.
+    """
+
+    model_config = _Frozen
+    kind: Literal["time"] = "time"
+    field: str = Field(min_length=1)
+    granularity: Literal["hour", "day", "week", "month"] | None = "day"
+    ranges: tuple[TimeRange, ...] = ()
+    buckets: dict[str, str] = Field(default_factory=dict)
+    hot: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TimePolicy:
+        if self.ranges:
+            if self.buckets or self.hot is not None:
+                raise ValueError("explicit ranges name their own shards; drop buckets and hot")
+            spans = []
+            for r in self.ranges:
+                if not _LABEL_RE.match(r.name):
+                    raise ValueError(f"range name {r.name!r} must be 1-64 of [A-Za-z0-9._-]")
+                try:
+                    lo, hi = r.interval
+                except TimeValueError as exc:
+                    raise ValueError(f"range {r.name!r}: {exc}") from None
+                if not lo < hi:
+                    raise ValueError(f"range {r.name!r} must end after it starts")
+                spans.append((lo, hi, r.name))
+            spans.sort()
+            for (_, hi, a), (lo, _, b) in itertools.pairwise(spans):
+                if lo < hi:
+                    raise ValueError(f"ranges {a!r} and {b!r} overlap")
+            if len({r.name for r in self.ranges}) != len(self.ranges):
+                raise ValueError("range names must be unique")
+            return self
+        if self.granularity is None:
+            raise ValueError("give a granularity (hour, day, week, month) or explicit ranges")
+        if self.hot is None:
+            raise ValueError("hot must name the shard that receives new (unmapped) buckets")
+        for label in self.buckets:
+            if bucket_interval(label, self.granularity) is None:
+                raise ValueError(f"{label!r} is not a {self.granularity} bucket label")
+        return self
+
+    def shards_named(self) -> frozenset[str]:
+        if self.ranges:
+            return frozenset(r.shard for r in self.ranges)
+        return frozenset({*self.buckets.values(), *([self.hot] if self.hot else [])})
+
+    def time_of(self, record_id: str, metadata: Mapping[str, Any] | None) -> float:
+        value = _value(record_id, metadata, self.field)
+        try:
+            return parse_time(value)
+        except TimeValueError as exc:
+            raise RoutingError(
+                f"record {record_id!r}: the time field {self.field!r} {exc}; nothing was written",
+                record_id=record_id,
+                value=value,
+            ) from None
+
+    def bucket_of(self, seconds: float) -> str | None:
+        if self.ranges:
+            for r in self.ranges:
+                lo, hi = r.interval
+                if lo <= seconds < hi:
+                    return r.name
+            return None
+        assert self.granularity is not None
+        return bucket_label(seconds, self.granularity)
+
+    def interval_of(self, bucket: str) -> tuple[float, float] | None:
+        if self.ranges:
+            for r in self.ranges:
+                if r.name == bucket:
+                    return r.interval
+            return None
+        assert self.granularity is not None
+        return bucket_interval(bucket, self.granularity)
+
+    def shard_of(self, bucket: str) -> str:
+        if self.ranges:
+            return next(r.shard for r in self.ranges if r.name == bucket)
+        return self.buckets.get(bucket) or str(self.hot)
+
+    def place(self, record_id: str, metadata: Mapping[str, Any] | None) -> Placement:
+        seconds = self.time_of(record_id, metadata)
+        bucket = self.bucket_of(seconds)
+        if bucket is None:
+            names = ", ".join(r.name for r in self.ranges[:_SHOW])
+            raise RoutingError(
+                f"record {record_id!r}: {self.field}={metadata[self.field]!r} "  # type: ignore[index]
+                f"is outside every time range ({names}); nothing was written",
+                record_id=record_id,
+                value=seconds,
+            )
+        return Placement(self.shard_of(bucket), bucket)
+
+    def _leaf(self, name: str, op: str, arg: Any) -> Intervals | None:
+        if name != self.field:
+            return None
+        if op in ("$eq", "$in"):
+            values = [arg] if op == "$eq" else arg
+            if not isinstance(values, list):
+                return None
+            points = []
+            for v in values:
+                try:
+                    t = parse_time(v)
+                except TimeValueError:
+                    return None  # not a time: leave it to the server
+                points.append((t, t))
+            return normalize(points)
+        if isinstance(arg, bool) or not isinstance(arg, (int, float)):
+            return None
+        return range_interval(op, float(arg))
+
+    def scope(self, where: Mapping[str, Any] | None) -> Scope:
+        times = walk_where(where, self._leaf, intersect, unite)
+        if times is None:
+            return Scope()
+        if self.ranges:
+            shards = {r.shard for r in self.ranges if overlaps(times, *r.interval)}
+        else:
+            shards = {self.shard_of(b) for b, _ in self.buckets.items() if self._meets(b, times)}
+            if times:
+                shards.add(str(self.hot))
+        return Scope(shards=frozenset(shards), times=times)
+
+    def _meets(self, bucket: str, times: Intervals) -> bool:
+        span = self.interval_of(bucket)
+        return span is None or overlaps(times, *span)
+
+    def bucket_may_match(self, bucket: str, scope: Scope) -> bool:
+        """Whether a bucket (found on a shard) can hold records matching the scope."""
+        return scope.times is None or self._meets(bucket, scope.times)
+
+
+AnyPolicy = Annotated[
+    HashPolicy | FieldPolicy | CompositePolicy | TimePolicy, Field(discriminator="kind")
+]
+POLICIES: dict[str, type[BaseModel]] = {
+    "composite": CompositePolicy,
+    "field": FieldPolicy,
+    "hash": HashPolicy,
+    "time": TimePolicy,
+}
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(AnyPolicy)
+
+
+def build_policy(data: Mapping[str, Any] | BaseModel, *, source: str = "policy") -> Any:
+    """A policy from a mapping with a ``kind`` (as in a topology file) or a policy object."""
+    if isinstance(data, BaseModel):
+        return data
+    kind = data.get("kind", "hash")
+    if kind not in POLICIES:
+        raise ConfigurationError(
+            f"{source}: unknown policy kind {kind!r}; known: {sorted(POLICIES)}"
+        )
+    try:
+        return _ADAPTER.validate_python({**data, "kind": kind})
+    except ValidationError as exc:
+        errors = exc.errors(include_input=False)
+    problems = "; ".join(
+        f"{'.'.join(str(x) for x in e['loc'][1:]) or kind}: {e['msg']}" for e in errors
+    )
+    raise ConfigurationError(f"invalid {source}: {problems}")
+
+
+def policy_to_json(policy: BaseModel) -> str:
+    return orjson.dumps(policy.model_dump(mode="json")).decode()
+
+
+def policy_from_json(text: str) -> Any:
+    """A stored policy. A legacy value (a field name, or "" for the id) is a hash policy."""
+    if not text.startswith("{"):
+        return HashPolicy(field=text or None)
+    return build_policy(orjson.loads(text), source="stored policy")
