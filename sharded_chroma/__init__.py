@@ -14,6 +14,7 @@ from ._errors import (
     HintLogFullError,
     NodeUnavailableError,
     PartialWriteError,
+    RoutingError,
     ShardedChromaError,
     ShardFailureError,
     ShardMismatchError,
@@ -21,6 +22,7 @@ from ._errors import (
 )
 from ._fanout import Coverage
 from ._options import options
+from ._policies import CompositePolicy, FieldPolicy, HashPolicy, TimePolicy, TimeRange
 from ._status import CollectionStatus, ShardStatus
 from ._topology import NodeConfig, ReplicationConfig, ShardConfig, Topology
 from ._transport import NodeStats
@@ -29,14 +31,18 @@ __all__ = [
     "AsyncHttpClient",
     "ClientClosedError",
     "CollectionStatus",
+    "CompositePolicy",
     "ConfigurationError",
     "Coverage",
+    "FieldPolicy",
+    "HashPolicy",
     "HintLogFullError",
     "NodeConfig",
     "NodeStats",
     "NodeUnavailableError",
     "PartialWriteError",
     "ReplicationConfig",
+    "RoutingError",
     "ShardConfig",
     "ShardFailureError",
     "ShardMismatchError",
@@ -44,6 +50,8 @@ __all__ = [
     "ShardedChromaError",
     "ShardedClient",
     "ShardedCollection",
+    "TimePolicy",
+    "TimeRange",
     "Topology",
     "WriteConcernError",
     "options",

@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
@@ -35,7 +35,6 @@ from ._errors import (
 from ._fanout import fan_out, raise_for_failures
 from ._hints import HintLog
 from ._replicas import HintTarget, Node, ReplicaSet
-from ._routing import SlotTable
 from ._topology import Topology
 
 __all__ = [
@@ -55,8 +54,13 @@ RESERVED_PREFIX = "_sc_"
 SEQ_KEY = "_sc_seq"
 """Hidden per-record sequence (a hybrid logical clock value): the cluster's insertion order."""
 _ROUTING_META = "_sc_routing"
+"""The collection's placement policy as JSON (a bare field name in collections made before
+policies existed)."""
 _SLOTS_META = "_sc_slots"
 _ID_META = "_sc_id"
+_PARENT_META = "_sc_parent"
+"""On a time bucket's physical collection: the cluster id of the collection it belongs to."""
+_BUCKET_META = "_sc_bucket"
 
 
 def reject_reserved(keys: Iterable[Any], what: str) -> None:
@@ -86,9 +90,15 @@ class CollectionState:
     database: str
     physical: dict[str, UUID]
     """Physical collection id per node URL, filled as nodes are first addressed."""
-    routing_key: str | None
-    slot_table: SlotTable
+    policy: Any
+    """The placement policy (a ``_policies.Policy``), the same for every client."""
     dimension: int | None = None
+    configuration: dict[str, Any] | None = None
+    """The physical collections' configuration, given to time buckets as they are created."""
+    bucket: str | None = None
+    """Set on the state of one time bucket's physical collection (see ``_parts``)."""
+    buckets: dict[str, CollectionState] = field(default_factory=dict)
+    """States of this collection's time buckets by label, as this client has met them."""
 
     @property
     def base(self) -> str:
@@ -117,6 +127,7 @@ class BackendCore:
         self.shard_names: tuple[str, ...] = tuple(s.name for s in topology.shards)
         self.catalog_shard = self.shard_names[0]
         self.slot_table = topology.slot_table()
+        """Slot owners of the default policy (hash of the id over every shard)."""
         self.replication = topology.replication
         self._hints: HintLog | None = None
         if any(s.replicas for s in topology.shards):

@@ -28,6 +28,7 @@ from ._backend import (
 )
 from ._errors import ConfigurationError, NodeUnavailableError, ShardMismatchError
 from ._fanout import fan_out, raise_for_failures
+from ._policies import HashPolicy, build_policy, policy_from_json, policy_to_json
 from ._replicas import Node
 
 __all__ = ["CatalogOps"]
@@ -54,28 +55,57 @@ class CatalogOps(BackendCore):
             shard=self.catalog_shard,
         )
 
+    def _stored_policy(self, name: str, routing: Any, slots: Any) -> Any:
+        """The policy stored with a collection, bound to this client's shards, or this
+        client's default for a collection created outside this library."""
+        if routing is None or slots is None:
+            return self.topology.default_policy(name)
+        try:
+            policy = policy_from_json(str(routing))
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"collection {name!r}: {exc}") from None
+        if isinstance(policy, HashPolicy) and not policy.shards:
+            # Stored before policies named their shards: the slot count is all there is.
+            if int(slots) != self.topology.slots:
+                raise ConfigurationError(
+                    f"collection {name!r} was created with {slots} slots but this "
+                    f"client's topology has {self.topology.slots}; use the same slot count"
+                )
+            policy = policy.model_copy(update={"slots": int(slots)})
+        elif isinstance(policy, HashPolicy) and policy.shards != self.shard_names:
+            raise ConfigurationError(
+                f"collection {name!r} hashes records over shards {list(policy.shards)}, but this "
+                f"client's topology has {list(self.shard_names)}; records would be looked for "
+                "in the wrong place"
+            )
+        try:
+            return self.topology.bind(policy)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"collection {name!r}: {exc}") from None
+
     def _state_from_models(
-        self, models: Mapping[str, CollectionModel], catalog_url: str
+        self,
+        models: Mapping[str, CollectionModel],
+        catalog_url: str,
+        declared: Any = None,
     ) -> CollectionState:
         """Build (and cache) a collection's state from its model on every node that answered.
 
         ``models`` is keyed by node URL; ``catalog_url`` names the catalog-shard node to trust
-        for the cluster's id and policy."""
+        for the cluster's id and policy. ``declared`` is the policy the caller asked for, if
+        any; a collection stored with another one is an error."""
         catalog = models[catalog_url]
         owner = {n.url: (rs.name, n) for rs in self.shards.values() for n in rs.nodes}
         meta = catalog.metadata or {}
         routing = meta.get(_ROUTING_META)
         slots = meta.get(_SLOTS_META)
-        if routing is None or slots is None:
-            # Created outside this library: adopt the client's own policy.
-            routing_key = self.topology.routing_key
-        else:
-            routing_key = str(routing) or None
-            if int(slots) != self.slot_table.slots:
-                raise ConfigurationError(
-                    f"collection {catalog.name!r} was created with {slots} slots but this "
-                    f"client's topology has {self.slot_table.slots}; use the same slot count"
-                )
+        policy = self._stored_policy(catalog.name, routing, slots)
+        if declared is not None and declared != policy:
+            raise ConfigurationError(
+                f"collection {catalog.name!r} exists with policy {policy_to_json(policy)}, "
+                f"not the one asked for ({policy_to_json(declared)}); one collection has one "
+                "layout, so open it without a policy or with the stored one"
+            )
         for url, model in models.items():
             other = model.metadata or {}
             shard = owner[url][0]
@@ -103,9 +133,9 @@ class CatalogOps(BackendCore):
             tenant=catalog.tenant,
             database=catalog.database,
             physical={url: m.id for url, m in models.items()},
-            routing_key=routing_key,
-            slot_table=self.slot_table,
+            policy=policy,
             dimension=dims.pop() if dims else None,
+            configuration=dict(catalog.configuration_json or {}),
         )
         self._states[state.id] = state
         return state
@@ -120,15 +150,22 @@ class CatalogOps(BackendCore):
             }
         )
 
-    def _policy_metadata(
-        self, metadata: CollectionMetadata | None, routing_key: str | None
-    ) -> dict[str, Any]:
+    def _policy_metadata(self, metadata: CollectionMetadata | None, policy: Any) -> dict[str, Any]:
         reject_reserved(metadata or {}, "metadata")
         return {
             **(metadata or {}),
-            _ROUTING_META: routing_key or "",
-            _SLOTS_META: self.slot_table.slots,
+            _ROUTING_META: policy_to_json(policy),
+            _SLOTS_META: getattr(policy, "slots", self.topology.slots),
         }
+
+    def _declared_policy(self, name: str, policy: Any) -> Any:
+        """The policy a caller asks for: the argument, else the topology's entry for the name;
+        None when neither says anything."""
+        if policy is None:
+            policy = self.topology.policies.get(name)
+        if policy is None:
+            return None
+        return self.topology.bind(build_policy(policy))
 
     async def create_collection(
         self,
@@ -139,10 +176,14 @@ class CatalogOps(BackendCore):
         get_or_create: bool = False,
         tenant: str = "default_tenant",
         database: str = "default_database",
+        *,
+        policy: Any = None,
     ) -> CollectionModel:
+        declared = self._declared_policy(name, policy)
+        chosen = declared if declared is not None else self.topology.default_policy(name)
         body = {
             "name": name,
-            "metadata": self._policy_metadata(metadata, self.topology.routing_key),
+            "metadata": self._policy_metadata(metadata, chosen),
             "configuration": (
                 create_collection_configuration_to_json(configuration, metadata)
                 if configuration
@@ -160,7 +201,7 @@ class CatalogOps(BackendCore):
         )
         cluster_id = str(first["id"])
         rest_body: dict[str, Any] = {**body, "get_or_create": True}
-        rest_body["metadata"] = {**self._policy_metadata(metadata, self.topology.routing_key)}
+        rest_body["metadata"] = {**self._policy_metadata(metadata, chosen)}
         rest_body["metadata"][_ID_META] = cluster_id
         if get_or_create:
             # An existing collection keeps its own policy: copy it rather than this client's.
@@ -177,7 +218,7 @@ class CatalogOps(BackendCore):
         )
         models = {self.catalog_node.url: self._model(first)}
         models.update({url: self._model(r) for url, r in rest.items()})
-        state = self._state_from_models(models, self.catalog_node.url)
+        state = self._state_from_models(models, self.catalog_node.url, declared)
         return self._public_model(state, models[self.catalog_node.url])
 
     async def _models_by_name(
@@ -211,7 +252,7 @@ class CatalogOps(BackendCore):
         self, name: str, tenant: str = "default_tenant", database: str = "default_database"
     ) -> CollectionModel:
         models, catalog_url = await self._models_by_name(name, tenant, database)
-        state = self._state_from_models(models, catalog_url)
+        state = self._state_from_models(models, catalog_url, self._declared_policy(name, None))
         return self._public_model(state, models[catalog_url])
 
     async def get_collection_by_id(
@@ -335,7 +376,7 @@ class CatalogOps(BackendCore):
         }
         policy = None
         if new_metadata is not None:
-            policy = self._policy_metadata(new_metadata, state.routing_key)
+            policy = self._policy_metadata(new_metadata, state.policy)
 
         async def put(node: Node) -> Any:
             payload = body

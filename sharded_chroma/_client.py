@@ -177,8 +177,16 @@ class ShardedClient:
         embedding_function: EmbeddingFunction[Embeddable] | None = _DEFAULT_EF,
         data_loader: DataLoader[Loadable] | None = None,
         get_or_create: bool = False,
+        *,
+        policy: Any = None,
     ) -> ShardedCollection:
-        """Create the collection on every shard; see ``AsyncClientAPI.create_collection``."""
+        """Create the collection on every shard; see ``AsyncClientAPI.create_collection``.
+
+        ``policy`` places its records (``HashPolicy``, ``FieldPolicy``, ``CompositePolicy``,
+        ``TimePolicy``, or a mapping with a ``kind``); without it, the topology's entry for
+        this name, else a hash of the id (or of the topology's ``routing_key``). The policy is
+        stored with the collection; opening it with a different one raises
+        ``ConfigurationError``."""
         backend = self._live()
         configuration = cast(CreateCollectionConfiguration, dict(configuration or {}))
         configured_ef = configuration.get("embedding_function")
@@ -186,7 +194,14 @@ class ShardedClient:
         if embedding_function is not None and configured_ef is None:
             configuration["embedding_function"] = embedding_function
         model = await backend.create_collection(
-            name, schema, configuration, metadata, get_or_create, self.tenant, self.database
+            name,
+            schema,
+            configuration,
+            metadata,
+            get_or_create,
+            self.tenant,
+            self.database,
+            policy=policy,
         )
         if get_or_create:
             validate_embedding_function_conflict_on_get(
@@ -202,8 +217,13 @@ class ShardedClient:
         metadata: CollectionMetadata | None = None,
         embedding_function: EmbeddingFunction[Embeddable] | None = _DEFAULT_EF,
         data_loader: DataLoader[Loadable] | None = None,
+        *,
+        policy: Any = None,
     ) -> ShardedCollection:
-        """Get the collection, creating it (or repairing a shard missing it) if needed."""
+        """Get the collection, creating it (or repairing a shard missing it) if needed.
+
+        An existing collection keeps its stored policy; a ``policy`` that differs from it
+        raises ``ConfigurationError``."""
         return await self.create_collection(
             name,
             schema,
@@ -212,6 +232,7 @@ class ShardedClient:
             embedding_function,
             data_loader,
             get_or_create=True,
+            policy=policy,
         )
 
     async def get_collection(

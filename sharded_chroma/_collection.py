@@ -8,6 +8,7 @@ keyword-only (``on_shard_error=``) or new methods (``scan``).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, cast
 
 from chromadb.api.models.AsyncCollection import AsyncCollection
@@ -27,6 +28,7 @@ from chromadb.api.types import (
 )
 
 from ._fanout import OnShardError
+from ._timebuckets import TimeValueError, parse_time
 
 if TYPE_CHECKING:
     from ._records import RecordOps
@@ -164,6 +166,32 @@ class ShardedCollection(AsyncCollection):
         )
         async for page in pages:
             yield self._transform_get_response(response=page, include=request["include"])
+
+    async def get_policy(self) -> Any:
+        """The placement policy stored with this collection (the same for every client)."""
+        state = await self._backend.state(self.id, self.tenant, self.database)
+        return state.policy
+
+    async def drop_partitions(
+        self, before: datetime | float | str, *, dry_run: bool = False
+    ) -> list[tuple[str, str]]:
+        """Delete, under a time policy, every bucket that ends at or before ``before``.
+
+        ``before`` is a datetime (naive means UTC), epoch seconds or an ISO-8601 string. A
+        bucket that straddles ``before`` is kept whole. Each bucket is deleted as one physical
+        collection on every copy of its shard, so the time taken does not grow with its size.
+        Returns ``(shard, bucket)`` pairs, oldest first; with ``dry_run`` nothing is deleted.
+        """
+        if isinstance(before, datetime):
+            moment = before if before.tzinfo else before.replace(tzinfo=timezone.utc)
+            cutoff = moment.timestamp()
+        else:
+            try:
+                cutoff = parse_time(before)
+            except TimeValueError as exc:
+                raise ValueError(f"before: {exc}") from None
+        state = await self._backend.state(self.id, self.tenant, self.database)
+        return await self._backend.drop_buckets(state, cutoff, dry_run=dry_run)
 
     async def fork(self, new_name: str) -> AsyncCollection:
         raise NotImplementedError("fork is a Chroma Cloud feature; a sharded cluster has no fork")

@@ -19,11 +19,13 @@ OnShardError = Literal["raise", "partial"]
 
 @dataclass(frozen=True)
 class Coverage:
-    """Which shards a call asked, which answered and which failed (with the error text)."""
+    """Which shards a call asked, which answered, which failed (with the error text), and
+    which it skipped because the collection's policy and the filter rule out matches there."""
 
     asked: tuple[str, ...]
     answered: tuple[str, ...]
     failed: Mapping[str, str] = field(default_factory=dict)
+    skipped: tuple[str, ...] = ()
 
     @property
     def complete(self) -> bool:

@@ -25,9 +25,18 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from ._errors import ConfigurationError, RoutingError
+from ._frozen import FrozenDict
 from ._prune import (
     Intervals,
     intersect,
@@ -42,6 +51,7 @@ from ._timebuckets import TimeValueError, bucket_interval, bucket_label, parse_t
 
 __all__ = [
     "POLICIES",
+    "AnyPolicy",
     "CompositePolicy",
     "FieldPolicy",
     "HashPolicy",
@@ -207,8 +217,10 @@ class FieldPolicy(BaseModel):
     model_config = _Frozen
     kind: Literal["field"] = "field"
     field: str = Field(min_length=1)
-    partitions: dict[str, tuple[str, ...]]
-    values: dict[str, str] = Field(default_factory=dict)
+    partitions: Annotated[Mapping[str, tuple[str, ...]], AfterValidator(FrozenDict)]
+    values: Annotated[Mapping[str, str], AfterValidator(FrozenDict)] = Field(
+        default_factory=FrozenDict
+    )
     default: str | None = None
     slots: int = Field(default=DEFAULT_SLOTS, ge=1, le=MAX_SLOTS)
 
@@ -355,7 +367,9 @@ class TimePolicy(BaseModel):
     field: str = Field(min_length=1)
     granularity: Literal["hour", "day", "week", "month"] | None = "day"
     ranges: tuple[TimeRange, ...] = ()
-    buckets: dict[str, str] = Field(default_factory=dict)
+    buckets: Annotated[Mapping[str, str], AfterValidator(FrozenDict)] = Field(
+        default_factory=FrozenDict
+    )
     hot: str | None = None
 
     @model_validator(mode="after")

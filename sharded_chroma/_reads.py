@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from uuid import UUID
 
@@ -13,7 +13,6 @@ from chromadb.api.types import (
     GetResult,
     IDs,
     Include,
-    Metadatas,
     QueryResult,
     Where,
     WhereDocument,
@@ -21,9 +20,9 @@ from chromadb.api.types import (
 from chromadb.errors import InvalidArgumentError
 
 from ._backend import SEQ_KEY, CollectionState, reject_reserved
-from ._catalog import CatalogOps
 from ._fanout import Coverage, OnShardError, fan_out, raise_for_failures
 from ._merge import merge_get, merge_query, strip_seq
+from ._parts import PartOps, Plan, Target
 from ._replicas import Node
 
 __all__ = ["ReadOps", "check_where", "dimension_error"]
@@ -64,50 +63,32 @@ _GET_PAGE = 10_000
 _GET_COLUMNS = ("ids", "embeddings", "metadatas", "documents", "uris")
 
 
-class ReadOps(CatalogOps):
+class ReadOps(PartOps):
     """Routing helpers and the read methods chromadb's AsyncCollection calls."""
 
     # -- routing ----------------------------------------------------------------------------
 
-    def _routing_values(
-        self, state: CollectionState, ids: IDs, metadatas: Metadatas | None
-    ) -> list[str]:
-        field = state.routing_key
-        if field is None:
-            return list(ids)
-        values = []
-        for i, record_id in enumerate(ids):
-            meta = metadatas[i] if metadatas is not None else None
-            value = None if meta is None else meta.get(field)
-            if value is None or isinstance(value, (list, dict)):
-                raise ValueError(
-                    f"record {record_id!r} needs a scalar metadata value for the routing key "
-                    f"{field!r}; nothing was written"
-                )
-            values.append(str(value))
-        return values
-
-    def _group(self, state: CollectionState, keys: Sequence[str]) -> dict[str, list[int]]:
-        groups = state.slot_table.group_by_shard(keys)
-        return {self.shard_names[s]: pos for s, pos in sorted(groups.items())}
-
     async def _locate(self, state: CollectionState, ids: IDs) -> dict[str, list[int]]:
-        """Owners of existing ids. Under hash-of-id this is pure; under a metadata routing key
-        the shards are asked, and ids found nowhere are left out."""
-        if state.routing_key is None:
-            return self._group(state, ids)
+        """Where existing ids are: positions per part key, ids found nowhere left out.
 
-        async def look(_shard: str, node: Node) -> Any:
-            return await node.transport.request(
-                "POST",
-                await self.node_path(state, node, "/get"),
-                body={"ids": list(ids), "include": []},
+        Under hash of the id this is pure (every owner is named, whether it holds the id or
+        not). Otherwise every part is asked; an id may be found in two parts while a move is
+        being finished."""
+        if self.ids_routed(state):
+            groups, _ = self.group_placements(state, self.place_records(state, ids, None))
+            return groups
+        parts = await self.all_parts(state, "locate")
+
+        async def look(target: Target) -> Any:
+            return await self._read_from(
+                target.shard, target.state, "/get", {"ids": list(ids), "include": []}
             )
 
-        found = await self.call_all("locate", look)
+        found, failures = await fan_out({k: functools.partial(look, t) for k, t in parts.items()})
+        raise_for_failures("locate", failures)
         position = {record_id: i for i, record_id in enumerate(ids)}
         return {
-            n: sorted(position[i] for i in r["ids"]) for n, r in sorted(found.items()) if r["ids"]
+            k: sorted(position[i] for i in r["ids"]) for k, r in sorted(found.items()) if r["ids"]
         }
 
     def _check_embeddings(
@@ -145,15 +126,6 @@ class ReadOps(CatalogOps):
         return await self.shards[shard].read(op)
 
     # -- reads ------------------------------------------------------------------------------
-
-    async def _read_shards(
-        self, state: CollectionState, ids: IDs | None
-    ) -> dict[str, list[str] | None]:
-        """Which shards a read must ask, with the ids to ask each for (None: no id filter)."""
-        if ids is not None and state.routing_key is None:
-            groups = self._group(state, ids)
-            return {s: [ids[i] for i in pos] for s, pos in groups.items()}
-        return {s: (list(ids) if ids is not None else None) for s in self.shard_names}
 
     async def _read_query(self, shard: str, state: CollectionState, body: Any) -> Any:
         return await self._read_from(shard, state, "/query", body)
@@ -194,25 +166,27 @@ class ReadOps(CatalogOps):
                 return out
 
     async def _gather(
-        self,
-        op: str,
-        state: CollectionState,
-        targets: Mapping[str, Any],
-        body_for: Any,
-        on_shard_error: OnShardError,
+        self, op: str, plan: Plan, body_for: Any, on_shard_error: OnShardError
     ) -> tuple[list[Any], Coverage]:
+        """Ask every part of a plan; failures are reported per shard."""
         read = self._read_get_paged if op == "get" else self._read_query
-        results, failures = await fan_out(
-            {s: functools.partial(read, s, state, body_for(s)) for s in targets}
+        targets = plan.targets
+        results, failed_parts = await fan_out(
+            {k: functools.partial(read, t.shard, t.state, body_for(t)) for k, t in targets.items()}
         )
-        if on_shard_error == "raise" or not results:
+        failures: dict[str, Exception] = dict(plan.failed)
+        for key, exc in failed_parts.items():
+            failures.setdefault(targets[key].shard, exc)
+        if on_shard_error == "raise" or (not results and failures):
             raise_for_failures(op, failures)
+        asked = tuple(s for s in self.shard_names if s not in plan.skipped)
         coverage = Coverage(
-            asked=tuple(targets),
-            answered=tuple(s for s in targets if s in results),
+            asked=asked,
+            answered=tuple(s for s in asked if s not in failures),
             failed={s: f"{type(e).__name__}: {e}" for s, e in failures.items()},
+            skipped=plan.skipped,
         )
-        return [results[s] for s in targets if s in results], coverage
+        return [results[k] for k in targets if k in results], coverage
 
     async def _get(
         self,
@@ -238,13 +212,16 @@ class ReadOps(CatalogOps):
         fields = [f for f in include if f != "data"]
         wire_include = sorted({*fields, "metadatas"})
         shard_limit = None if limit is None else start + limit
-        targets = await self._read_shards(state, ids)
-        if not targets or limit == 0:
-            return self._empty_get(include)
+        plan = await self.plan(state, ids, where)
+        if limit == 0 or (not plan.targets and not plan.failed):
+            result = self._empty_get(include)
+            if on_shard_error == "partial":
+                result["coverage"] = self._coverage(plan)  # type: ignore[typeddict-unknown-key]
+            return result
 
-        def body(shard: str) -> dict[str, Any]:
+        def body(target: Target) -> dict[str, Any]:
             return {
-                "ids": targets[shard],
+                "ids": target.ids,
                 "where": where,
                 "where_document": where_document,
                 "limit": shard_limit,
@@ -252,12 +229,16 @@ class ReadOps(CatalogOps):
                 "include": wire_include,
             }
 
-        responses, coverage = await self._gather("get", state, targets, body, on_shard_error)
+        responses, coverage = await self._gather("get", plan, body, on_shard_error)
         merged = merge_get(responses, seq_key=SEQ_KEY, offset=start, limit=limit, fields=fields)
         result = _get_result(merged, include)
         if on_shard_error == "partial":
             result["coverage"] = coverage  # type: ignore[typeddict-unknown-key]
         return result
+
+    def _coverage(self, plan: Plan) -> Coverage:
+        """Coverage of a plan that asked no part (the filter pruned every shard)."""
+        return Coverage(asked=(), answered=(), skipped=plan.skipped)
 
     def _empty_get(self, include: Include) -> GetResult:
         return GetResult(
@@ -293,10 +274,15 @@ class ReadOps(CatalogOps):
         read_level: Any = None,
     ) -> int:
         state = await self.state(collection_id, tenant, database)
-        counts = await self.call_all(
-            "count",
-            lambda _shard, node: self._node_get(state, node, "/count"),
-        )
+        parts = await self.all_parts(state, "count")
+
+        async def count(target: Target) -> Any:
+            return await self.shards[target.shard].read(
+                lambda node: self._node_get(target.state, node, "/count")
+            )
+
+        counts, failures = await fan_out({k: functools.partial(count, t) for k, t in parts.items()})
+        raise_for_failures("count", failures)
         return sum(int(c) for c in counts.values())
 
     async def _query(
@@ -318,22 +304,22 @@ class ReadOps(CatalogOps):
             # Non-finite query values are left to the servers, which refuse them as one would.
             self._check_embeddings(state, query_embeddings, finite=False)
         fields = [f for f in include if f != "data"]
-        targets = await self._read_shards(state, ids)
+        plan = await self.plan(state, ids, where)
         n_queries = len(query_embeddings)
-        if not targets:
+        if not plan.targets and not plan.failed:
             # query(ids=[]) asks no shard: one empty row list per query, as one server answers.
             merged: dict[str, Any] = {
                 k: ([[] for _ in range(n_queries)] if k == "ids" or k in fields else None)
                 for k in ("ids", "distances", "embeddings", "metadatas", "documents", "uris")
             }
-            coverage = Coverage(asked=(), answered=())
+            coverage = self._coverage(plan)
         else:
             matrix = np.asarray(query_embeddings, dtype=np.float32)
             wire_include = sorted({*fields, "distances"})
 
-            def body(shard: str) -> dict[str, Any]:
+            def body(target: Target) -> dict[str, Any]:
                 return {
-                    "ids": targets[shard],
+                    "ids": target.ids,
                     "query_embeddings": matrix,
                     "n_results": n_results,
                     "where": where,
@@ -341,7 +327,7 @@ class ReadOps(CatalogOps):
                     "include": wire_include,
                 }
 
-            responses, coverage = await self._gather("query", state, targets, body, on_shard_error)
+            responses, coverage = await self._gather("query", plan, body, on_shard_error)
             merged = merge_query(responses, n_results, fields)
         if merged["metadatas"] is not None:
             merged["metadatas"] = [strip_seq(m, SEQ_KEY) or [] for m in merged["metadatas"]]
@@ -378,11 +364,15 @@ class ReadOps(CatalogOps):
         wire_include = sorted({*fields, "metadatas"})
         from ._scan import merged_rows
 
-        # Offsets are positions in one node's stored order, so each shard's pages come from
+        plan = await self.plan(state, None, where)
+        raise_for_failures("scan", plan.failed)
+        targets = plan.targets
+        # Offsets are positions in one node's stored order, so each part's pages come from
         # the same copy for the whole scan while it answers.
         sticky: dict[str, Node] = {}
 
-        async def fetch(shard: str, offset: int) -> Mapping[str, Any]:
+        async def fetch(key: str, offset: int) -> Mapping[str, Any]:
+            target = targets[key]
             body = {
                 "where": where,
                 "where_document": where_document,
@@ -393,13 +383,15 @@ class ReadOps(CatalogOps):
 
             async def op(node: Node) -> Any:
                 page = await node.transport.request(
-                    "POST", await self.node_path(state, node, "/get"), body=body
+                    "POST", await self.node_path(target.state, node, "/get"), body=body
                 )
-                sticky[shard] = node
+                sticky[key] = node
                 return page
 
-            page: Mapping[str, Any] = await self.shards[shard].read(op, prefer=sticky.get(shard))
+            page: Mapping[str, Any] = await self.shards[target.shard].read(
+                op, prefer=sticky.get(key)
+            )
             return page
 
-        async for page in merged_rows(self.shard_names, fetch, batch_size, SEQ_KEY, fields):
+        async for page in merged_rows(tuple(targets), fetch, batch_size, SEQ_KEY, fields):
             yield _get_result(page, include)

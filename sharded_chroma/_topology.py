@@ -18,6 +18,12 @@ Example ``cluster.toml``::
     name = "s1"
     primary = { url = "https://10.0.0.2:8000", ca_file = "ca.pem" }
     replicas = ["https://10.0.0.3:8000"]
+
+    [policies.events]     # placement of the collection "events" (default: hash of the id)
+    kind = "time"
+    field = "ts"
+    granularity = "day"
+    hot = "s1"
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -40,6 +46,8 @@ from pydantic import (
 )
 
 from ._errors import ConfigurationError
+from ._frozen import FrozenDict
+from ._policies import AnyPolicy, HashPolicy
 from ._routing import DEFAULT_SLOTS, MAX_SLOTS, SlotTable
 
 if sys.version_info >= (3, 11):
@@ -53,19 +61,6 @@ DEFAULT_TENANT = "default_tenant"
 DEFAULT_DATABASE = "default_database"
 
 _Frozen = ConfigDict(frozen=True, extra="forbid")
-
-
-class _FrozenHeaders(dict[str, str]):
-    """A read-only, hashable header mapping, so frozen configs stay frozen and hashable."""
-
-    def _readonly(self, *args: Any, **kwargs: Any) -> NoReturn:
-        raise TypeError("node headers are read-only; build a new NodeConfig instead")
-
-    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _readonly
-    __ior__ = _readonly
-
-    def __hash__(self) -> int:  # type: ignore[override]
-        return hash(frozenset(self.items()))
 
 
 def _redact(url: str) -> str:
@@ -85,8 +80,8 @@ class NodeConfig(BaseModel):
     model_config = _Frozen
 
     url: str
-    headers: Annotated[Mapping[str, str], AfterValidator(_FrozenHeaders)] = Field(
-        default_factory=_FrozenHeaders, repr=False
+    headers: Annotated[Mapping[str, str], AfterValidator(FrozenDict)] = Field(
+        default_factory=FrozenDict, repr=False
     )
     token_env: str | None = None
     """Name of an environment variable holding the auth token; the token itself is never stored
@@ -199,8 +194,14 @@ class Topology(BaseModel):
     database: str = DEFAULT_DATABASE
     slots: int = Field(default=DEFAULT_SLOTS, ge=1, le=MAX_SLOTS)
     routing_key: str | None = None
-    """Metadata field whose value is hashed to place a record; None hashes the record id."""
+    """Metadata field whose value is hashed to place a record; None hashes the record id.
+    The default policy of collections created without one."""
     replication: ReplicationConfig = Field(default_factory=ReplicationConfig)
+    policies: Annotated[Mapping[str, AnyPolicy], AfterValidator(FrozenDict)] = Field(
+        default_factory=FrozenDict
+    )
+    """Placement policy per collection name, used when that collection is created and checked
+    against the stored one when it is opened."""
 
     @model_validator(mode="after")
     def _check(self) -> Topology:
@@ -216,7 +217,33 @@ class Topology(BaseModel):
             raise ValueError(f"slots ({self.slots}) must be at least the shard count")
         if self.routing_key is not None and not self.routing_key:
             raise ValueError("routing_key must be a non-empty metadata field name or None")
+        for collection, policy in self.policies.items():
+            unknown = sorted(policy.shards_named() - set(names))
+            if unknown:
+                raise ValueError(
+                    f"policy of collection {collection!r} names unknown shard(s) {unknown}; "
+                    f"shards are {names}"
+                )
         return self
+
+    def default_policy(self, collection: str) -> Any:
+        """The policy a new collection of this name gets, bound to this topology's shards."""
+        declared = self.policies.get(collection)
+        if declared is None:
+            declared = HashPolicy(field=self.routing_key, slots=self.slots)
+        return self.bind(declared)
+
+    def bind(self, policy: Any) -> Any:
+        """A policy ready to place records: a hash policy without shards gets all of them."""
+        names = tuple(s.name for s in self.shards)
+        if isinstance(policy, HashPolicy) and not policy.shards:
+            policy = policy.model_copy(update={"shards": names})
+        unknown = sorted(policy.shards_named() - set(names))
+        if unknown:
+            raise ConfigurationError(
+                f"the policy names unknown shard(s) {unknown}; this topology has {list(names)}"
+            )
+        return policy
 
     def slot_table(self) -> SlotTable:
         return SlotTable.uniform(len(self.shards), self.slots)
@@ -259,6 +286,12 @@ class Topology(BaseModel):
             shard["replicas"] = [node(r) for r in shard.get("replicas", ()) or ()]
             shards.append(shard)
         data["shards"] = shards
+        if "policies" in data:
+            # A table without "kind" is a hash policy, as in code.
+            data["policies"] = {
+                k: {"kind": "hash", **v} if isinstance(v, Mapping) else v
+                for k, v in dict(data["policies"] or {}).items()
+            }
         try:
             return cls.model_validate(data)
         except ValidationError as exc:

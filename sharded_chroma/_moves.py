@@ -1,0 +1,175 @@
+"""Moving records whose routing value changed (an upsert or update under a non-id policy).
+
+A move writes the whole record, as it will read after the call, to its new part first and only
+then deletes it from the old one, so it is never in neither. If the delete fails the record is
+briefly in both: reads drop duplicate ids, the call raises, and repeating the same call finishes
+the move (the record is then found in two parts, and the copy outside its destination is
+removed). The record keeps its hidden sequence value, so its place in get() order is unchanged,
+as an update on one server leaves it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from chromadb.api.types import Documents, Embeddings, IDs, Metadatas, URIs
+
+from ._backend import CollectionState
+from ._fanout import fan_out, raise_for_failures
+from ._parts import Target
+from ._policies import CompositePolicy, Placement
+from ._writes import WriteOps
+
+__all__ = ["MoveOps", "routing_fields"]
+
+_FULL = ["embeddings", "metadatas", "documents", "uris"]
+
+
+def routing_fields(policy: Any) -> frozenset[str]:
+    """Metadata fields whose change can move a record under ``policy``."""
+    fields = {getattr(policy, "field", None)}
+    if isinstance(policy, CompositePolicy):
+        fields.add(policy.hash_key)
+    return frozenset(f for f in fields if f is not None)
+
+
+def _merged(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Metadata after an update on one server: keys merged, a None value removes the key."""
+    out = dict(old or {})
+    for key, value in (new or {}).items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
+
+
+class MoveOps(WriteOps):
+    """Record moves between parts, for upserts and updates that change routing values."""
+
+    def _part_of_key(self, state: CollectionState, key: str) -> Target:
+        shard, _, bucket = key.partition("/")
+        return self.target(state, shard, bucket or None)
+
+    async def _read_records(
+        self, state: CollectionState, ids: IDs, sources: Mapping[int, str]
+    ) -> dict[int, dict[str, Any]]:
+        """Whole stored records (with their hidden sequence) by input position."""
+        by_key: dict[str, list[int]] = {}
+        for pos, key in sources.items():
+            by_key.setdefault(key, []).append(pos)
+
+        async def read(key: str) -> Any:
+            target = self._part_of_key(state, key)
+            body = {"ids": [ids[i] for i in by_key[key]], "include": _FULL}
+            return await self._read_from(target.shard, target.state, "/get", body)
+
+        answers, failures = await fan_out({k: functools.partial(read, k) for k in by_key})
+        raise_for_failures("move", failures)
+        out: dict[int, dict[str, Any]] = {}
+        for key, answer in answers.items():
+            row = {rid: n for n, rid in enumerate(answer["ids"])}
+            for pos in by_key[key]:
+                n = row.get(ids[pos])
+                if n is None:
+                    continue  # deleted meanwhile: nothing to move
+                out[pos] = {c: (answer.get(c) or [None] * len(answer["ids"]))[n] for c in _FULL}
+        return out
+
+    async def _update_moves(
+        self,
+        state: CollectionState,
+        ids: IDs,
+        found: Mapping[str, list[int]],
+        metadatas: Metadatas | None,
+    ) -> tuple[list[Placement | None], dict[int, list[str]]] | None:
+        """For an update: the new placement of records it moves, and their source parts; None
+        when nothing moves. Every new placement is checked before anything is written."""
+        fields = routing_fields(state.policy)
+        sources: dict[int, list[str]] = {}
+        for key, pos in found.items():
+            for i in pos:
+                sources.setdefault(i, []).append(key)
+        touched = [
+            i
+            for i in sources
+            if len(sources[i]) > 1
+            or (metadatas is not None and fields & set((metadatas[i] or {}).keys()))
+        ]
+        if not touched:
+            return None
+        old = await self._read_records(state, ids, {i: sources[i][0] for i in touched})
+        placements: list[Placement | None] = [None] * len(ids)
+        moves: dict[int, list[str]] = {}
+        for i in touched:
+            if i not in old:
+                continue
+            meta = _merged(old[i]["metadatas"], None if metadatas is None else metadatas[i])
+            place: Placement = state.policy.place(ids[i], meta)
+            placements[i] = place
+            dest = self.target(state, place.shard, place.bucket).key
+            if sources[i] != [dest]:
+                moves[i] = sources[i]
+        return placements, moves
+
+    async def _move(
+        self,
+        state: CollectionState,
+        ids: IDs,
+        moves: Mapping[int, Sequence[str]],
+        placements: Sequence[Placement | None],
+        embeddings: Embeddings | None,
+        metadatas: Metadatas | None,
+        documents: Documents | None,
+        uris: URIs | None,
+    ) -> None:
+        """Write moved records whole to their destination, then delete them at the sources."""
+        dest: dict[int, str] = {}
+        for i in moves:
+            where = placements[i]
+            assert where is not None
+            dest[i] = self.target(state, where.shard, where.bucket).key
+        # A record already at its destination (an earlier move that did not finish) is read
+        # from there: that copy is the newer one.
+        pick = {i: (dest[i] if dest[i] in keys else keys[0]) for i, keys in moves.items()}
+        old = await self._read_records(state, ids, pick)
+        order = [i for i in sorted(moves) if i in old]
+        if not order:
+            return
+        new_ids = [ids[i] for i in order]
+        new_emb = [embeddings[i] if embeddings is not None else old[i]["embeddings"] for i in order]
+        new_meta: Metadatas = [
+            _merged(old[i]["metadatas"], None if metadatas is None else metadatas[i]) for i in order
+        ]
+        new_docs = [documents[i] if documents is not None else old[i]["documents"] for i in order]
+        new_uris = [uris[i] if uris is not None else old[i]["uris"] for i in order]
+        groups: dict[str, list[int]] = {}
+        for n, i in enumerate(order):
+            groups.setdefault(dest[i], []).append(n)
+        parts = {k: self._part_of_key(state, k) for k in groups}
+        await self._write(
+            "upsert",
+            state,
+            new_ids,
+            groups,
+            parts,
+            new_emb,
+            new_meta,
+            None if all(d is None for d in new_docs) else new_docs,
+            None if all(u is None for u in new_uris) else new_uris,
+            sequence="none",
+        )
+        stale: dict[str, list[str]] = {}
+        for i in order:
+            for key in moves[i]:
+                if key != dest[i]:
+                    stale.setdefault(key, []).append(ids[i])
+
+        async def remove(key: str) -> Any:
+            target = self._part_of_key(state, key)
+            return await self._write_to(target.shard, target.state, "delete", {"ids": stale[key]})
+
+        _, failures = await fan_out({k: functools.partial(remove, k) for k in stale})
+        raise_for_failures("move", failures, unwritten_ids=stale)
