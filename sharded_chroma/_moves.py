@@ -4,8 +4,12 @@ A move writes the whole record, as it will read after the call, to its new part 
 then deletes it from the old one, so it is never in neither. If the delete fails the record is
 briefly in both: reads drop duplicate ids, the call raises, and repeating the same call finishes
 the move (the record is then found in two parts, and the copy outside its destination is
-removed). The record keeps its hidden sequence value, so its place in get() order is unchanged,
-as an update on one server leaves it.
+removed).
+
+A moved record takes a new place at the end of get() order, as if deleted and added again (one
+server would keep its place). Keeping its old sequence value would put it out of order in its
+new part's stored order, and get() with limit/offset relies on each part storing records in
+sequence order, because Chroma has no "order by" to ask for.
 """
 
 from __future__ import annotations
@@ -159,7 +163,7 @@ class MoveOps(WriteOps):
             new_meta,
             None if all(d is None for d in new_docs) else new_docs,
             None if all(u is None for u in new_uris) else new_uris,
-            sequence="none",
+            sequence="all",
         )
         stale: dict[str, list[str]] = {}
         for i in order:

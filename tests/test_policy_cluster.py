@@ -1,0 +1,370 @@
+"""Field, composite and time policies against real servers: placement read back from each
+server directly, pruning seen in per-node request counters, results compared with one plain
+Chroma server holding the same records, moves, errors, and retention by dropping buckets."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+import sharded_chroma
+from sharded_chroma import (
+    CompositePolicy,
+    ConfigurationError,
+    FieldPolicy,
+    RoutingError,
+    TimePolicy,
+)
+from tests._nodes import drop_official_http_pools, official
+
+pytestmark = pytest.mark.anyio
+
+DAY = 86400
+T0 = 1_764_115_200  # 2025-11-26T00:00:00Z
+BASE = "/api/v2/tenants/default_tenant/databases"
+REGIONS = ["eu", "us", "ap", "de", "xx"]
+
+
+def field_policy() -> FieldPolicy:
+    return FieldPolicy(
+        field="region",
+        partitions={"eu": ("s0",), "us": ("s1", "s2"), "ap": ("s2",)},
+        values={"de": "eu"},
+        default="us",
+    )
+
+
+def time_policy() -> TimePolicy:
+    return TimePolicy(field="ts", granularity="day", hot="s2", buckets={"2025-11-26": "s0"})
+
+
+@pytest.fixture
+async def client(shard_urls: list[str]) -> AsyncIterator[sharded_chroma.ShardedClient]:
+    c = await sharded_chroma.AsyncHttpClient(shards=shard_urls)
+    try:
+        yield c
+    finally:
+        await c.aclose()
+        await drop_official_http_pools()
+
+
+async def held(url: str, database: str = "default_database") -> dict[str, set[str]]:
+    """Ids per physical collection name on one server, read with plain HTTP."""
+    out: dict[str, set[str]] = {}
+    async with httpx.AsyncClient(base_url=url) as http:
+        listed = await http.get(f"{BASE}/{database}/collections")
+        if listed.status_code == 404:
+            return out
+        for col in listed.json():
+            got = await http.post(
+                f"{BASE}/{database}/collections/{col['id']}/get", json={"include": []}
+            )
+            out[col["name"]] = set(got.json()["ids"])
+    return out
+
+
+def record(i: int, rng: random.Random) -> tuple[str, list[float], dict[str, Any]]:
+    meta = {
+        "region": rng.choice(REGIONS),
+        "topic": rng.randrange(4),
+        "ts": T0 + rng.randrange(-2 * DAY, 3 * DAY),
+        "user": f"u{rng.randrange(6)}",
+    }
+    return f"r{i:04d}", [rng.random() for _ in range(8)], meta
+
+
+async def fill(col: Any, n: int, seed: int = 7) -> list[tuple[str, list[float], dict[str, Any]]]:
+    rng = random.Random(seed)
+    recs = [record(i, rng) for i in range(n)]
+    for start in range(0, n, 100):
+        chunk = recs[start : start + 100]
+        await col.add(
+            ids=[r[0] for r in chunk],
+            embeddings=[r[1] for r in chunk],
+            metadatas=[r[2] for r in chunk],
+            documents=[f"doc {r[0]}" for r in chunk],
+        )
+    return recs
+
+
+async def test_field_policy_places_records_on_the_named_shards(
+    client: Any, shard_urls: list[str]
+) -> None:
+    policy = field_policy()
+    col = await client.create_collection("regions", embedding_function=None, policy=policy)
+    recs = await fill(col, 120)
+    names = ["s0", "s1", "s2"]
+    for name, url in zip(names, shard_urls, strict=True):
+        expected = {r[0] for r in recs if policy.place(r[0], r[2]).shard == name}
+        assert (await held(url)).get("regions", set()) == expected, name
+    assert {policy.place(r[0], r[2]).shard for r in recs} == set(names)
+    assert await col.count() == 120
+    assert (await client.get_collection("regions")).metadata is None
+    assert await col.get_policy() == policy
+
+
+async def test_time_policy_keeps_each_bucket_in_its_own_hidden_collection(
+    client: Any, shard_urls: list[str]
+) -> None:
+    col = await client.create_collection("events", embedding_function=None, policy=time_policy())
+    recs = await fill(col, 100)
+    days = {r[0]: (r[2]["ts"] - T0) // DAY for r in recs}
+    on_s0 = await held(shard_urls[0], "default_database.sc-parts")
+    on_s2 = await held(shard_urls[2], "default_database.sc-parts")
+    assert on_s0 == {f"{col.id}-2025-11-26": {i for i, d in days.items() if d == 0}}
+    assert set(on_s2) == {
+        f"{col.id}-{label}" for label in ("2025-11-24", "2025-11-25", "2025-11-27", "2025-11-28")
+    }
+    assert set().union(*on_s2.values()) == {i for i, d in days.items() if d != 0}
+    assert await held(shard_urls[1], "default_database.sc-parts") == {}
+    # The buckets are invisible as collections; the root holds no records.
+    assert [c.name for c in await client.list_collections()] == ["events"]
+    assert await client.count_collections() == 1
+    assert all(not ids for ids in (await held(shard_urls[2])).values())
+    assert await col.count() == 100
+
+
+def _delta(before: dict[str, int], client: Any) -> dict[str, int]:
+    return {u: s.requests - before[u] for u, s in client.node_stats().items()}
+
+
+async def test_pruned_reads_reach_only_the_shards_they_must(
+    client: Any, shard_urls: list[str]
+) -> None:
+    col = await client.create_collection("pruned", embedding_function=None, policy=field_policy())
+    await fill(col, 60)
+    await col.get(limit=1)  # physical ids are learnt once per node; keep that out of the counts
+    cases = [
+        ({"region": "eu"}, {0}),
+        ({"region": {"$in": ["de", "ap"]}}, {0, 2}),
+        ({"$and": [{"region": "eu"}, {"topic": 1}]}, {0}),
+        ({"$or": [{"region": "eu"}, {"region": "ap"}]}, {0, 2}),
+        ({"region": {"$nin": ["eu", "de"]}}, {1, 2}),
+        ({"topic": 1}, {0, 1, 2}),
+    ]
+    for where, shards in cases:
+        before = {u: s.requests for u, s in client.node_stats().items()}
+        res = await col.query(
+            query_embeddings=[[0.5] * 8], n_results=5, where=where, on_shard_error="partial"
+        )
+        asked = {i for i, u in enumerate(shard_urls) if _delta(before, client)[u] > 0}
+        assert asked == shards, where
+        cov = res["coverage"]
+        assert set(cov.skipped) == {f"s{i}" for i in range(3)} - {f"s{i}" for i in shards}
+        before = {u: s.requests for u, s in client.node_stats().items()}
+        await col.get(where=where)
+        asked = {i for i, u in enumerate(shard_urls) if _delta(before, client)[u] > 0}
+        assert asked == shards, where
+    # A value no record can have asks nobody and finds nothing.
+    before = {u: s.requests for u, s in client.node_stats().items()}
+    strict = FieldPolicy(field="region", partitions={"eu": ("s0",), "us": ("s1",)})
+    other = await client.create_collection("strict", embedding_function=None, policy=strict)
+    await other.add(ids=["a"], embeddings=[[0.1] * 8], metadatas=[{"region": "eu"}])
+    assert (await other.get(where={"region": "zz"}))["ids"] == []
+
+
+async def test_time_ranges_prune_buckets(client: Any, shard_urls: list[str]) -> None:
+    col = await client.create_collection("ranged", embedding_function=None, policy=time_policy())
+    recs = await fill(col, 80)
+    await col.get(limit=1)
+    before = {u: s.requests for u, s in client.node_stats().items()}
+    where = {"$and": [{"ts": {"$gte": T0}}, {"ts": {"$lt": T0 + DAY}}]}
+    got = await col.get(where=where, include=[])
+    assert set(got["ids"]) == {r[0] for r in recs if T0 <= r[2]["ts"] < T0 + DAY}
+    delta = _delta(before, client)
+    # Day 0 is mapped to s0, and the hot shard may hold any unmapped day: s1 is never asked.
+    assert delta[shard_urls[1]] == 0 and delta[shard_urls[0]] > 0
+
+
+def random_where(rng: random.Random, depth: int = 0) -> dict[str, Any]:
+    if depth < 2 and rng.random() < 0.35:
+        op = rng.choice(["$and", "$or"])
+        return {op: [random_where(rng, depth + 1) for _ in range(rng.randint(2, 3))]}
+    kind = rng.random()
+    if kind < 0.3:
+        return {"region": rng.choice(REGIONS)}
+    if kind < 0.45:
+        return {"region": {rng.choice(["$in", "$nin"]): rng.sample(REGIONS, rng.randint(1, 3))}}
+    if kind < 0.55:
+        return {"region": {"$ne": rng.choice(REGIONS)}}
+    if kind < 0.75:
+        op = rng.choice(["$gt", "$gte", "$lt", "$lte"])
+        return {"ts": {op: T0 + rng.randrange(-2 * DAY, 3 * DAY)}}
+    if kind < 0.85:
+        return {"user": rng.choice(["u0", "u1", "u2"])}
+    return {"topic": {rng.choice(["$eq", "$ne", "$gt"]): rng.randrange(4)}}
+
+
+@pytest.mark.parametrize("kind", ["field", "composite", "time"])
+async def test_random_filters_match_one_plain_server(
+    client: Any, oracle_url: str, kind: str
+) -> None:
+    policy: Any = {
+        "field": field_policy(),
+        "composite": CompositePolicy(
+            field="region",
+            partitions={"eu": ("s0",), "us": ("s1", "s2"), "ap": ("s2",)},
+            values={"de": "eu"},
+            default="us",
+            hash_key="user",
+        ),
+        "time": time_policy(),
+    }[kind]
+    col = await client.create_collection("diff", embedding_function=None, policy=policy)
+    plain = await (await official(oracle_url)).create_collection("diff", embedding_function=None)
+    await fill(col, 150, seed=11)
+    await fill(plain, 150, seed=11)
+    rng = random.Random(kind)
+    for _ in range(40):
+        where = random_where(rng)
+        expected = await plain.get(where=where, include=["metadatas"])
+        got = await col.get(where=where, include=["metadatas"])
+        assert got["ids"] == expected["ids"], where
+        assert got["metadatas"] == expected["metadatas"], where
+        q = [rng.random() for _ in range(8)]
+        e = await plain.query(query_embeddings=[q], n_results=5, where=where, include=[])
+        g = await col.query(query_embeddings=[q], n_results=5, where=where, include=[])
+        assert g["ids"] == e["ids"], where
+
+
+async def test_routing_value_changes_move_records(
+    client: Any, oracle_url: str, shard_urls: list[str]
+) -> None:
+    policy = field_policy()
+    col = await client.create_collection("moves", embedding_function=None, policy=policy)
+    plain = await (await official(oracle_url)).create_collection("moves", embedding_function=None)
+    for c in (col, plain):
+        await c.add(
+            ids=["a", "b", "c"],
+            embeddings=[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]],
+            metadatas=[{"region": "eu", "k": 1}, {"region": "ap"}, {"region": "eu"}],
+            documents=["da", "db", "dc"],
+        )
+        # upsert moves a (eu -> ap); update moves b (ap -> eu) keeping its document; c's
+        # update does not touch the routing field and stays.
+        await c.upsert(ids=["a"], embeddings=[[2.0, 0.0]], metadatas=[{"region": "ap"}])
+        await c.update(ids=["b", "c"], metadatas=[{"region": "de", "k": 2}, {"k": 3}])
+    full = ["embeddings", "metadatas", "documents"]
+    got, expected = await col.get(include=full), await plain.get(include=full)
+    # A moved record goes to the end of get() order (one server keeps its place).
+    assert expected["ids"] == ["a", "b", "c"]
+    assert got["ids"] == ["c", "a", "b"]
+
+    def by_id(res: Any) -> dict[str, Any]:
+        return {
+            rid: (res["metadatas"][n], res["documents"][n], list(res["embeddings"][n]))
+            for n, rid in enumerate(res["ids"])
+        }
+
+    assert by_id(got) == by_id(expected)
+    assert (await held(shard_urls[0]))["moves"] == {"b", "c"}
+    assert (await held(shard_urls[2]))["moves"] == {"a"}
+    assert await col.count() == 3
+
+
+async def test_moves_between_time_buckets(client: Any, shard_urls: list[str]) -> None:
+    col = await client.create_collection("tmoves", embedding_function=None, policy=time_policy())
+    await col.add(ids=["e"], embeddings=[[1.0, 2.0]], metadatas=[{"ts": T0 + 10}])
+    await col.update(ids=["e"], metadatas=[{"ts": "2025-11-28T01:00:00Z"}])
+    assert await held(shard_urls[0], "default_database.sc-parts") == {f"{col.id}-2025-11-26": set()}
+    assert (await held(shard_urls[2], "default_database.sc-parts")) == {
+        f"{col.id}-2025-11-28": {"e"}
+    }
+    got = await col.get(ids=["e"], include=["metadatas", "embeddings"])
+    assert got["metadatas"] == [{"ts": "2025-11-28T01:00:00Z"}]
+    assert list(got["embeddings"][0]) == [1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"topic": 1}, "no value for the routing field 'region'"),
+        ({"region": 3.5}, "string or integer"),
+        ({"region": True}, "string or integer"),
+        ({"region": "zz"}, "'zz' is not a known value"),
+    ],
+)
+async def test_bad_routing_values_write_nothing(
+    client: Any, shard_urls: list[str], metadata: dict[str, Any], message: str
+) -> None:
+    strict = FieldPolicy(field="region", partitions={"eu": ("s0",), "us": ("s1",)})
+    col = await client.create_collection("bad", embedding_function=None, policy=strict)
+    with pytest.raises(RoutingError, match=message):
+        await col.add(
+            ids=["ok", "bad"],
+            embeddings=[[0.1, 0.2], [0.3, 0.4]],
+            metadatas=[{"region": "eu"}, metadata],
+        )
+    assert await col.count() == 0
+    await col.add(ids=["ok"], embeddings=[[0.1, 0.2]], metadatas=[{"region": "eu"}])
+    with pytest.raises(RoutingError, match=message):
+        await col.update(ids=["ok"], metadatas=[{**metadata, "region": metadata.get("region")}])
+    assert (await col.get(include=["metadatas"]))["metadatas"] == [{"region": "eu"}]
+
+
+@pytest.mark.parametrize("ts", ["yesterday", True, float("nan"), [1, 2], "2025-13-01"])
+async def test_bad_time_values_write_nothing(client: Any, ts: Any) -> None:
+    col = await client.create_collection("badtime", embedding_function=None, policy=time_policy())
+    with pytest.raises((RoutingError, ValueError)):
+        await col.add(
+            ids=["ok", "bad"], embeddings=[[0.1], [0.2]], metadatas=[{"ts": T0}, {"ts": ts}]
+        )
+    assert await col.count() == 0
+
+
+async def test_policy_is_the_clusters(client: Any, shard_urls: list[str]) -> None:
+    await client.create_collection("owned", embedding_function=None, policy=field_policy())
+    other = await sharded_chroma.AsyncHttpClient(shards=shard_urls)
+    try:
+        col = await other.get_collection("owned", embedding_function=None)
+        assert await col.get_policy() == field_policy()
+        await col.add(ids=["x"], embeddings=[[0.0]], metadatas=[{"region": "ap"}])
+        assert (await held(shard_urls[2]))["owned"] == {"x"}
+        with pytest.raises(ConfigurationError, match="exists with policy"):
+            await other.get_or_create_collection(
+                "owned", embedding_function=None, policy=time_policy()
+            )
+        same = await other.get_or_create_collection(
+            "owned", embedding_function=None, policy=field_policy()
+        )
+        assert same.id == col.id
+    finally:
+        await other.aclose()
+    with pytest.raises(ConfigurationError, match="unknown shard"):
+        await client.create_collection(
+            "nowhere",
+            embedding_function=None,
+            policy=FieldPolicy(field="r", partitions={"a": ("s9",)}),
+        )
+
+
+async def test_drop_partitions_deletes_whole_buckets(client: Any, shard_urls: list[str]) -> None:
+    col = await client.create_collection("retained", embedding_function=None, policy=time_policy())
+    recs = await fill(col, 90)
+    cutoff = "2025-11-26T12:00:00Z"  # inside day 0: that bucket is kept whole
+    planned = await col.drop_partitions(cutoff, dry_run=True)
+    assert planned == [("s2", "2025-11-24"), ("s2", "2025-11-25")]
+    assert await col.count() == 90
+    assert await col.drop_partitions(cutoff) == planned
+    kept = {r[0] for r in recs if r[2]["ts"] >= T0}
+    assert set((await col.get(include=[]))["ids"]) == kept
+    assert await col.count() == len(kept)
+    names = set(await held(shard_urls[2], "default_database.sc-parts"))
+    assert names == {f"{col.id}-2025-11-27", f"{col.id}-2025-11-28"}
+    assert await col.drop_partitions(cutoff) == []
+    plain = await client.create_collection("plain", embedding_function=None)
+    with pytest.raises(ValueError, match="only a time policy"):
+        await plain.drop_partitions(cutoff)
+
+
+async def test_delete_by_filter_and_id_under_a_field_policy(client: Any) -> None:
+    col = await client.create_collection("dels", embedding_function=None, policy=field_policy())
+    recs = await fill(col, 60)
+    await col.delete(where={"region": "eu"})
+    await col.delete(ids=[recs[0][0], recs[1][0]])
+    left = {r[0] for r in recs[2:] if r[2]["region"] != "eu"}
+    assert set((await col.get(include=[]))["ids"]) == left
