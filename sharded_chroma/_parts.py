@@ -14,6 +14,7 @@ call, so a bucket another process created a moment ago is never missed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import uuid
@@ -22,7 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from chromadb.api.types import IDs, Metadatas
+from chromadb.api.collection_configuration import (
+    UpdateCollectionConfiguration,
+    update_collection_configuration_to_json,
+)
+from chromadb.api.types import CollectionMetadata, IDs, Metadatas
 from chromadb.errors import ChromaError, NotFoundError
 
 from ._backend import _BUCKET_META, _ID_META, _PARENT_META, CollectionState
@@ -118,34 +123,95 @@ class PartOps(CatalogOps):
 
         await self.on_every_node("create_bucket", create, nodes)
 
+    async def delete_collection(
+        self, name: str, tenant: str = "default_tenant", database: str = "default_database"
+    ) -> None:
+        """Delete a collection, its time buckets first: if that fails the collection is still
+        listed and the call can be repeated, instead of buckets left behind unseen."""
+        self._check_open()
+        path = self._base(tenant, database) + f"/collections/{name}"
+
+        async def one(node: Node) -> UUID:
+            raw = await node.transport.request("GET", path)
+            return self._logical_id(self._model(raw), node)
+
+        try:
+            cluster_id = await self.shards[self.catalog_shard].read(one)
+        except NotFoundError:
+            cluster_id = None  # the catalog delete below raises the single-server error
+        if cluster_id is not None:
+            base = f"{self._base(tenant, parts_database(database))}/collections"
+
+            async def drop(node: Node) -> None:
+                for _, bucket in await self._buckets_on(node, tenant, database, cluster_id):
+                    with contextlib.suppress(NotFoundError):
+                        await node.transport.request("DELETE", f"{base}/{bucket}")
+
+            await self.on_every_node("delete_collection", drop)
+        await super().delete_collection(name, tenant, database)
+
+    async def _modify(
+        self,
+        id: UUID,
+        new_name: str | None = None,
+        new_metadata: CollectionMetadata | None = None,
+        new_configuration: UpdateCollectionConfiguration | None = None,
+        tenant: str = "default_tenant",
+        database: str = "default_database",
+    ) -> None:
+        """Rename or change a collection; a configuration change reaches its buckets too, and
+        buckets made later copy the new configuration."""
+        await super()._modify(id, new_name, new_metadata, new_configuration, tenant, database)
+        state = await self.state(id, tenant, database)
+        if new_configuration is None or not isinstance(state.policy, TimePolicy):
+            return
+        body = {
+            "new_name": None,
+            "new_metadata": None,
+            "new_configuration": update_collection_configuration_to_json(new_configuration),
+        }
+        base = f"{self._base(tenant, parts_database(database))}/collections"
+
+        async def put(node: Node) -> None:
+            for _, bucket in await self._buckets_on(node, tenant, database, state.id):
+                raw = await node.transport.request("GET", f"{base}/{bucket}")
+                await node.transport.request("PUT", f"{base}/{raw['id']}", body=body)
+
+        await self.on_every_node("modify", put)
+        raw = await self.catalog_node.transport.request(
+            "GET", f"{self._base(tenant, database)}/collections/{state.name}"
+        )
+        state.configuration = dict(raw.get("configuration_json") or {})
+
+    async def _buckets_on(
+        self, node: Node, tenant: str, database: str, cluster_id: UUID
+    ) -> list[tuple[str, str]]:
+        """``(label, physical name)`` of each bucket of ``cluster_id`` on one node, by label."""
+        base = f"{self._base(tenant, parts_database(database))}/collections"
+        found = []
+        offset = 0
+        while True:
+            try:
+                page = await node.transport.request(
+                    "GET", base, params={"limit": _LIST_PAGE, "offset": offset}
+                )
+            except NotFoundError:
+                break  # no bucket was ever made on this node
+            for raw in page:
+                meta = raw.get("metadata") or {}
+                if meta.get(_PARENT_META) == str(cluster_id) and meta.get(_BUCKET_META):
+                    found.append((str(meta[_BUCKET_META]), str(raw["name"])))
+            if len(page) < _LIST_PAGE:
+                break
+            offset += len(page)
+        return sorted(found)
+
     async def list_buckets(self, state: CollectionState, shard: str) -> list[str]:
         """Labels of the collection's buckets on a shard, read from one copy."""
-
-        async def listing(node: Node) -> list[tuple[str, UUID]]:
-            base = f"/tenants/{state.tenant}/databases/{parts_database(state.database)}"
-            found: list[tuple[str, UUID]] = []
-            offset = 0
-            while True:
-                try:
-                    page = await node.transport.request(
-                        "GET",
-                        f"{base}/collections",
-                        params={"limit": _LIST_PAGE, "offset": offset},
-                    )
-                except NotFoundError:
-                    return found  # no bucket was ever made on this node
-                for raw in page:
-                    meta = raw.get("metadata") or {}
-                    if meta.get(_PARENT_META) == str(state.id) and meta.get(_BUCKET_META):
-                        found.append((str(meta[_BUCKET_META]), UUID(str(raw["id"]))))
-                if len(page) < _LIST_PAGE:
-                    return found
-                offset += len(page)
-
-        labels = []
-        for bucket, _pid in sorted(await self.shards[shard].read(listing)):
-            labels.append(bucket)
-        return labels
+        found = await self.shards[shard].read(
+            lambda node: self._buckets_on(node, state.tenant, state.database, state.id)
+        )
+        return [label for label, _ in found]
 
     async def drop_buckets(
         self, state: CollectionState, before: float, *, dry_run: bool

@@ -17,7 +17,7 @@ from chromadb.api.types import (
     Where,
     WhereDocument,
 )
-from chromadb.errors import InvalidArgumentError
+from chromadb.errors import InvalidArgumentError, NotFoundError
 
 from ._backend import SEQ_KEY, CollectionState, reject_reserved
 from ._fanout import Coverage, OnShardError, fan_out, raise_for_failures
@@ -171,8 +171,23 @@ class ReadOps(PartOps):
         """Ask every part of a plan; failures are reported per shard."""
         read = self._read_get_paged if op == "get" else self._read_query
         targets = plan.targets
+
+        async def ask(target: Target) -> Any:
+            try:
+                return await read(target.shard, target.state, body_for(target))
+            except NotFoundError:
+                if target.state.bucket is None:
+                    raise
+            # A bucket dropped since it was listed holds nothing now; one dropped and made
+            # again has new physical ids, learnt again by name.
+            target.state.physical.clear()
+            try:
+                return await read(target.shard, target.state, body_for(target))
+            except NotFoundError:
+                return None
+
         results, failed_parts = await fan_out(
-            {k: functools.partial(read, t.shard, t.state, body_for(t)) for k, t in targets.items()}
+            {k: functools.partial(ask, t) for k, t in targets.items()}
         )
         failures: dict[str, Exception] = dict(plan.failed)
         for key, exc in failed_parts.items():
@@ -186,7 +201,8 @@ class ReadOps(PartOps):
             failed={s: f"{type(e).__name__}: {e}" for s, e in failures.items()},
             skipped=plan.skipped,
         )
-        return [results[k] for k in targets if k in results], coverage
+        answers = [results[k] for k in targets if results.get(k) is not None]
+        return answers, coverage
 
     async def _get(
         self,
@@ -277,9 +293,14 @@ class ReadOps(PartOps):
         parts = await self.all_parts(state, "count")
 
         async def count(target: Target) -> Any:
-            return await self.shards[target.shard].read(
-                lambda node: self._node_get(target.state, node, "/count")
-            )
+            try:
+                return await self.shards[target.shard].read(
+                    lambda node: self._node_get(target.state, node, "/count")
+                )
+            except NotFoundError:
+                if target.state.bucket is None:
+                    raise
+                return 0  # dropped since it was listed
 
         counts, failures = await fan_out({k: functools.partial(count, t) for k, t in parts.items()})
         raise_for_failures("count", failures)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import base64
 import functools
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import orjson
 from chromadb.api.types import Documents, Embeddings, IDs, Metadatas, URIs, serialize_metadata
+from chromadb.errors import NotFoundError
 
 from ._backend import SEQ_KEY, CollectionState
 from ._fanout import fan_out, raise_for_failures
@@ -20,6 +22,8 @@ from ._reads import ReadOps
 from ._replicas import HintTarget, Node
 
 __all__ = ["WriteOps"]
+
+logger = logging.getLogger("sharded_chroma.client")
 
 
 def _b64(matrix: np.ndarray[Any, Any]) -> list[str]:
@@ -102,15 +106,29 @@ class WriteOps(ReadOps):
 
         async def send(key: str) -> None:
             target = parts[key]
-            if target.state.bucket is not None:
-                await self.ensure_bucket(state, target.shard, target.state.bucket)
+            bucket = target.state.bucket
+            if bucket is None:
+                await send_in_order(key)
+                return
+            await self.ensure_bucket(state, target.shard, bucket)
+            try:
+                await send_in_order(key)
+            except NotFoundError:
+                # Another client dropped the bucket since this one learnt its physical ids:
+                # make it again, once (writes are idempotent by id).
+                logger.info("bucket %s of %s was dropped; creating it again", bucket, state.name)
+                target.state.physical.clear()
+                await self.ensure_bucket(state, target.shard, bucket)
+                await send_in_order(key)
+
+        async def send_in_order(key: str) -> None:
             if sequence == "none":
                 await send_unlocked(key)
                 return
             # Sequenced writes from this client reach each part in sequence order: the lock
             # is FIFO and each part's task is queued right after the sequence was reserved, so
             # a part stores this client's records in the order get() will merge them.
-            async with self._write_lock(target.state, target.shard):
+            async with self._write_lock(parts[key].state, parts[key].shard):
                 await send_unlocked(key)
 
         async def send_unlocked(key: str) -> None:

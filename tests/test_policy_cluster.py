@@ -368,3 +368,96 @@ async def test_delete_by_filter_and_id_under_a_field_policy(client: Any) -> None
     await col.delete(ids=[recs[0][0], recs[1][0]])
     left = {r[0] for r in recs[2:] if r[2]["region"] != "eu"}
     assert set((await col.get(include=[]))["ids"]) == left
+
+
+async def test_delete_collection_removes_its_buckets(client: Any, shard_urls: list[str]) -> None:
+    col = await client.create_collection("gone", embedding_function=None, policy=time_policy())
+    keep = await client.create_collection("kept", embedding_function=None, policy=time_policy())
+    await fill(col, 30)
+    await fill(keep, 10)
+    await client.delete_collection("gone")
+    for url in shard_urls:
+        names = set(await held(url, "default_database.sc-parts"))
+        assert not any(n.startswith(str(col.id)) for n in names), url
+    assert await keep.count() == 10
+    again = await client.create_collection("gone", embedding_function=None, policy=time_policy())
+    assert await again.count() == 0
+
+
+async def test_a_bucket_dropped_by_another_client_is_made_again(
+    client: Any, shard_urls: list[str]
+) -> None:
+    col = await client.create_collection("shared", embedding_function=None, policy=time_policy())
+    await col.add(ids=["a"], embeddings=[[0.1, 0.2]], metadatas=[{"ts": T0 - DAY}])
+    other = await sharded_chroma.AsyncHttpClient(shards=shard_urls)
+    try:
+        theirs = await other.get_collection("shared", embedding_function=None)
+        assert await theirs.drop_partitions(T0) == [("s2", "2025-11-25")]
+    finally:
+        await other.aclose()
+    # This client still knows the dropped bucket's physical ids.
+    assert await col.count() == 0
+    assert (await col.get())["ids"] == []
+    await col.add(ids=["b"], embeddings=[[0.3, 0.4]], metadatas=[{"ts": T0 - DAY + 5}])
+    assert (await col.get())["ids"] == ["b"]
+    res = await col.query(query_embeddings=[[0.3, 0.4]], n_results=3, include=[])
+    assert res["ids"] == [["b"]]
+
+
+async def test_configuration_changes_reach_the_buckets(client: Any, shard_urls: list[str]) -> None:
+    col = await client.create_collection(
+        "tuned",
+        embedding_function=None,
+        policy=time_policy(),
+        configuration={"hnsw": {"space": "cosine", "ef_search": 50}},
+    )
+    await col.add(ids=["a"], embeddings=[[0.1, 0.2]], metadatas=[{"ts": T0}])
+    await col.modify(configuration={"hnsw": {"ef_search": 77}})
+    await col.add(ids=["b"], embeddings=[[0.1, 0.3]], metadatas=[{"ts": T0 + 3 * DAY}])
+    async with httpx.AsyncClient(base_url=shard_urls[0]) as http:
+        listed = (await http.get(f"{BASE}/default_database.sc-parts/collections")).json()
+    async with httpx.AsyncClient(base_url=shard_urls[2]) as http:
+        listed += (await http.get(f"{BASE}/default_database.sc-parts/collections")).json()
+    hnsw = {c["name"]: c["configuration_json"]["hnsw"] for c in listed}
+    assert len(hnsw) == 2
+    assert all(h["ef_search"] == 77 and h["space"] == "cosine" for h in hnsw.values()), hnsw
+
+
+async def test_policies_from_a_topology_file(tmp_path: Any, shard_urls: list[str]) -> None:
+    path = tmp_path / "cluster.toml"
+    shards = "\n".join(
+        f'[[shards]]\nname = "s{i}"\nprimary = "{url}"\n' for i, url in enumerate(shard_urls)
+    )
+    path.write_text(
+        shards
+        + """
+[policies.logs]
+kind = "time"
+field = "ts"
+granularity = "month"
+hot = "s1"
+
+[policies.tenants]
+kind = "field"
+field = "tenant"
+default = "rest"
+[policies.tenants.partitions]
+big = ["s0"]
+rest = ["s1", "s2"]
+""",
+        encoding="utf-8",
+    )
+    topo = sharded_chroma.Topology.from_toml(path)
+    async with sharded_chroma.ShardedClient(topo) as c:
+        logs = await c.create_collection("logs", embedding_function=None)
+        assert isinstance(await logs.get_policy(), TimePolicy)
+        await logs.add(ids=["l"], embeddings=[[1.0]], metadatas=[{"ts": "2025-11-26"}])
+        assert set(await held(shard_urls[1], "default_database.sc-parts")) == {f"{logs.id}-2025-11"}
+        tenants = await c.create_collection("tenants", embedding_function=None)
+        await tenants.add(ids=["t"], embeddings=[[1.0]], metadatas=[{"tenant": "big"}])
+        assert (await held(shard_urls[0]))["tenants"] == {"t"}
+        # A client whose file declares another policy for an existing collection is refused.
+        other = topo.model_copy(update={"policies": {"tenants": time_policy()}})
+        async with sharded_chroma.ShardedClient(other) as c2:
+            with pytest.raises(ConfigurationError, match="exists with policy"):
+                await c2.get_collection("tenants", embedding_function=None)
