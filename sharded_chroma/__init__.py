@@ -21,6 +21,7 @@ from ._errors import (
     WriteConcernError,
 )
 from ._fanout import Coverage
+from ._layout import CollectionLayout, PartitionCount
 from ._options import options
 from ._policies import CompositePolicy, FieldPolicy, HashPolicy, TimePolicy, TimeRange
 from ._status import CollectionStatus, ShardStatus
@@ -30,6 +31,7 @@ from ._transport import NodeStats
 __all__ = [
     "AsyncHttpClient",
     "ClientClosedError",
+    "CollectionLayout",
     "CollectionStatus",
     "CompositePolicy",
     "ConfigurationError",
@@ -41,6 +43,7 @@ __all__ = [
     "NodeStats",
     "NodeUnavailableError",
     "PartialWriteError",
+    "PartitionCount",
     "ReplicationConfig",
     "RoutingError",
     "ShardConfig",

@@ -27,6 +27,7 @@ from chromadb.types import Collection as CollectionModel
 
 from ._collection import ShardedCollection
 from ._errors import ClientClosedError, ConfigurationError
+from ._layout import CollectionLayout, collection_layout
 from ._records import RecordOps
 from ._replicas import Node
 from ._status import ShardStatus, shard_status
@@ -110,6 +111,15 @@ class ShardedClient:
                 for node in rs.nodes:
                     tg.start_soon(one, rs.name, node)
         return tuple(out[n.url] for n in nodes)
+
+    async def layout(self, name: str) -> CollectionLayout:
+        """Record counts of a collection per partition (time bucket, field partition, or shard
+        under hash) and per shard, with the skew between shards. Under a field or composite
+        policy this reads every record's routing value once."""
+        backend = self._live()
+        model = await backend.get_collection(name, self.tenant, self.database)
+        state = await backend.state(model.id, self.tenant, self.database)
+        return await collection_layout(backend, state)
 
     def node_stats(self) -> dict[str, NodeStats]:
         """Request counters per node URL (requests, failures, latency, in flight)."""

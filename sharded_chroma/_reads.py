@@ -290,21 +290,26 @@ class ReadOps(PartOps):
         read_level: Any = None,
     ) -> int:
         state = await self.state(collection_id, tenant, database)
+        return sum((await self.part_counts(state)).values())
+
+    async def part_counts(self, state: CollectionState) -> dict[str, int]:
+        """Record count of every part (see ``_parts``) by part key; all must answer."""
         parts = await self.all_parts(state, "count")
 
-        async def count(target: Target) -> Any:
+        async def count(target: Target) -> int:
             try:
-                return await self.shards[target.shard].read(
+                n = await self.shards[target.shard].read(
                     lambda node: self._node_get(target.state, node, "/count")
                 )
             except NotFoundError:
                 if target.state.bucket is None:
                     raise
                 return 0  # dropped since it was listed
+            return int(n)
 
         counts, failures = await fan_out({k: functools.partial(count, t) for k, t in parts.items()})
         raise_for_failures("count", failures)
-        return sum(int(c) for c in counts.values())
+        return counts
 
     async def _query(
         self,

@@ -80,6 +80,62 @@ def test_status_shows_counts_and_down_shards(
         cluster_servers[2].restart()
 
 
+def test_status_layout_and_drop_partitions(
+    shard_urls: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import anyio
+
+    day = 86400
+    t0 = 1_764_115_200  # 2025-11-26T00:00:00Z
+
+    async def load() -> None:
+        async with await sharded_chroma.AsyncHttpClient(shards=shard_urls) as client:
+            regions = await client.create_collection(
+                "cli-regions",
+                embedding_function=None,
+                policy=sharded_chroma.FieldPolicy(
+                    field="region", partitions={"eu": ("s0",), "us": ("s1", "s2")}
+                ),
+            )
+            await regions.add(
+                ids=[f"r{i}" for i in range(30)],
+                embeddings=[[i, 1.0] for i in range(30)],
+                metadatas=[{"region": "eu" if i < 10 else "us"} for i in range(30)],
+            )
+            events = await client.create_collection(
+                "cli-events",
+                embedding_function=None,
+                policy=sharded_chroma.TimePolicy(field="ts", granularity="day", hot="s1"),
+            )
+            await events.add(
+                ids=[f"e{i}" for i in range(12)],
+                embeddings=[[i, 1.0] for i in range(12)],
+                metadatas=[{"ts": t0 + (i % 3) * day} for i in range(12)],
+            )
+
+    anyio.run(load)
+    args = ["--shards", *shard_urls]
+    assert main(["status", *args, "--collection", "cli-regions", "--collection", "cli-events"]) == 0
+    out = capsys.readouterr().out
+    assert "collection 'cli-regions' (field policy)" in out
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    assert "eu s0 10" in lines and "us s1, s2 20" in lines
+    assert "2025-11-26 s1 4" in lines and "2025-11-28 s1 4" in lines
+    assert "total records 12; largest deviation from the mean 0.0%" in lines
+    assert out.count("cli-events/2025-11-27") == 1  # the bucket as a physical collection on s1
+    drop = ["drop-partitions", *args, "--collection", "cli-events", "--before", "2025-11-28"]
+    assert main([*drop, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would drop bucket 2025-11-26 on shard s1" in out
+    assert "2 bucket(s) would be dropped (dry run)" in out
+    assert main(drop) == 0
+    assert "dropped bucket 2025-11-27 on shard s1" in capsys.readouterr().out
+    assert main([*drop[:-1], "not-a-time"]) == 1
+    assert "is not an ISO-8601" in capsys.readouterr().err
+    assert main(["drop-partitions", *args, "--collection", "cli-regions", "--before", "0"]) == 1
+    assert "only a time policy" in capsys.readouterr().err
+
+
 def test_dev_writes_topology_and_stops_on_sigterm(tmp_path: Path) -> None:
     topo = tmp_path / "cluster.toml"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

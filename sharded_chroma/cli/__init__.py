@@ -1,14 +1,17 @@
-"""The ``sharded-chroma`` command: ``dev``, ``demo``, ``status``, ``verify`` and ``repair``."""
+"""The ``sharded-chroma`` command: ``dev``, ``demo``, ``status``, ``verify``, ``repair`` and
+``drop-partitions``."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
+from chromadb.errors import ChromaError
 
 from .._client import ShardedClient
 from .._errors import ShardedChromaError
@@ -40,6 +43,28 @@ def _parser() -> argparse.ArgumentParser:
     where = status.add_mutually_exclusive_group(required=True)
     where.add_argument("--topology", type=Path, help="topology TOML file")
     where.add_argument("--shards", nargs="+", metavar="URL", help="one URL per shard")
+    status.add_argument(
+        "--collection",
+        action="append",
+        dest="collections",
+        metavar="NAME",
+        help="also show this collection's records per partition and shard (repeatable)",
+    )
+
+    drop = sub.add_parser(
+        "drop-partitions", help="retention: delete a time-placed collection's old buckets"
+    )
+    where = drop.add_mutually_exclusive_group(required=True)
+    where.add_argument("--topology", type=Path, help="topology TOML file")
+    where.add_argument("--shards", nargs="+", metavar="URL", help="one URL per shard")
+    drop.add_argument("--collection", required=True, metavar="NAME")
+    drop.add_argument(
+        "--before",
+        required=True,
+        metavar="TIME",
+        help="ISO-8601 time or epoch seconds: buckets ending at or before it go",
+    )
+    drop.add_argument("--dry-run", action="store_true", help="print what would go, delete nothing")
 
     for name, text in (
         ("verify", "compare every replica with its primary; exit 1 when they differ"),
@@ -104,22 +129,60 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rounds=getattr(args, "rounds", 1),
                 out=_out,
             )
+        elif args.command == "drop-partitions":
+            anyio.run(
+                _drop_partitions,
+                args.topology,
+                args.shards,
+                args.collection,
+                args.before,
+                args.dry_run,
+            )
         else:
-            anyio.run(_status, args.topology, args.shards)
+            anyio.run(_status, args.topology, args.shards, args.collections or [])
     except KeyboardInterrupt:
         _out("\ninterrupted; local servers stopped.")
         return 130
-    except ShardedChromaError as exc:
+    except (ShardedChromaError, ChromaError, ValueError) as exc:
         print(f"sharded-chroma: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _status(topology: Path | None, shards: list[str] | None) -> None:
-    from ._status_view import render_status
+def _topology(topology: Path | None, shards: list[str] | None) -> Topology:
+    return Topology.from_urls(shards) if shards else Topology.from_toml(topology)  # type: ignore[arg-type]
+
+
+async def _status(topology: Path | None, shards: list[str] | None, collections: list[str]) -> None:
+    from ._status_view import render_layout, render_status
 
     # Not AsyncHttpClient(): it refuses to connect when a shard is down, and showing down
     # shards is what status is for.
-    topo = Topology.from_urls(shards) if shards else Topology.from_toml(topology)  # type: ignore[arg-type]
-    async with ShardedClient(topo) as client:
+    async with ShardedClient(_topology(topology, shards)) as client:
         _out(render_status(await client.status()))
+        for name in collections:
+            _out("")
+            _out(render_layout(await client.layout(name)))
+
+
+async def _drop_partitions(
+    topology: Path | None,
+    shards: list[str] | None,
+    collection: str,
+    before: str,
+    dry_run: bool,
+) -> None:
+    cutoff: float | str = before
+    with contextlib.suppress(ValueError):  # else an ISO-8601 time, checked by drop_partitions
+        cutoff = float(before)
+    async with ShardedClient(_topology(topology, shards)) as client:
+        col = await client.get_collection(collection, embedding_function=None)
+        dropped = await col.drop_partitions(cutoff, dry_run=dry_run)
+    verb = "would drop" if dry_run else "dropped"
+    for shard, bucket in dropped:
+        _out(f"{verb} bucket {bucket} on shard {shard}")
+    _out(
+        f"{len(dropped)} bucket(s) would be dropped (dry run)"
+        if dry_run
+        else f"{len(dropped)} bucket(s) dropped"
+    )

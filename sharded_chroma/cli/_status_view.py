@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .._layout import CollectionLayout
 from .._status import ShardStatus
 
-__all__ = ["render_status"]
+__all__ = ["render_layout", "render_status"]
 
 
 def _mib(n: int) -> str:
@@ -47,4 +48,19 @@ def render_status(shards: Sequence[ShardStatus]) -> str:
         mean = total / len(per_shard)
         skew = max(abs(n - mean) / mean for n in per_shard.values())
         lines.append(f"total records {total:,}; largest deviation from the mean {skew:.1%}")
+    return "\n".join(lines)
+
+
+def render_layout(layout: CollectionLayout) -> str:
+    """A collection's records per partition and per shard, with the skew between shards."""
+    lines = [f"collection {layout.collection!r} ({layout.policy} policy)"]
+    lines.append(f"  {'partition':<24} {'shards':<24} {'records':>10}")
+    for p in layout.partitions:
+        lines.append(f"  {p.partition:<24} {', '.join(p.shards):<24} {p.records:>10,}")
+    lines.append(f"  {'shard':<49} {'records':>10}")
+    for shard, n in layout.shards.items():
+        lines.append(f"  {shard:<49} {n:>10,}")
+    lines.append(
+        f"  total records {layout.records:,}; largest deviation from the mean {layout.skew:.1%}"
+    )
     return "\n".join(lines)
