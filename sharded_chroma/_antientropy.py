@@ -23,7 +23,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -34,7 +34,10 @@ from ._catalog import CatalogOps
 from ._digest import page_digests
 from ._errors import NodeUnavailableError, ShardedChromaError
 from ._fanout import fan_out
+from ._parts import PartOps
+from ._policies import TimePolicy
 from ._replicas import Node, ReplicaSet
+from ._reports import PairRepair, PairReport, RepairReport, VerifyReport
 
 if TYPE_CHECKING:
     from ._client import ShardedClient
@@ -53,93 +56,6 @@ _PARALLEL = 4
 
 
 # -- reports (rendered as text by the CLI; the id tuples here are complete) -------------------
-@dataclass(frozen=True)
-class PairReport:
-    """One replica of one shard compared with its primary, for one collection."""
-
-    collection: str
-    shard: str
-    primary: str
-    replica: str
-    primary_records: int = 0
-    replica_records: int = 0
-    missing: tuple[str, ...] = ()
-    """On the primary, not on the replica."""
-    extra: tuple[str, ...] = ()
-    """On the replica, not on the primary."""
-    differing: tuple[str, ...] = ()
-    """On both, with a different embedding, document, uri or metadata."""
-    stale: bool = False
-    """The replica has missed writes waiting in this host's hint log."""
-    pending_hints: int = 0
-    error: str | None = None
-    """Why the pair could not be compared (a node down, the collection missing on a node)."""
-
-    @property
-    def differences(self) -> int:
-        return len(self.missing) + len(self.extra) + len(self.differing)
-
-    @property
-    def clean(self) -> bool:
-        return self.differences == 0 and self.error is None
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    collections: tuple[str, ...]
-    pairs: tuple[PairReport, ...]
-    """One entry per (collection, shard, replica node); empty when no shard has replicas."""
-    records_read: int = 0
-    seconds: float = 0.0
-
-    @property
-    def clean(self) -> bool:
-        return all(p.clean for p in self.pairs)
-
-    @property
-    def differences(self) -> int:
-        return sum(p.differences for p in self.pairs)
-
-
-@dataclass(frozen=True)
-class PairRepair:
-    """What repair did to one replica for one collection, and what still differs."""
-
-    collection: str
-    shard: str
-    primary: str
-    replica: str
-    copied: tuple[str, ...] = ()
-    """Ids written to the replica from the primary (they were missing or differed)."""
-    deleted: tuple[str, ...] = ()
-    """Ids removed from the replica (the primary does not have them)."""
-    rounds: int = 0
-    remaining: tuple[str, ...] = ()
-    """Ids still different after the last round (concurrent writes kept changing them)."""
-    error: str | None = None
-
-    @property
-    def clean(self) -> bool:
-        return not self.remaining and self.error is None
-
-
-@dataclass(frozen=True)
-class RepairReport:
-    before: VerifyReport
-    """The scan that found what to repair."""
-    pairs: tuple[PairRepair, ...]
-    """Pairs that had differences or could not be compared."""
-    hints_replayed: Mapping[str, int] = field(default_factory=dict)
-    """Missed writes replayed from this host's hint log before comparing, per node URL."""
-    seconds: float = 0.0
-
-    @property
-    def clean(self) -> bool:
-        """Nothing known to differ after repair: every pair was compared and settled."""
-        return all(p.clean for p in self.pairs)
-
-
-# -- digests ----------------------------------------------------------------------------------
 class _Diff:
     """Streaming comparison of two copies: each side's records not yet seen on the other."""
 
@@ -230,7 +146,10 @@ class _Pair:
 
 
 async def _pairs(
-    client: ShardedClient, backend: CatalogOps, collections: Sequence[str] | None
+    client: ShardedClient,
+    backend: PartOps,
+    collections: Sequence[str] | None,
+    repairing: bool,
 ) -> tuple[list[str], list[_Pair]]:
     """Every (collection, shard, replica node) to compare."""
     named = collections is not None
@@ -257,6 +176,13 @@ async def _pairs(
         for rs in replicated:
             for node in rs.nodes[1:]:
                 pairs.append(_Pair(name, state, rs, node, error))
+            if state is not None and isinstance(state.policy, TimePolicy):
+                # Each time bucket is its own physical collection: a pair of its own.
+                labels = await backend.replica_buckets(state, rs.name, create_missing=repairing)
+                for label in labels:
+                    sub = backend.bucket_state(state, label)
+                    for node in rs.nodes[1:]:
+                        pairs.append(_Pair(f"{name}/{label}", sub, rs, node, None))
     return found, pairs
 
 
@@ -319,15 +245,17 @@ async def _compare(
 
 async def _verify(
     client: ShardedClient,
-    backend: CatalogOps,
+    backend: PartOps,
     collections: Sequence[str] | None,
     page_size: int,
     ticker: _Ticker,
+    *,
+    repairing: bool = False,
 ) -> tuple[VerifyReport, list[_Pair]]:
     if page_size < 1:
         raise ValueError(f"page_size must be at least 1, got {page_size}")
     started = time.perf_counter()
-    names, pairs = await _pairs(client, backend, collections)
+    names, pairs = await _pairs(client, backend, collections, repairing)
     pending = await backend.pending_hints()
     # Counted first so progress has a total; the counts may move under traffic, which the
     # ticker absorbs.
@@ -534,7 +462,7 @@ async def repair(
     backend = client._live()
     ticker = _Ticker(progress)
     replayed = await _replay_stale(backend)
-    before, pairs = await _verify(client, backend, collections, page_size, ticker)
+    before, pairs = await _verify(client, backend, collections, page_size, ticker, repairing=True)
     fixed = await _each(
         [
             functools.partial(_repair_pair, backend, p, r, page_size, rounds, ticker)

@@ -206,6 +206,27 @@ class PartOps(CatalogOps):
             offset += len(page)
         return sorted(found)
 
+    async def replica_buckets(
+        self, state: CollectionState, shard: str, *, create_missing: bool
+    ) -> list[str]:
+        """Labels of the buckets on any copy of a shard (for anti-entropy); with
+        ``create_missing`` a bucket missing on some copy is made there, empty, so repair can
+        fill it. Every copy must answer."""
+        nodes = self.shards[shard].nodes
+        found = await self.on_every_node(
+            "list_buckets",
+            lambda node: self._buckets_on(node, state.tenant, state.database, state.id),
+            nodes,
+        )
+        per_node = {url: {label for label, _ in pairs} for url, pairs in found.items()}
+        labels = sorted(set().union(*per_node.values()))
+        if create_missing:
+            for label in labels:
+                if any(label not in have for have in per_node.values()):
+                    self.bucket_state(state, label).physical.clear()
+                    await self.ensure_bucket(state, shard, label)
+        return labels
+
     async def list_buckets(self, state: CollectionState, shard: str) -> list[str]:
         """Labels of the collection's buckets on a shard, read from one copy."""
         found = await self.shards[shard].read(

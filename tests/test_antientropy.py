@@ -311,6 +311,45 @@ async def test_hints_are_replayed_before_repair(cluster: Cluster) -> None:
     assert len(on(cluster.replicas["s1"], name, "late-")) == len(on(cluster.urls[2], name, "late-"))
 
 
+async def test_time_buckets_are_replicated_hinted_and_repaired(cluster: Cluster) -> None:
+    name = "ae-time"
+    t0 = 1_764_115_200  # 2025-11-26T00:00:00Z
+    policy = sharded_chroma.TimePolicy(field="ts", granularity="day", hot="s1")
+    replica = cluster.local.servers[3]  # s1's replica
+    async with await cluster.client() as client:
+        col = await client.create_collection(name, embedding_function=None, policy=policy)
+        await col.add(ids=["a", "b"], embeddings=vectors(2, 1), metadatas=[{"ts": t0}] * 2)
+        # The replica's companion database of time buckets, read with the official client.
+        parts = chromadb.HttpClient(
+            host=urlsplit(cluster.replicas["s1"]).hostname or "",
+            port=urlsplit(cluster.replicas["s1"]).port or 80,
+            database="default_database.sc-parts",
+            settings=chromadb.Settings(anonymized_telemetry=False),
+        )
+        bucket = f"{col.id}-2025-11-26"
+        assert set(parts.get_collection(bucket).get()["ids"]) == {"a", "b"}
+        replica.kill()
+        try:
+            with sharded_chroma.options(write_concern="one"):
+                await col.add(ids=["c"], embeddings=vectors(1, 2), metadatas=[{"ts": t0 + 5}])
+        finally:
+            replica.restart()
+        assert await client.replay_hints() >= 1
+        assert set(parts.get_collection(bucket).get()["ids"]) == {"a", "b", "c"}
+        # Drift inside a bucket is found and repaired like any collection's.
+        parts.get_collection(bucket).delete(ids=["a"])
+        report = await verify(client, collections=[name])
+        drifted = [p for p in report.pairs if not p.clean]
+        assert [(p.collection, p.missing) for p in drifted] == [(f"{name}/2025-11-26", ("a",))]
+        assert (await repair(client, collections=[name])).clean
+        assert set(parts.get_collection(bucket).get()["ids"]) == {"a", "b", "c"}
+        # A bucket missing on a copy altogether is made there by repair, then filled.
+        parts.delete_collection(bucket)
+        assert not (await verify(client, collections=[name])).clean
+        assert (await repair(client, collections=[name])).clean
+        assert set(parts.get_collection(bucket).get()["ids"]) == {"a", "b", "c"}
+
+
 # -- CLI --------------------------------------------------------------------------------------
 
 

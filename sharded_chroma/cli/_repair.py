@@ -10,8 +10,9 @@ from pathlib import Path
 import anyio
 from chromadb.errors import ChromaError
 
-from .._antientropy import PairRepair, PairReport, RepairReport, VerifyReport, repair, verify
+from .._antientropy import repair, verify
 from .._client import ShardedClient
+from .._reports import PairRepair, PairReport, RepairReport, VerifyReport
 from .._topology import Topology
 from ._progress import Progress
 
