@@ -39,7 +39,10 @@ def test_demo_runs_end_to_end() -> None:
     assert "ingested 3,000 records" in out
     assert "collection count (summed over shards): 3,000" in out
     assert "doc-001000" in out  # get(limit=5, offset=1000) starts at the 1001st record
+    assert "query where={'region': 'eu'}: asked 1 of 3 shard(s)" in out
+    assert "query where=None: asked 3 of 3 shard(s)" in out
     assert out.count(" ok ") == 3  # three healthy shards in the status table
+    assert "collection 'demo-regions' (field policy)" in out
     assert "servers stopped" in out
 
 

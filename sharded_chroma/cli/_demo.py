@@ -9,16 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from chromadb.api.types import Where
 
 from .._client import AsyncHttpClient, ShardedClient
 from .._local_cluster import LocalCluster
-from ._corpus import batches, query_vectors
+from .._policies import FieldPolicy
+from ._corpus import REGIONS, batches, query_vectors
 from ._progress import Progress
-from ._status_view import render_status
+from ._status_view import render_layout, render_status
 
 __all__ = ["run_demo"]
 
 COLLECTION = "demo"
+REGIONS_COLLECTION = "demo-regions"
 
 
 def run_demo(*, shards: int, records: int, dim: int, out: Any) -> None:
@@ -51,6 +54,7 @@ async def _demo(urls: list[str], records: int, dim: int, out: Any) -> None:
         out(f"\ningested {records:,} records in {took:.1f} s ({records / took:,.0f} records/s)")
         out(f"collection count (summed over shards): {await col.count():,}\n")
         await _queries(client, col, dim, out)
+        await _regions(client, min(records, 10_000), dim, batch, out)
         out("\nper-shard view (sharded-chroma status):")
         out(render_status(await client.status()))
 
@@ -80,3 +84,29 @@ async def _queries(client: ShardedClient, col: Any, dim: int, out: Any) -> None:
     out(f"  where region=eu -> {eu['ids'][0]} (regions {regions})")
     page = await col.get(limit=5, offset=1000, include=[])
     out(f"  get(limit=5, offset=1000), global insertion order: {page['ids']}")
+
+
+async def _regions(client: ShardedClient, records: int, dim: int, batch: int, out: Any) -> None:
+    """A second collection placed by region: a filter on the region asks one shard."""
+    names = [s.name for s in client.topology.shards]
+    policy = FieldPolicy(
+        field="region", partitions={r: (names[i % len(names)],) for i, r in enumerate(REGIONS)}
+    )
+    col = await client.create_collection(REGIONS_COLLECTION, embedding_function=None, policy=policy)
+    for b in batches(records, dim, batch):
+        await col.add(
+            ids=b.ids,
+            embeddings=b.embeddings,
+            documents=b.documents,
+            metadatas=b.metadatas,  # type: ignore[arg-type]
+        )
+    out(f"\n{records:,} records placed by region ({policy.kind} policy: region -> shard):")
+    out(render_layout(await client.layout(REGIONS_COLLECTION)))
+    probe = query_vectors(1, dim)
+    await col.query(query_embeddings=probe, n_results=3)  # learn physical ids first
+    pinned: Where = {"region": "eu"}
+    for where in (pinned, None):
+        before = {u: s.requests for u, s in client.node_stats().items()}
+        await col.query(query_embeddings=probe, n_results=3, where=where)
+        asked = sum(s.requests > before[u] for u, s in client.node_stats().items())
+        out(f"  query where={where}: asked {asked} of {len(names)} shard(s)")
