@@ -17,7 +17,8 @@ from chromadb.errors import NotFoundError
 from ._backend import SEQ_KEY, CollectionState
 from ._fanout import fan_out, raise_for_failures
 from ._options import current_options
-from ._parts import Target
+from ._parts import Target, parts_database
+from ._policies import TimePolicy
 from ._reads import ReadOps
 from ._replicas import HintTarget, Node
 
@@ -42,6 +43,15 @@ class WriteOps(ReadOps):
             return
 
         async def model(node: Node) -> Any:
+            if isinstance(state.policy, TimePolicy):
+                # The root collections of a time-placed collection hold no records: ask its
+                # buckets on this node until one has a dimension.
+                base = f"{self._base(state.tenant, parts_database(state.database))}/collections"
+                for _, name in await self._buckets_on(node, state.tenant, state.database, state.id):
+                    raw = await node.transport.request("GET", f"{base}/{name}")
+                    if raw.get("dimension") is not None:
+                        return raw
+                return {}
             await self.node_path(state, node)
             return await node.transport.request(
                 "GET", f"{state.base}/by-id/{state.physical[node.url]}"

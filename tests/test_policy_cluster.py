@@ -461,3 +461,19 @@ rest = ["s1", "s2"]
         async with sharded_chroma.ShardedClient(other) as c2:
             with pytest.raises(ConfigurationError, match="exists with policy"):
                 await c2.get_collection("tenants", embedding_function=None)
+
+
+async def test_the_dimension_is_the_clusters_under_a_time_policy(
+    client: Any, shard_urls: list[str]
+) -> None:
+    col = await client.create_collection("dims", embedding_function=None, policy=time_policy())
+    await col.add(ids=["a"], embeddings=[[0.1, 0.2, 0.3]], metadatas=[{"ts": T0}])
+    other = await sharded_chroma.AsyncHttpClient(shards=shard_urls)
+    try:
+        theirs = await other.get_collection("dims", embedding_function=None)
+        # Another day lands in another (new) bucket on another shard: still refused.
+        with pytest.raises(Exception, match="dimension of 3, got 2"):
+            await theirs.add(ids=["b"], embeddings=[[0.1, 0.2]], metadatas=[{"ts": T0 + DAY}])
+    finally:
+        await other.aclose()
+    assert await col.count() == 1
