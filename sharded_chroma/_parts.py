@@ -282,6 +282,8 @@ class PartOps(CatalogOps):
     ) -> list[Placement]:
         """Every record's placement, or RoutingError before anything is written."""
         policy = state.policy
+        if isinstance(policy, HashPolicy):
+            return policy.place_all(ids, metadatas)
         return [
             policy.place(record_id, None if metadatas is None else metadatas[i])
             for i, record_id in enumerate(ids)
@@ -291,12 +293,15 @@ class PartOps(CatalogOps):
         self, state: CollectionState, placements: Sequence[Placement]
     ) -> tuple[dict[str, list[int]], dict[str, Target]]:
         """Positions per part key (parts in a stable order), and the part of each key."""
+        by_place: dict[Placement, list[int]] = {}
+        for pos, where in enumerate(placements):
+            by_place.setdefault(where, []).append(pos)
         groups: dict[str, list[int]] = {}
         parts: dict[str, Target] = {}
-        for pos, where in enumerate(placements):
+        for where, positions in by_place.items():
             target = self.target(state, where.shard, where.bucket)
-            groups.setdefault(target.key, []).append(pos)
-            parts.setdefault(target.key, target)
+            groups[target.key] = positions
+            parts[target.key] = target
         order = sorted(groups)
         return {k: groups[k] for k in order}, {k: parts[k] for k in order}
 
