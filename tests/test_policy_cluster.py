@@ -477,3 +477,62 @@ async def test_the_dimension_is_the_clusters_under_a_time_policy(
     finally:
         await other.aclose()
     assert await col.count() == 1
+
+
+@pytest.mark.parametrize("kind", ["composite", "time"])
+async def test_random_moves_lose_and_duplicate_nothing(
+    client: Any, oracle_url: str, shard_urls: list[str], kind: str
+) -> None:
+    policy: Any = (
+        CompositePolicy(
+            field="region",
+            partitions={"eu": ("s0",), "us": ("s1", "s2"), "ap": ("s2",)},
+            values={"de": "eu"},
+            default="us",
+            hash_key="user",
+        )
+        if kind == "composite"
+        else time_policy()
+    )
+    col = await client.create_collection("churn", embedding_function=None, policy=policy)
+    plain = await (await official(oracle_url)).create_collection("churn", embedding_function=None)
+    recs = await fill(col, 40, seed=3)
+    await fill(plain, 40, seed=3)
+    rng = random.Random(kind)
+    for step in range(30):
+        rid = rng.choice(recs)[0]
+        change = {
+            "region": rng.choice(REGIONS),
+            "user": f"u{rng.randrange(6)}",
+            "ts": T0 + rng.randrange(-2 * DAY, 3 * DAY),
+        }
+        meta = dict(rng.sample(sorted(change.items()), rng.randint(1, 3)))
+        emb = [rng.random() for _ in range(8)]
+        partial_update = rng.random() < 0.5
+        full = {**(await plain.get(ids=[rid]))["metadatas"][0], **change}
+        for c in (col, plain):
+            if partial_update:
+                # With documents, embeddings are given too: chromadb would otherwise embed
+                # the documents with its default model.
+                await c.update(
+                    ids=[rid], metadatas=[meta], documents=[f"step {step}"], embeddings=[emb]
+                )
+            else:
+                await c.upsert(ids=[rid], embeddings=[emb], metadatas=[full])
+    want = await plain.get(include=["metadatas", "documents"])
+    got = await col.get(include=["metadatas", "documents"])
+    assert sorted(got["ids"]) == sorted(want["ids"])
+    by_id = dict(
+        zip(want["ids"], zip(want["metadatas"], want["documents"], strict=True), strict=True)
+    )
+    for n, rid in enumerate(got["ids"]):
+        assert (got["metadatas"][n], got["documents"][n]) == by_id[rid], rid
+    # Every record is held exactly once across all physical collections of all shards.
+    seen: list[str] = []
+    for url in shard_urls:
+        for database in ("default_database", "default_database.sc-parts"):
+            for name, ids in (await held(url, database)).items():
+                if name == "churn" or name.startswith(str(col.id)):
+                    seen.extend(ids)
+    assert sorted(seen) == sorted(want["ids"])
+    assert await col.count() == len(want["ids"])
