@@ -67,7 +67,10 @@ __all__ = [
 
 _Frozen = ConfigDict(frozen=True, extra="forbid")
 # Bucket labels become part of physical collection names.
-_LABEL_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
+_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?")
+# A stored time may be labelled with the next bucket when it lies within half a microsecond of
+# its boundary (see ``bucket_label``): pruning widens calendar buckets by this much.
+_LABEL_SLACK = 1e-6
 _SHOW = 20  # values listed in an "unknown value" error
 
 
@@ -209,6 +212,14 @@ class HashPolicy(BaseModel):
         return Scope(shards=walk_where(where, leaf, _sets_both, _sets_either))
 
 
+def _int_text(text: str) -> bool:
+    """Whether ``text`` is how an integer routing value is written (so it may be stored as one)."""
+    try:
+        return str(int(text)) == text
+    except ValueError:
+        return False
+
+
 def _routing_text(record_id: str, value: Any, field: str) -> str:
     # Strings and integers only: a float or bool would route by a string form that a filter
     # of the other numeric type could still match.
@@ -302,15 +313,22 @@ class FieldPolicy(BaseModel):
                 out.add(partition)
         return frozenset(out)
 
-    def _excluded(self, values: Iterable[str]) -> frozenset[str]:
-        """Partitions that no value outside ``values`` can reach (``$ne``/``$nin``)."""
-        gone = set(values)
+    def _excluded(self, values: Iterable[str | int]) -> frozenset[str]:
+        """Partitions that no value outside ``values`` can reach (``$ne``/``$nin``).
+
+        Chroma compares typed values: excluding the string "1" leaves records whose value is
+        the integer 1, which route to the same partition. A partition is excluded only when
+        every stored form of every one of its values (the string, and the integer when the
+        text is one) is."""
+        gone: set[tuple[type, str]] = {(type(v), str(v)) for v in values}
         out = set()
         for partition in self.partitions:
             if partition == self.default:
                 continue  # every unknown value lands here
             members = {partition, *(v for v, p in self.values.items() if p == partition)}
-            if members <= gone:
+            forms: set[tuple[type, str]] = {(str, m) for m in members}
+            forms |= {(int, m) for m in members if _int_text(m)}
+            if forms <= gone:
                 out.add(partition)
         return frozenset(out)
 
@@ -321,11 +339,10 @@ class FieldPolicy(BaseModel):
             return None
         if any(isinstance(v, bool) or not isinstance(v, (str, int)) for v in values):
             return None
-        texts = [str(v) for v in values]
         if op in ("$eq", "$in"):
-            partitions = self._partitions_for(texts)
+            partitions = self._partitions_for(str(v) for v in values)
         else:
-            partitions = frozenset(self.partitions) - self._excluded(texts)
+            partitions = frozenset(self.partitions) - self._excluded(values)
         return frozenset(s for p in partitions for s in self.partitions[p])
 
     def scope(self, where: Mapping[str, Any] | None) -> Scope:
@@ -396,7 +413,7 @@ class TimePolicy(BaseModel):
                 raise ValueError("explicit ranges name their own shards; drop buckets and hot")
             spans = []
             for r in self.ranges:
-                if not _LABEL_RE.match(r.name):
+                if not _LABEL_RE.fullmatch(r.name):
                     raise ValueError(f"range name {r.name!r} must be 1-64 of [A-Za-z0-9._-]")
                 try:
                     lo, hi = r.interval
@@ -462,7 +479,7 @@ class TimePolicy(BaseModel):
         return self.buckets.get(bucket) or str(self.hot)
 
     def place(self, record_id: str, metadata: Mapping[str, Any] | None) -> Placement:
-        seconds = self.time_of(record_id, metadata)
+        seconds = self.time_of(record_id, metadata)  # range-checked: bucket_of cannot overflow
         bucket = self.bucket_of(seconds)
         if bucket is None:
             names = ", ".join(r.name for r in self.ranges[:_SHOW])
@@ -507,7 +524,11 @@ class TimePolicy(BaseModel):
 
     def _meets(self, bucket: str, times: Intervals) -> bool:
         span = self.interval_of(bucket)
-        return span is None or overlaps(times, *span)
+        if span is None:
+            return True
+        if self.ranges:
+            return overlaps(times, *span)
+        return overlaps(times, span[0] - _LABEL_SLACK, span[1])
 
     def bucket_may_match(self, bucket: str, scope: Scope) -> bool:
         """Whether a bucket (found on a shard) can hold records matching the scope."""
@@ -530,8 +551,12 @@ def build_policy(data: Mapping[str, Any] | BaseModel, *, source: str = "policy")
     """A policy from a mapping with a ``kind`` (as in a topology file) or a policy object."""
     if isinstance(data, BaseModel):
         return data
+    if not isinstance(data, Mapping):
+        raise ConfigurationError(
+            f"{source}: expected a table of policy options, got {type(data).__name__}"
+        )
     kind = data.get("kind", "hash")
-    if kind not in POLICIES:
+    if not isinstance(kind, str) or kind not in POLICIES:
         raise ConfigurationError(
             f"{source}: unknown policy kind {kind!r}; known: {sorted(POLICIES)}"
         )

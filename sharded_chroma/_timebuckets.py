@@ -28,11 +28,12 @@ GRANULARITIES: tuple[str, ...] = ("hour", "day", "week", "month")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _LABEL = {
-    "hour": re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2})$"),
-    "day": re.compile(r"^(\d{4})-(\d{2})-(\d{2})$"),
-    "week": re.compile(r"^(\d{4})-W(\d{2})$"),
-    "month": re.compile(r"^(\d{4})-(\d{2})$"),
+    "hour": re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2})"),
+    "day": re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})"),
+    "week": re.compile(r"([0-9]{4})-W([0-9]{2})"),
+    "month": re.compile(r"([0-9]{4})-([0-9]{2})"),
 }
+_SPAN = {"hour": 3600.0, "day": 86400.0, "week": 7 * 86400.0}
 
 
 class TimeValueError(ValueError):
@@ -47,14 +48,15 @@ def parse_time(value: object) -> float:
             f"got {type(value).__name__}"
         )
     if isinstance(value, str):
-        return _parse_iso(value)
-    seconds = float(value)
-    if not math.isfinite(seconds):
-        raise TimeValueError(f"expected a finite number of epoch seconds, got {value!r}")
+        seconds = _parse_iso(value)
+    else:
+        seconds = float(value)
+        if not math.isfinite(seconds):
+            raise TimeValueError(f"expected a finite number of epoch seconds, got {value!r}")
     try:
-        _EPOCH + timedelta(seconds=seconds)
-    except OverflowError:
-        raise TimeValueError(f"epoch seconds {value!r} are outside years 1..9999") from None
+        _utc(seconds)
+    except (OverflowError, ValueError):
+        raise TimeValueError(f"{value!r} is outside years 1..9999 (UTC)") from None
     return seconds
 
 
@@ -80,45 +82,49 @@ def _utc(seconds: float) -> datetime:
 
 
 def bucket_label(seconds: float, granularity: str) -> str:
-    """The label of the bucket holding ``seconds``."""
+    """The label of the bucket holding ``seconds``.
+
+    Times are resolved to the microsecond, so a time less than half a microsecond before a
+    boundary is labelled with the next bucket; ``bucket_interval`` callers that prune allow
+    for that (see ``TimePolicy``)."""
     moment = _utc(seconds)
+    y, m, d = moment.year, moment.month, moment.day
     if granularity == "hour":
-        return moment.strftime("%Y-%m-%dT%H")
+        return f"{y:04d}-{m:02d}-{d:02d}T{moment.hour:02d}"
     if granularity == "day":
-        return moment.strftime("%Y-%m-%d")
+        return f"{y:04d}-{m:02d}-{d:02d}"
     if granularity == "week":
         year, week, _ = moment.isocalendar()
         return f"{year:04d}-W{week:02d}"
     if granularity == "month":
-        return moment.strftime("%Y-%m")
+        return f"{y:04d}-{m:02d}"
     raise ValueError(f"unknown granularity {granularity!r}; known: {list(GRANULARITIES)}")
 
 
 def bucket_interval(label: str, granularity: str) -> tuple[float, float] | None:
     """``[start, end)`` in epoch seconds of a bucket label, or None if ``label`` is not one."""
     pattern = _LABEL.get(granularity)
-    match = pattern.match(label) if pattern else None
+    match = pattern.fullmatch(label) if pattern else None
     if match is None:
         return None
     parts = [int(p) for p in match.groups()]
     try:
         if granularity == "hour":
             start = datetime(parts[0], parts[1], parts[2], parts[3], tzinfo=timezone.utc)
-            end = start + timedelta(hours=1)
         elif granularity == "day":
             start = datetime(parts[0], parts[1], parts[2], tzinfo=timezone.utc)
-            end = start + timedelta(days=1)
         elif granularity == "week":
             monday = date.fromisocalendar(parts[0], parts[1], 1)
             start = datetime.combine(monday, datetime.min.time(), tzinfo=timezone.utc)
-            end = start + timedelta(weeks=1)
         else:
             start = datetime(parts[0], parts[1], 1, tzinfo=timezone.utc)
-            year, month = (parts[0] + 1, 1) if parts[1] == 12 else (parts[0], parts[1] + 1)
-            if year > 9999:  # December 9999: its end is not a datetime
-                first = (start - _EPOCH).total_seconds()
-                return first, first + 31 * 86400.0
-            end = datetime(year, month, 1, tzinfo=timezone.utc)
     except (ValueError, OverflowError):
         return None
-    return (start - _EPOCH).total_seconds(), (end - _EPOCH).total_seconds()
+    first = (start - _EPOCH).total_seconds()
+    if granularity in _SPAN:
+        # In seconds rather than datetimes: the last bucket of year 9999 ends past datetime.max.
+        return first, first + _SPAN[granularity]
+    year, month = (parts[0] + 1, 1) if parts[1] == 12 else (parts[0], parts[1] + 1)
+    if year > 9999:
+        return first, first + 31 * 86400.0
+    return first, (datetime(year, month, 1, tzinfo=timezone.utc) - _EPOCH).total_seconds()
