@@ -536,3 +536,16 @@ async def test_random_moves_lose_and_duplicate_nothing(
                     seen.extend(ids)
     assert sorted(seen) == sorted(want["ids"])
     assert await col.count() == len(want["ids"])
+
+
+async def test_scan_and_paging_over_time_buckets(client: Any) -> None:
+    col = await client.create_collection("scanned", embedding_function=None, policy=time_policy())
+    await fill(col, 70)
+    everything = (await col.get(include=["metadatas"]))["ids"]
+    assert len(everything) == 70
+    scanned = [i async for page in col.scan(batch_size=8, include=[]) for i in page["ids"]]
+    assert scanned == everything
+    assert (await col.get(limit=9, offset=20, include=[]))["ids"] == everything[20:29]
+    where = {"ts": {"$gte": T0 + 50 * DAY}}  # no bucket that late
+    assert [p async for p in col.scan(batch_size=8, where=where)] == []
+    assert (await col.peek(3))["ids"] == everything[:3]
