@@ -18,18 +18,14 @@ place records the same way. Placement and pruning are pure and synchronous.
 
 from __future__ import annotations
 
-import itertools
-import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal
 
 import mmh3
 import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     TypeAdapter,
     ValidationError,
@@ -38,17 +34,12 @@ from pydantic import (
 
 from ._errors import ConfigurationError, RoutingError
 from ._frozen import FrozenDict
+from ._placement import FROZEN, SHOW, Placement, Policy, Scope, routing_value
 from ._prune import (
-    Intervals,
-    intersect,
-    normalize,
-    overlaps,
-    range_interval,
-    unite,
     walk_where,
 )
 from ._routing import DEFAULT_SLOTS, MAX_SLOTS, slot_for_key
-from ._timebuckets import TimeValueError, bucket_interval, bucket_label, parse_time
+from ._time_policy import TimePolicy, TimeRange
 
 __all__ = [
     "POLICIES",
@@ -65,64 +56,11 @@ __all__ = [
     "policy_to_json",
 ]
 
-_Frozen = ConfigDict(frozen=True, extra="forbid")
-# Bucket labels become part of physical collection names.
-_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?")
-# A stored time may be labelled with the next bucket when it lies within half a microsecond of
-# its boundary (see ``bucket_label``): pruning widens calendar buckets by this much.
-_LABEL_SLACK = 1e-6
-_SHOW = 20  # values listed in an "unknown value" error
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where one record lives: a shard, and a time bucket (its own physical collection)."""
-
-    shard: str
-    bucket: str | None = None
-
-
-@dataclass(frozen=True)
-class Scope:
-    """What a filter leaves to ask: shards (None: all) and time intervals (None: all times)."""
-
-    shards: frozenset[str] | None = None
-    times: Intervals | None = None
-
-
-class Policy(Protocol):
-    """The strategy interface every placement policy implements."""
-
-    kind: str
-
-    def shards_named(self) -> frozenset[str]:
-        """Every shard the policy can place a record on."""
-        ...
-
-    def place(self, record_id: str, metadata: Mapping[str, Any] | None) -> Placement:
-        """The placement of one record; raises RoutingError when it cannot be placed."""
-        ...
-
-    def scope(self, where: Mapping[str, Any] | None) -> Scope:
-        """A superset of the places records matching ``where`` can be."""
-        ...
-
-
-def _value(record_id: str, metadata: Mapping[str, Any] | None, field: str) -> Any:
-    value = None if metadata is None else metadata.get(field)
-    if value is None:
-        raise RoutingError(
-            f"record {record_id!r} has no value for the routing field {field!r}; "
-            "every record of this collection needs one, nothing was written",
-            record_id=record_id,
-        )
-    return value
-
 
 def _hash_key(record_id: str, metadata: Mapping[str, Any] | None, field: str | None) -> str:
     if field is None:
         return record_id
-    value = _value(record_id, metadata, field)
+    value = routing_value(record_id, metadata, field)
     if isinstance(value, (list, dict)):
         raise RoutingError(
             f"record {record_id!r} needs a scalar value for the routing field {field!r}, got "
@@ -168,7 +106,7 @@ def _sets_either(a: frozenset[str], b: frozenset[str]) -> frozenset[str]:
 class HashPolicy(BaseModel):
     """Hash of the record id (``field=None``) or of a metadata field's value, over all shards."""
 
-    model_config = _Frozen
+    model_config = FROZEN
     kind: Literal["hash"] = "hash"
     field: str | None = None
     slots: int = Field(default=DEFAULT_SLOTS, ge=1, le=MAX_SLOTS)
@@ -242,7 +180,7 @@ class FieldPolicy(BaseModel):
     several shards, records are hashed by id.
     """
 
-    model_config = _Frozen
+    model_config = FROZEN
     kind: Literal["field"] = "field"
     field: str = Field(min_length=1)
     partitions: Annotated[Mapping[str, tuple[str, ...]], AfterValidator(FrozenDict)]
@@ -287,12 +225,12 @@ class FieldPolicy(BaseModel):
         return None
 
     def place(self, record_id: str, metadata: Mapping[str, Any] | None) -> Placement:
-        text = _routing_text(record_id, _value(record_id, metadata, self.field), self.field)
+        text = _routing_text(record_id, routing_value(record_id, metadata, self.field), self.field)
         partition = self.partition_of(text)
         if partition is None:
             known = sorted({*self.partitions, *self.values})
-            shown = ", ".join(repr(k) for k in known[:_SHOW])
-            more = f" and {len(known) - _SHOW} more" if len(known) > _SHOW else ""
+            shown = ", ".join(repr(k) for k in known[:SHOW])
+            more = f" and {len(known) - SHOW} more" if len(known) > SHOW else ""
             raise RoutingError(
                 f"record {record_id!r}: {self.field}={text!r} is not a known value "
                 f"(known: {shown}{more}) and the policy has no default partition; "
@@ -373,166 +311,6 @@ class CompositePolicy(FieldPolicy):
 
     def _within_field(self) -> str | None:
         return self.hash_key
-
-
-class TimeRange(BaseModel):
-    """An explicit bucket: ``[start, end)`` (epoch seconds or ISO-8601) on one shard."""
-
-    model_config = _Frozen
-    name: str
-    start: float | str
-    end: float | str
-    shard: str
-
-    @property
-    def interval(self) -> tuple[float, float]:
-        return parse_time(self.start), parse_time(self.end)
-
-
-class TimePolicy(BaseModel):
-    """A timestamp field is bucketed; each bucket is its own physical collection on one shard.
-
-    Calendar buckets (``granularity``) go to ``buckets[label]`` if mapped, else to ``hot``.
-    With explicit ``ranges`` instead, a time outside every range is refused.
-    """
-
-    model_config = _Frozen
-    kind: Literal["time"] = "time"
-    field: str = Field(min_length=1)
-    granularity: Literal["hour", "day", "week", "month"] | None = "day"
-    ranges: tuple[TimeRange, ...] = ()
-    buckets: Annotated[Mapping[str, str], AfterValidator(FrozenDict)] = Field(
-        default_factory=FrozenDict
-    )
-    hot: str | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> TimePolicy:
-        if self.ranges:
-            if self.buckets or self.hot is not None:
-                raise ValueError("explicit ranges name their own shards; drop buckets and hot")
-            spans = []
-            for r in self.ranges:
-                if not _LABEL_RE.fullmatch(r.name):
-                    raise ValueError(f"range name {r.name!r} must be 1-64 of [A-Za-z0-9._-]")
-                try:
-                    lo, hi = r.interval
-                except TimeValueError as exc:
-                    raise ValueError(f"range {r.name!r}: {exc}") from None
-                if not lo < hi:
-                    raise ValueError(f"range {r.name!r} must end after it starts")
-                spans.append((lo, hi, r.name))
-            spans.sort()
-            for (_, hi, a), (lo, _, b) in itertools.pairwise(spans):
-                if lo < hi:
-                    raise ValueError(f"ranges {a!r} and {b!r} overlap")
-            if len({r.name for r in self.ranges}) != len(self.ranges):
-                raise ValueError("range names must be unique")
-            return self
-        if self.granularity is None:
-            raise ValueError("give a granularity (hour, day, week, month) or explicit ranges")
-        if self.hot is None:
-            raise ValueError("hot must name the shard that receives new (unmapped) buckets")
-        for label in self.buckets:
-            if bucket_interval(label, self.granularity) is None:
-                raise ValueError(f"{label!r} is not a {self.granularity} bucket label")
-        return self
-
-    def shards_named(self) -> frozenset[str]:
-        if self.ranges:
-            return frozenset(r.shard for r in self.ranges)
-        return frozenset({*self.buckets.values(), *([self.hot] if self.hot else [])})
-
-    def time_of(self, record_id: str, metadata: Mapping[str, Any] | None) -> float:
-        value = _value(record_id, metadata, self.field)
-        try:
-            return parse_time(value)
-        except TimeValueError as exc:
-            raise RoutingError(
-                f"record {record_id!r}: the time field {self.field!r} {exc}; nothing was written",
-                record_id=record_id,
-                value=value,
-            ) from None
-
-    def bucket_of(self, seconds: float) -> str | None:
-        if self.ranges:
-            for r in self.ranges:
-                lo, hi = r.interval
-                if lo <= seconds < hi:
-                    return r.name
-            return None
-        assert self.granularity is not None
-        return bucket_label(seconds, self.granularity)
-
-    def interval_of(self, bucket: str) -> tuple[float, float] | None:
-        if self.ranges:
-            for r in self.ranges:
-                if r.name == bucket:
-                    return r.interval
-            return None
-        assert self.granularity is not None
-        return bucket_interval(bucket, self.granularity)
-
-    def shard_of(self, bucket: str) -> str:
-        if self.ranges:
-            return next(r.shard for r in self.ranges if r.name == bucket)
-        return self.buckets.get(bucket) or str(self.hot)
-
-    def place(self, record_id: str, metadata: Mapping[str, Any] | None) -> Placement:
-        seconds = self.time_of(record_id, metadata)  # range-checked: bucket_of cannot overflow
-        bucket = self.bucket_of(seconds)
-        if bucket is None:
-            names = ", ".join(r.name for r in self.ranges[:_SHOW])
-            raise RoutingError(
-                f"record {record_id!r}: {self.field}={metadata[self.field]!r} "  # type: ignore[index]
-                f"is outside every time range ({names}); nothing was written",
-                record_id=record_id,
-                value=seconds,
-            )
-        return Placement(self.shard_of(bucket), bucket)
-
-    def _leaf(self, name: str, op: str, arg: Any) -> Intervals | None:
-        if name != self.field:
-            return None
-        if op in ("$eq", "$in"):
-            values = [arg] if op == "$eq" else arg
-            if not isinstance(values, list):
-                return None
-            points = []
-            for v in values:
-                try:
-                    t = parse_time(v)
-                except TimeValueError:
-                    return None  # not a time: leave it to the server
-                points.append((t, t))
-            return normalize(points)
-        if isinstance(arg, bool) or not isinstance(arg, (int, float)):
-            return None
-        return range_interval(op, float(arg))
-
-    def scope(self, where: Mapping[str, Any] | None) -> Scope:
-        times = walk_where(where, self._leaf, intersect, unite)
-        if times is None:
-            return Scope()
-        if self.ranges:
-            shards = {r.shard for r in self.ranges if overlaps(times, *r.interval)}
-        else:
-            shards = {self.shard_of(b) for b, _ in self.buckets.items() if self._meets(b, times)}
-            if times:
-                shards.add(str(self.hot))
-        return Scope(shards=frozenset(shards), times=times)
-
-    def _meets(self, bucket: str, times: Intervals) -> bool:
-        span = self.interval_of(bucket)
-        if span is None:
-            return True
-        if self.ranges:
-            return overlaps(times, *span)
-        return overlaps(times, span[0] - _LABEL_SLACK, span[1])
-
-    def bucket_may_match(self, bucket: str, scope: Scope) -> bool:
-        """Whether a bucket (found on a shard) can hold records matching the scope."""
-        return scope.times is None or self._meets(bucket, scope.times)
 
 
 AnyPolicy = Annotated[
