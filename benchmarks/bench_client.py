@@ -47,6 +47,7 @@ import _machine
 import chromadb
 import numpy as np
 from _data import Dataset, exact_top_k, make_dataset, recall_at_k
+from _stats import closed_loop, percentile
 from chromadb.config import Settings
 
 import sharded_chroma
@@ -60,13 +61,6 @@ QueryFn = Callable[[np.ndarray], Awaitable[list[str]]]
 
 
 # -- measurement --------------------------------------------------------------------------
-
-
-def percentile(samples: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile (no interpolation), so p99 of 200 samples is the 198th."""
-    ordered = sorted(samples)
-    rank = max(1, int(np.ceil(pct / 100.0 * len(ordered))))
-    return ordered[rank - 1]
 
 
 @dataclasses.dataclass
@@ -110,18 +104,8 @@ async def run_sequential(query: QueryFn, queries: np.ndarray) -> Sequential:
 async def run_concurrent(query: QueryFn, queries: np.ndarray, total: int, workers: int) -> float:
     """``total`` queries by ``workers`` tasks each issuing its next query when one returns;
     returns queries per second of wall-clock time."""
-    position = 0
-
-    async def worker() -> None:
-        nonlocal position
-        while position < total:
-            i = position
-            position += 1
-            await query(queries[i % len(queries) : i % len(queries) + 1])
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(workers)))
-    return total / (time.perf_counter() - t0)
+    n = len(queries)
+    return await closed_loop(lambda i: query(queries[i % n : i % n + 1]), total, workers)
 
 
 async def run_add(collection: Any, data: Dataset) -> float:

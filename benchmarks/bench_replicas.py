@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ import _machine  # noqa: E402
 import numpy as np  # noqa: E402
 from _data import Dataset, make_dataset  # noqa: E402
 from _proxy import FaultProxy, pareto_delay  # noqa: E402
+from _stats import alternate, log, med, percentile  # noqa: E402
 
 import sharded_chroma  # noqa: E402
 from sharded_chroma._local_cluster import LocalCluster  # noqa: E402
@@ -51,21 +51,6 @@ from sharded_chroma._local_cluster import LocalCluster  # noqa: E402
 K = 10
 CONFIGURATION: Any = {"hnsw": {"space": "l2"}}
 COLLECTION = "replicas_bench"
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(samples: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile (no interpolation), so p99 of 400 samples is the 396th."""
-    ordered = sorted(samples)
-    rank = max(1, int(np.ceil(pct / 100.0 * len(ordered))))
-    return ordered[rank - 1]
-
-
-def med(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 # -- topologies and clients ------------------------------------------------------------------
@@ -138,10 +123,6 @@ async def warm_up(collection: Any, queries: np.ndarray, n: int) -> None:
         await query_one(collection, queries[i : i + 1])
 
 
-def ordered(names: list[str], round_no: int) -> list[str]:
-    return names if round_no % 2 == 0 else names[::-1]
-
-
 # -- parts -----------------------------------------------------------------------------------
 
 
@@ -163,7 +144,7 @@ async def part_reads(
         for n in names:
             await warm_up(cols[n], data.queries, args.warmup)
         for r in range(args.rounds):
-            for n in ordered(names, r):
+            for n in alternate(names, r):
                 qps = await throughput(
                     cols[n], data.queries, args.throughput_queries, args.concurrency
                 )
@@ -207,7 +188,7 @@ async def part_hedging(
                 await warm_up(cols[n], data.queries, args.warmup)
             queries = data.queries[: args.latency_queries]
             for r in range(args.rounds):
-                for n in ordered(list(configs), r):
+                for n in alternate(list(configs), r):
                     # Re-seeded per measurement: both configurations meet the same delays.
                     proxy.set_latency(0.0, jitter=jitter, seed=1000 + r)
                     before = total_requests(clients[n])
@@ -242,7 +223,7 @@ async def part_writes(
     out: dict[str, list[float]] = {n: [] for n in clients}
     try:
         for r in range(args.add_rounds):
-            for n in ordered(list(clients), r):
+            for n in alternate(list(clients), r):
                 name = f"replicas_write_{r}_{'single' if n == 'single' else 'all'}"
                 client = clients[n]
                 col = await client.create_collection(
