@@ -28,7 +28,7 @@ from ._backend import (
 )
 from ._errors import ConfigurationError, NodeUnavailableError, ShardMismatchError
 from ._fanout import fan_out, raise_for_failures
-from ._policies import HashPolicy, build_policy, policy_from_json, policy_to_json
+from ._policies import HashPolicy, PolicyLike, build_policy, policy_from_json, policy_to_json
 from ._replicas import Node
 
 __all__ = ["CatalogOps"]
@@ -158,7 +158,7 @@ class CatalogOps(BackendCore):
             _SLOTS_META: getattr(policy, "slots", self.topology.slots),
         }
 
-    def _declared_policy(self, name: str, policy: Any) -> Any:
+    def _declared_policy(self, name: str, policy: PolicyLike | None) -> Any:
         """The policy a caller asks for: the argument, else the topology's entry for the name;
         None when neither says anything."""
         if policy is None:
@@ -177,7 +177,7 @@ class CatalogOps(BackendCore):
         tenant: str = "default_tenant",
         database: str = "default_database",
         *,
-        policy: Any = None,
+        policy: PolicyLike | None = None,
     ) -> CollectionModel:
         declared = self._declared_policy(name, policy)
         chosen = declared if declared is not None else self.topology.default_policy(name)

@@ -28,6 +28,7 @@ from chromadb.types import Collection as CollectionModel
 from ._collection import ShardedCollection
 from ._errors import ClientClosedError, ConfigurationError
 from ._layout import CollectionLayout, collection_layout
+from ._policies import PolicyLike
 from ._records import RecordOps
 from ._replicas import Node
 from ._status import ShardStatus, shard_status
@@ -188,7 +189,7 @@ class ShardedClient:
         data_loader: DataLoader[Loadable] | None = None,
         get_or_create: bool = False,
         *,
-        policy: Any = None,
+        policy: PolicyLike | None = None,
     ) -> ShardedCollection:
         """Create the collection on every shard; see ``AsyncClientAPI.create_collection``.
 
@@ -228,7 +229,7 @@ class ShardedClient:
         embedding_function: EmbeddingFunction[Embeddable] | None = _DEFAULT_EF,
         data_loader: DataLoader[Loadable] | None = None,
         *,
-        policy: Any = None,
+        policy: PolicyLike | None = None,
     ) -> ShardedCollection:
         """Get the collection, creating it (or repairing a shard missing it) if needed.
 

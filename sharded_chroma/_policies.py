@@ -49,6 +49,7 @@ __all__ = [
     "HashPolicy",
     "Placement",
     "Policy",
+    "PolicyLike",
     "Scope",
     "TimePolicy",
     "TimeRange",
@@ -316,6 +317,9 @@ class CompositePolicy(FieldPolicy):
 AnyPolicy = Annotated[
     HashPolicy | FieldPolicy | CompositePolicy | TimePolicy, Field(discriminator="kind")
 ]
+PolicyLike = AnyPolicy | Mapping[str, Any]
+"""What ``create_collection(policy=...)`` takes: a policy object, or a mapping with a ``kind``
+as in a topology file."""
 POLICIES: dict[str, type[BaseModel]] = {
     "composite": CompositePolicy,
     "field": FieldPolicy,
