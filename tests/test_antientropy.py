@@ -263,7 +263,8 @@ async def test_repair_under_concurrent_writes_settles(cluster: Cluster) -> None:
                     metadatas=[{"k": k} if k % 2 else {"other": k} for _ in ids],
                 )
                 if k % 3 == 0:
-                    await col.delete(ids=[f"live-{rng.randrange(120)}" for _ in range(3)])
+                    gone = {f"live-{rng.randrange(120)}" for _ in range(3)}
+                    await col.delete(ids=sorted(gone))
                 writes += 1
                 await anyio.sleep(0.005)
             stop.set()
