@@ -224,7 +224,15 @@ class BackendCore:
         """The request path of a collection on one node, looking its physical id up once."""
         pid = state.physical.get(node.url)
         if pid is None:
-            pid = await self._find_on_node(node, state.tenant, state.database, state.id, state.name)
+            pid = await self._find_on_node(
+                node,
+                state.tenant,
+                state.database,
+                state.id,
+                state.name,
+                # A bucket's name never changes (it is made of the cluster id and its label).
+                by_name_only=state.bucket is not None,
+            )
             state.physical[node.url] = pid
         return f"{state.base}/{pid}{suffix}"
 
@@ -235,7 +243,14 @@ class BackendCore:
         return node is self.catalog_node and str(raw["id"]) == str(cluster_id)
 
     async def _find_on_node(
-        self, node: Node, tenant: str, database: str, cluster_id: UUID, name: str
+        self,
+        node: Node,
+        tenant: str,
+        database: str,
+        cluster_id: UUID,
+        name: str,
+        *,
+        by_name_only: bool = False,
     ) -> UUID:
         """A node's physical id of the cluster collection ``cluster_id``.
 
@@ -249,7 +264,10 @@ class BackendCore:
             if self._is_cluster_collection(raw, node, cluster_id):
                 return UUID(str(raw["id"]))
         except NotFoundError:
-            pass
+            if by_name_only:
+                raise
+        if by_name_only:
+            raise NotFoundError(f"Collection [{cluster_id}] does not exist")
         offset = 0
         while True:
             page = await node.transport.request(

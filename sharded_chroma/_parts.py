@@ -41,6 +41,8 @@ __all__ = ["PartOps", "Target", "parts_database"]
 logger = logging.getLogger("sharded_chroma.parts")
 
 _LIST_PAGE = 1000
+# A bounded time filter spanning at most this many buckets addresses them by name.
+_DIRECT_BUCKETS = 64
 
 
 def parts_database(database: str) -> str:
@@ -318,10 +320,18 @@ class PartOps(CatalogOps):
     # -- what a read asks -------------------------------------------------------------------
 
     async def plan(
-        self, state: CollectionState, ids: IDs | None, where: Mapping[str, Any] | None
+        self,
+        state: CollectionState,
+        ids: IDs | None,
+        where: Mapping[str, Any] | None,
+        *,
+        direct: bool = False,
     ) -> Plan:
         """The parts a read must ask: the shards the policy uses, narrowed by the filter's
-        scope and, under hash of the id, by the ids; time buckets listed on those shards."""
+        scope and, under hash of the id, by the ids; time buckets listed on those shards.
+
+        With ``direct``, a time filter bounded to a few buckets names them without listing;
+        the caller must then read a bucket that does not exist as empty."""
         policy = state.policy
         scope: Scope = policy.scope(where)
         shards = [s for s in self.shard_names if s in policy.shards_named()]
@@ -339,6 +349,20 @@ class PartOps(CatalogOps):
         if not isinstance(policy, TimePolicy):
             targets = {s: Target(s, state, i) for s, i in by_shard.items()}
             return Plan(targets, skipped, {})
+        if direct and scope.times is not None:
+            labels = policy.buckets_within(scope.times, _DIRECT_BUCKETS)
+            if labels is not None:
+                # A bounded time filter names its buckets: address them by name, without
+                # listing (a bucket that does not exist reads as empty, see ``_reads``).
+                targets = {}
+                for label in labels:
+                    shard = policy.shard_of(label)
+                    if shard in by_shard:
+                        t = self.target(state, shard, label, by_shard[shard])
+                        targets[t.key] = t
+                asked = {t.shard for t in targets.values()}
+                skipped = tuple(s for s in self.shard_names if s not in asked)
+                return Plan(targets, skipped, {})
         listed, failed = await fan_out(
             {s: functools.partial(self.list_buckets, state, s) for s in by_shard}
         )

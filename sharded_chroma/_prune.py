@@ -115,11 +115,16 @@ def overlaps(intervals: Intervals, start: float, end: float) -> bool:
 
 
 def range_interval(op: str, bound: float) -> Intervals | None:
-    """The closed interval a range operator allows (open ends are closed: a superset)."""
+    """The closed interval a range operator allows. An open end becomes the next float inside
+    it, which is exact: no float lies between a bound and its neighbour."""
     if not math.isfinite(bound):
         return None
-    if op in ("$gt", "$gte"):
+    if op == "$gte":
         return ((bound, math.inf),)
-    if op in ("$lt", "$lte"):
+    if op == "$gt":
+        return ((math.nextafter(bound, math.inf), math.inf),)
+    if op == "$lte":
         return ((-math.inf, bound),)
+    if op == "$lt":
+        return ((-math.inf, math.nextafter(bound, -math.inf)),)
     return None

@@ -173,13 +173,16 @@ class ReadOps(PartOps):
         targets = plan.targets
 
         async def ask(target: Target) -> Any:
+            known = bool(target.state.physical)
             try:
                 return await read(target.shard, target.state, body_for(target))
             except NotFoundError:
                 if target.state.bucket is None:
                     raise
-            # A bucket dropped since it was listed holds nothing now; one dropped and made
-            # again has new physical ids, learnt again by name.
+                if not known:
+                    return None  # looked up by name just now: the bucket does not exist
+            # A bucket dropped since this client learnt its ids holds nothing now; one dropped
+            # and made again has new physical ids, learnt again by name.
             target.state.physical.clear()
             try:
                 return await read(target.shard, target.state, body_for(target))
@@ -228,7 +231,7 @@ class ReadOps(PartOps):
         fields = [f for f in include if f != "data"]
         wire_include = sorted({*fields, "metadatas"})
         shard_limit = None if limit is None else start + limit
-        plan = await self.plan(state, ids, where)
+        plan = await self.plan(state, ids, where, direct=True)
         if limit == 0 or (not plan.targets and not plan.failed):
             result = self._empty_get(include)
             if on_shard_error == "partial":
@@ -330,7 +333,7 @@ class ReadOps(PartOps):
             # Non-finite query values are left to the servers, which refuse them as one would.
             self._check_embeddings(state, query_embeddings, finite=False)
         fields = [f for f in include if f != "data"]
-        plan = await self.plan(state, ids, where)
+        plan = await self.plan(state, ids, where, direct=True)
         n_queries = len(query_embeddings)
         if not plan.targets and not plan.failed:
             # query(ids=[]) asks no shard: one empty row list per query, as one server answers.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -19,9 +20,6 @@ __all__ = ["TimePolicy", "TimeRange"]
 
 # Bucket labels become part of physical collection names.
 _LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?")
-# A stored time may be labelled with the next bucket when it lies within half a microsecond of
-# its boundary (see ``bucket_label``): pruning widens calendar buckets by this much.
-_LABEL_SLACK = 1e-6
 
 
 class TimeRange(BaseModel):
@@ -173,11 +171,35 @@ class TimePolicy(BaseModel):
 
     def _meets(self, bucket: str, times: Intervals) -> bool:
         span = self.interval_of(bucket)
-        if span is None:
-            return True
+        return span is None or overlaps(times, *span)
+
+    def buckets_within(self, times: Intervals, limit: int) -> list[str] | None:
+        """Every bucket label a record matching ``times`` can carry, whether or not the bucket
+        exists; None when the times are unbounded or span more than ``limit`` buckets."""
         if self.ranges:
-            return overlaps(times, *span)
-        return overlaps(times, span[0] - _LABEL_SLACK, span[1])
+            return [r.name for r in self.ranges if overlaps(times, *r.interval)]
+        assert self.granularity is not None
+        out: list[str] = []
+        for lo, hi in times:
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                return None
+            try:
+                label = bucket_label(lo, self.granularity)
+            except (OverflowError, ValueError):
+                return None
+            while True:
+                span = bucket_interval(label, self.granularity)
+                if span is None or len(out) > limit:
+                    return None
+                if span[0] > hi:
+                    break
+                if label not in out:
+                    out.append(label)
+                try:
+                    label = bucket_label(span[1], self.granularity)
+                except (OverflowError, ValueError):
+                    break  # the end of time
+        return out if len(out) <= limit else None
 
     def bucket_may_match(self, bucket: str, scope: Scope) -> bool:
         """Whether a bucket (found on a shard) can hold records matching the scope."""

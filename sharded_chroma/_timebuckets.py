@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from datetime import date, datetime, timedelta, timezone
+from fractions import Fraction
 from typing import Literal
 
 __all__ = [
@@ -82,12 +83,11 @@ def _utc(seconds: float) -> datetime:
 
 
 def bucket_label(seconds: float, granularity: str) -> str:
-    """The label of the bucket holding ``seconds``.
-
-    Times are resolved to the microsecond, so a time less than half a microsecond before a
-    boundary is labelled with the next bucket; ``bucket_interval`` callers that prune allow
-    for that (see ``TimePolicy``)."""
-    moment = _utc(seconds)
+    """The label of the bucket holding ``seconds``: ``bucket_interval`` of the label contains
+    ``seconds`` exactly (the time is floored to the microsecond in exact arithmetic, never
+    rounded up across a boundary)."""
+    micros = math.floor(Fraction(seconds) * 1_000_000)
+    moment = _EPOCH + timedelta(microseconds=micros)
     y, m, d = moment.year, moment.month, moment.day
     if granularity == "hour":
         return f"{y:04d}-{m:02d}-{d:02d}T{moment.hour:02d}"

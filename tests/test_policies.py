@@ -536,8 +536,11 @@ def test_interval_helpers_match_brute_force(a: Any, b: Any, start: int, length: 
 
 
 def test_range_interval() -> None:
-    assert range_interval("$gt", 5) == range_interval("$gte", 5) == ((5, math.inf),)
-    assert range_interval("$lt", 5) == range_interval("$lte", 5) == ((-math.inf, 5),)
+    # Open ends become the neighbouring float: exact, since no float lies in between.
+    assert range_interval("$gte", 5) == ((5, math.inf),)
+    assert range_interval("$gt", 5) == ((math.nextafter(5, math.inf), math.inf),)
+    assert range_interval("$lte", 5) == ((-math.inf, 5),)
+    assert range_interval("$lt", 5) == ((-math.inf, math.nextafter(5, -math.inf)),)
     assert range_interval("$ne", 5) is None
     assert range_interval("$gt", math.nan) is None and range_interval("$lt", math.inf) is None
 
@@ -578,6 +581,7 @@ def test_ne_on_a_number_routed_partition(where: Any) -> None:
         (T0 + 0.5, "hour"),
         (at(1000, 1, 1), "day"),
         (253402300000.0, "month"),  # 9999-12-31T23:46:40
+        (DAY - 4e-7, "day"),  # just below a boundary: floored, never rounded up
         *((-30625e6, g) for g in ("hour", "day", "month")),  # mid-999
         *((253402300000.0, g) for g in ("hour", "day", "week")),
     ],

@@ -549,3 +549,33 @@ async def test_scan_and_paging_over_time_buckets(client: Any) -> None:
     where = {"ts": {"$gte": T0 + 50 * DAY}}  # no bucket that late
     assert [p async for p in col.scan(batch_size=8, where=where)] == []
     assert (await col.peek(3))["ids"] == everything[:3]
+
+
+async def test_bounded_time_filters_address_their_buckets_by_name(
+    client: Any, shard_urls: list[str]
+) -> None:
+    col = await client.create_collection("direct", embedding_function=None, policy=time_policy())
+    await col.add(ids=["d0"], embeddings=[[0.1, 0.2]], metadatas=[{"ts": T0 + 60}])
+    day0 = {"$and": [{"ts": {"$gte": T0}}, {"ts": {"$lt": T0 + DAY}}]}
+    assert (await col.get(where=day0))["ids"] == ["d0"]  # learns the bucket's physical ids
+    before = {u: s.requests for u, s in client.node_stats().items()}
+    res = await col.query(
+        query_embeddings=[[0.1, 0.2]], n_results=3, where=day0, on_shard_error="partial"
+    )
+    assert res["ids"] == [["d0"]]
+    # One request to the one shard holding that day; the hot shard is not asked.
+    assert _delta(before, client) == {shard_urls[0]: 1, shard_urls[1]: 0, shard_urls[2]: 0}, shard_urls
+    assert set(res["coverage"].skipped) == {"s1", "s2"}
+    # A day with no bucket yet reads as empty...
+    day3 = {"$and": [{"ts": {"$gte": T0 + 3 * DAY}}, {"ts": {"$lte": T0 + 3 * DAY + 10}}]}
+    assert (await col.get(where=day3))["ids"] == []
+    # ...until another process writes into it: then it is found by name at once.
+    other = await sharded_chroma.AsyncHttpClient(shards=shard_urls)
+    try:
+        theirs = await other.get_collection("direct", embedding_function=None)
+        await theirs.add(ids=["d3"], embeddings=[[0.3, 0.4]], metadatas=[{"ts": T0 + 3 * DAY}])
+    finally:
+        await other.aclose()
+    assert (await col.get(where=day3))["ids"] == ["d3"]
+    got = await col.query(query_embeddings=[[0.3, 0.4]], n_results=2, where=day3, include=[])
+    assert got["ids"] == [["d3"]]
