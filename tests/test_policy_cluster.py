@@ -579,3 +579,45 @@ async def test_bounded_time_filters_address_their_buckets_by_name(
     assert (await col.get(where=day3))["ids"] == ["d3"]
     got = await col.query(query_embeddings=[[0.3, 0.4]], n_results=2, where=day3, include=[])
     assert got["ids"] == [["d3"]]
+
+
+async def test_pruned_reads_survive_a_dead_shard_they_do_not_need(
+    shard_urls: list[str], cluster_servers: Any
+) -> None:
+    topology = sharded_chroma.Topology.build(
+        {
+            "shards": [{"name": f"s{i}", "primary": u} for i, u in enumerate(shard_urls)],
+            "defaults": {"timeout": 5.0, "connect_timeout": 1.0},
+            "replication": {"retries": 0},
+        }
+    )
+    async with await sharded_chroma.AsyncHttpClient(topology=topology) as c:
+        regions = await c.create_collection("alive", embedding_function=None, policy=field_policy())
+        events = await c.create_collection("alive-t", embedding_function=None, policy=time_policy())
+        recs = await fill(regions, 60)
+        await fill(events, 60)
+        victim = cluster_servers[2]  # s2: "ap", half of "us", and every time bucket but day 0
+        victim.kill()
+        try:
+            # A filter pinned to shards that answer needs nothing from s2: no error at all.
+            eu = await regions.get(where={"region": "eu"}, include=[])
+            assert set(eu["ids"]) == {r[0] for r in recs if r[2]["region"] == "eu"}
+            day0 = {"$and": [{"ts": {"$gte": T0}}, {"ts": {"$lt": T0 + DAY}}]}
+            assert len((await events.get(where=day0, include=[]))["ids"]) == sum(
+                T0 <= r[2]["ts"] < T0 + DAY for r in recs
+            )
+            # An unpruned read names the dead shard, or answers partially with coverage.
+            with pytest.raises(sharded_chroma.ShardFailureError, match="s2"):
+                await regions.get(include=[])
+            with pytest.raises(sharded_chroma.ShardFailureError, match="s2"):
+                await events.get(include=[])
+            part = await regions.get(include=[], on_shard_error="partial")
+            assert set(part["coverage"].failed) == {"s2"}
+            assert set(part["ids"]) == {
+                r[0] for r in recs if field_policy().place(r[0], r[2]).shard != "s2"
+            }
+            later = await events.get(include=[], on_shard_error="partial")
+            assert set(later["coverage"].failed) == {"s2"}
+            assert set(later["ids"]) == {r[0] for r in recs if T0 <= r[2]["ts"] < T0 + DAY}
+        finally:
+            victim.restart()
