@@ -8,8 +8,10 @@ companion database (``<database>.sc-parts``) so they never show up in ``list_col
 ``count_collections``; their names are ``<cluster id>-<bucket label>`` and their reserved
 metadata names the collection and bucket they belong to.
 
-Buckets are found by listing the companion database on the shards a call must ask, on every
-call, so a bucket another process created a moment ago is never missed.
+A get or query whose filter bounds the time to a few buckets addresses them by name (a bucket
+that does not exist reads as empty); every other call lists the companion database on the
+shards it must ask. Neither caches which buckets exist, so a bucket another process created a
+moment ago is never missed.
 """
 
 from __future__ import annotations
