@@ -98,7 +98,8 @@ async def collection_layout(backend: ReadOps, state: CollectionState) -> Collect
     policy: Any = state.policy
     counts = await backend.part_counts(state)
     parts = await backend.all_parts(state, "layout")
-    shards = {s: 0 for s in backend.shard_names if s in policy.shards_named()}
+    used = policy.shards_named()
+    shards = {s: 0 for s in backend.shard_names if s in used}
     for key, n in counts.items():
         shards[parts[key].shard] = shards.get(parts[key].shard, 0) + n
     partitions: list[PartitionCount]

@@ -336,7 +336,8 @@ class PartOps(CatalogOps):
         the caller must then read a bucket that does not exist as empty."""
         policy = state.policy
         scope: Scope = policy.scope(where)
-        shards = [s for s in self.shard_names if s in policy.shards_named()]
+        used = policy.shards_named()
+        shards = [s for s in self.shard_names if s in used]
         if scope.shards is not None:
             shards = [s for s in shards if s in scope.shards]
         by_shard: dict[str, list[str] | None] = {
