@@ -36,6 +36,7 @@ from ._fanout import fan_out, raise_for_failures
 from ._hints import HintLog
 from ._replicas import HintTarget, Node, ReplicaSet
 from ._topology import Topology
+from ._transport import iter_collections
 
 __all__ = [
     "RESERVED_PREFIX",
@@ -264,21 +265,12 @@ class BackendCore:
             if self._is_cluster_collection(raw, node, cluster_id):
                 return UUID(str(raw["id"]))
         except NotFoundError:
-            if by_name_only:
-                raise
-        if by_name_only:
-            raise NotFoundError(f"Collection [{cluster_id}] does not exist")
-        offset = 0
-        while True:
-            page = await node.transport.request(
-                "GET", base, params={"limit": 100, "offset": offset}
-            )
-            for raw in page:
+            pass
+        if not by_name_only:
+            async for raw in iter_collections(node.transport, base):
                 if self._is_cluster_collection(raw, node, cluster_id):
                     return UUID(str(raw["id"]))
-            if len(page) < 100:
-                raise NotFoundError(f"Collection [{cluster_id}] does not exist")
-            offset += len(page)
+        raise NotFoundError(f"Collection [{cluster_id}] does not exist")
 
     async def _replay_path(self, node: Node, target: HintTarget) -> str:
         cluster_id = UUID(target.collection_id)

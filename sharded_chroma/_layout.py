@@ -17,11 +17,9 @@ from ._fanout import fan_out, raise_for_failures
 from ._parts import Target
 from ._policies import FieldPolicy, TimePolicy
 from ._reads import ReadOps
-from ._replicas import Node
 
 __all__ = ["CollectionLayout", "PartitionCount", "collection_layout"]
 
-_PAGE = 5000
 UNPLACED = "(unplaced)"
 """Partition name for records whose routing value the policy cannot place (none written by
 this library has one; records written around it might)."""
@@ -62,28 +60,12 @@ async def _field_counts(
 ) -> dict[str, int]:
     async def scan(target: Target) -> dict[str, int]:
         out: dict[str, int] = {}
-        offset = 0
-        # Offsets are positions in one node's stored order: every page from the same copy.
-        sticky: dict[str, Node] = {}
-        while True:
-            body = {"include": ["metadatas"], "limit": _PAGE, "offset": offset}
-
-            async def op(node: Node, body: Mapping[str, Any] = body) -> Any:
-                path = await backend.node_path(target.state, node, "/get")
-                page = await node.transport.request("POST", path, body=body)
-                sticky["node"] = node
-                return page
-
-            page = await backend.shards[target.shard].read(op, prefer=sticky.get("node"))
+        body = {"include": ["metadatas"]}
+        async for page in backend.get_pages(target.shard, target.state, body):
             for meta in page.get("metadatas") or ():
-                value = (meta or {}).get(policy.field)
-                name = None
-                if isinstance(value, (str, int)) and not isinstance(value, bool):
-                    name = policy.partition_of(str(value))
-                out[name or UNPLACED] = out.get(name or UNPLACED, 0) + 1
-            if len(page["ids"]) < _PAGE:
-                return out
-            offset += len(page["ids"])
+                name = policy.partition_of_value((meta or {}).get(policy.field)) or UNPLACED
+                out[name] = out.get(name, 0) + 1
+        return out
 
     results, failures = await fan_out({k: functools.partial(scan, t) for k, t in parts.items()})
     raise_for_failures("layout", failures)

@@ -37,12 +37,12 @@ from ._catalog import CatalogOps
 from ._fanout import fan_out, raise_for_failures
 from ._policies import HashPolicy, Placement, Scope, TimePolicy
 from ._replicas import Node
+from ._transport import iter_collections
 
 __all__ = ["PartOps", "Target", "parts_database"]
 
 logger = logging.getLogger("sharded_chroma.parts")
 
-_LIST_PAGE = 1000
 # A bounded time filter spanning at most this many buckets addresses them by name.
 _DIRECT_BUCKETS = 64
 
@@ -193,21 +193,11 @@ class PartOps(CatalogOps):
         """``(label, physical name)`` of each bucket of ``cluster_id`` on one node, by label."""
         base = f"{self._base(tenant, parts_database(database))}/collections"
         found = []
-        offset = 0
-        while True:
-            try:
-                page = await node.transport.request(
-                    "GET", base, params={"limit": _LIST_PAGE, "offset": offset}
-                )
-            except NotFoundError:
-                break  # no bucket was ever made on this node
-            for raw in page:
+        with contextlib.suppress(NotFoundError):  # no bucket was ever made on this node
+            async for raw in iter_collections(node.transport, base):
                 meta = raw.get("metadata") or {}
                 if meta.get(_PARENT_META) == str(cluster_id) and meta.get(_BUCKET_META):
                     found.append((str(meta[_BUCKET_META]), str(raw["name"])))
-            if len(page) < _LIST_PAGE:
-                break
-            offset += len(page)
         return sorted(found)
 
     async def replica_buckets(

@@ -219,6 +219,12 @@ class FieldPolicy(BaseModel):
             return value
         return self.values.get(value, self.default)
 
+    def partition_of_value(self, value: Any) -> str | None:
+        """The partition of a stored routing value; None if it is not one a record may have."""
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            return None
+        return self.partition_of(str(value))
+
     def _within_key(self, record_id: str, metadata: Mapping[str, Any] | None) -> str:
         return record_id
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 from uuid import UUID
 
 import numpy as np
@@ -26,6 +26,8 @@ from ._parts import PartOps, Plan, Target
 from ._replicas import Node
 
 __all__ = ["ReadOps", "check_where", "dimension_error"]
+
+T = TypeVar("T")
 
 
 def check_where(where: Any, what: str = "where") -> None:
@@ -130,18 +132,19 @@ class ReadOps(PartOps):
     async def _read_query(self, shard: str, state: CollectionState, body: Any) -> Any:
         return await self._read_from(shard, state, "/query", body)
 
-    async def _read_get_paged(
+    async def get_pages(
         self, shard: str, state: CollectionState, body: Mapping[str, Any]
-    ) -> dict[str, Any]:
-        """One shard's get(), read in pages of at most ``_GET_PAGE`` records from one copy.
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One shard's get() as pages of at most ``_GET_PAGE`` records, all from one copy
+        while it answers (offsets are positions in one node's stored order); ``body["limit"]``,
+        if set, bounds the total.
 
         A Chroma 1.5.9 server refuses a get matching more than 32,766 records ("too many SQL
         variables"), which a whole-collection get() of a large shard would hit. Results that
-        fit one page are a single request, exactly as before.
+        fit one page are a single request.
         """
         want = body.get("limit")
         sticky: dict[str, Node] = {}
-        out: dict[str, Any] = {}
         got = 0
         while True:
             take = _GET_PAGE if want is None else min(_GET_PAGE, want - got)
@@ -153,17 +156,44 @@ class ReadOps(PartOps):
                 sticky["node"] = node
                 return page
 
-            page = await self.shards[shard].read(op, prefer=sticky.get("node"))
-            if not out:
-                out = dict(page)
-            else:
-                for key in _GET_COLUMNS:
-                    if out.get(key) is not None and page.get(key) is not None:
-                        out[key].extend(page[key])
+            page: dict[str, Any] = await self.shards[shard].read(op, prefer=sticky.get("node"))
+            yield page
             n = len(page["ids"])
             got += n
             if n < take or (want is not None and got >= want):
-                return out
+                return
+
+    async def _read_get_paged(
+        self, shard: str, state: CollectionState, body: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """One shard's get(), its pages (see ``get_pages``) joined."""
+        out: dict[str, Any] = {}
+        async for page in self.get_pages(shard, state, body):
+            if not out:
+                out = dict(page)
+                continue
+            for key in _GET_COLUMNS:
+                if out.get(key) is not None and page.get(key) is not None:
+                    out[key].extend(page[key])
+        return out
+
+    async def read_part(self, target: Target, read: Callable[[], Awaitable[T]]) -> T | None:
+        """Run one read of a part. A time bucket that does not exist (never made, or dropped
+        since it was listed) reads as None; one dropped and made again has new physical ids,
+        learnt again by name, once."""
+        known = bool(target.state.physical)
+        try:
+            return await read()
+        except NotFoundError:
+            if target.state.bucket is None:
+                raise
+            if not known:
+                return None  # looked up by name just now: the bucket does not exist
+        target.state.physical.clear()
+        try:
+            return await read()
+        except NotFoundError:
+            return None
 
     async def _gather(
         self, op: str, plan: Plan, body_for: Any, on_shard_error: OnShardError
@@ -173,21 +203,9 @@ class ReadOps(PartOps):
         targets = plan.targets
 
         async def ask(target: Target) -> Any:
-            known = bool(target.state.physical)
-            try:
-                return await read(target.shard, target.state, body_for(target))
-            except NotFoundError:
-                if target.state.bucket is None:
-                    raise
-                if not known:
-                    return None  # looked up by name just now: the bucket does not exist
-            # A bucket dropped since this client learnt its ids holds nothing now; one dropped
-            # and made again has new physical ids, learnt again by name.
-            target.state.physical.clear()
-            try:
-                return await read(target.shard, target.state, body_for(target))
-            except NotFoundError:
-                return None
+            return await self.read_part(
+                target, lambda: read(target.shard, target.state, body_for(target))
+            )
 
         results, failed_parts = await fan_out(
             {k: functools.partial(ask, t) for k, t in targets.items()}
@@ -300,15 +318,13 @@ class ReadOps(PartOps):
         parts = await self.all_parts(state, "count")
 
         async def count(target: Target) -> int:
-            try:
-                n = await self.shards[target.shard].read(
+            n = await self.read_part(
+                target,
+                lambda: self.shards[target.shard].read(
                     lambda node: self._node_get(target.state, node, "/count")
-                )
-            except NotFoundError:
-                if target.state.bucket is None:
-                    raise
-                return 0  # dropped since it was listed
-            return int(n)
+                ),
+            )
+            return 0 if n is None else int(n)
 
         counts, failures = await fan_out({k: functools.partial(count, t) for k, t in parts.items()})
         raise_for_failures("count", failures)

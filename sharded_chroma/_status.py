@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 from chromadb.errors import NotFoundError
 
 from ._backend import _BUCKET_META, _ID_META, _PARENT_META
 from ._parts import parts_database
-from ._transport import NodeTransport
+from ._transport import NodeTransport, iter_collections
 
 __all__ = ["CollectionStatus", "ShardStatus", "estimate_server_memory"]
 
@@ -69,17 +69,6 @@ class ShardStatus:
         return estimate_server_memory({c.name: (c.records, c.dimension) for c in self.collections})
 
 
-async def _listing(transport: NodeTransport, base: str) -> list[dict[str, Any]]:
-    listed: list[dict[str, Any]] = []
-    while True:
-        page = await transport.request(
-            "GET", base, params={"limit": 100, "offset": len(listed)}, idempotent=True
-        )
-        listed.extend(page)
-        if len(page) < 100:
-            return listed
-
-
 async def _collections(
     transport: NodeTransport, tenant: str, database: str
 ) -> list[CollectionStatus]:
@@ -88,20 +77,19 @@ async def _collections(
     base = f"/tenants/{tenant}/databases/{database}/collections"
     cols = []
     names: dict[str, str] = {}
-    for item in await _listing(transport, base):
+    async for item in iter_collections(transport, base):
         meta = item.get("metadata") or {}
         names[str(meta.get(_ID_META, item["id"]))] = str(item["name"])
-        count = await transport.request("GET", f"{base}/{item['id']}/count", idempotent=True)
+        count = await transport.request("GET", f"{base}/{item['id']}/count")
         cols.append(CollectionStatus(str(item["name"]), int(count), item.get("dimension")))
     parts = f"/tenants/{tenant}/databases/{parts_database(database)}/collections"
-    try:
-        buckets = await _listing(transport, parts)
-    except NotFoundError:
-        buckets = []  # no time bucket was ever made on this node
+    buckets = []
+    with contextlib.suppress(NotFoundError):  # no time bucket was ever made on this node
+        buckets = [item async for item in iter_collections(transport, parts)]
     for item in buckets:
         meta = item.get("metadata") or {}
         parent = names.get(str(meta.get(_PARENT_META)), f"(deleted {meta.get(_PARENT_META)})")
-        count = await transport.request("GET", f"{parts}/{item['id']}/count", idempotent=True)
+        count = await transport.request("GET", f"{parts}/{item['id']}/count")
         name = f"{parent}/{meta.get(_BUCKET_META)}"
         cols.append(CollectionStatus(name, int(count), item.get("dimension")))
     return cols
@@ -123,9 +111,9 @@ async def shard_status(
     try:
         with anyio.fail_after(deadline):
             started = time.perf_counter()
-            await transport.request("GET", "/heartbeat", idempotent=False)
+            await transport.request("GET", "/heartbeat")
             latency = (time.perf_counter() - started) * 1000
-            version = await transport.request("GET", "/version", idempotent=False)
+            version = await transport.request("GET", "/version")
             cols = await _collections(transport, tenant, database)
     except Exception as exc:  # reported, not raised: a status view must show dead nodes
         return ShardStatus(

@@ -15,7 +15,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -27,7 +27,7 @@ from chromadb import errors as chroma_errors
 from ._errors import ClientClosedError, NodeUnavailableError
 from ._topology import NodeConfig
 
-__all__ = ["NodeStats", "NodeTransport"]
+__all__ = ["NodeStats", "NodeTransport", "iter_collections"]
 
 logger = logging.getLogger("sharded_chroma.transport")
 
@@ -151,17 +151,14 @@ class NodeTransport:
         body: Any = None,
         content: bytes | None = None,
         params: Mapping[str, str | int] | None = None,
-        idempotent: bool = False,
     ) -> Any:
         """Send one request (one attempt) and return the decoded JSON body.
 
         ``body`` is serialised with orjson; ``content`` is sent as is (already serialised, so a
         write sent to several copies is encoded once). Raises the ``chromadb.errors`` class for
         a Chroma error answer, or ``NodeUnavailableError`` for connection failures, timeouts
-        and non-Chroma HTTP errors. Retrying and failing over is the replica set's job; the
-        ``idempotent`` flag is accepted for readability at call sites.
+        and non-Chroma HTTP errors. Retrying and failing over is the replica set's job.
         """
-        del idempotent
         session = self._session()
         url = self._base + quote(path, safe="/")
         data = content
@@ -208,3 +205,18 @@ class NodeTransport:
                 await session.close()
             elif not loop.is_closed():
                 asyncio.run_coroutine_threadsafe(session.close(), loop)
+
+
+async def iter_collections(
+    transport: NodeTransport, base: str, page: int = 1000
+) -> AsyncIterator[dict[str, Any]]:
+    """Every collection a node lists under ``base`` (a database's ``/collections`` path), read
+    page by page; stop early by leaving the loop."""
+    offset = 0
+    while True:
+        batch = await transport.request("GET", base, params={"limit": page, "offset": offset})
+        for raw in batch:
+            yield raw
+        if len(batch) < page:
+            return
+        offset += len(batch)
