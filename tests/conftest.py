@@ -7,12 +7,14 @@ from empty databases without paying for a server start.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import sharded_chroma
 from sharded_chroma._local_cluster import LocalChromaServer, LocalCluster
+from tests._nodes import drop_official_http_pools
 
 CLUSTER_SIZE = 4
 # Four servers booting at once on a small CI machine take several seconds each; leave headroom.
@@ -67,3 +69,21 @@ def shard_urls(chroma_servers: LocalCluster) -> list[str]:
 def cluster_servers(chroma_servers: LocalCluster, shard_urls: list[str]) -> list[LocalChromaServer]:
     # Depends on shard_urls for the reset, so a test asking for both resets only once.
     return chroma_servers.servers[1:]
+
+
+@pytest.fixture
+async def sharded(shard_urls: list[str]) -> AsyncIterator[sharded_chroma.ShardedClient]:
+    """A sharded client over the (wiped) shards, closed after the test."""
+    client = await sharded_chroma.AsyncHttpClient(shards=shard_urls)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def official_pools() -> AsyncIterator[None]:
+    """For tests that use chromadb's official async client: see ``drop_official_http_pools``."""
+    await drop_official_http_pools()
+    yield
+    await drop_official_http_pools()

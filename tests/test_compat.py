@@ -10,7 +10,7 @@ import itertools
 import json
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -20,32 +20,16 @@ from chromadb.errors import InvalidArgumentError, NotFoundError
 
 import sharded_chroma
 from sharded_chroma._transport import NodeTransport
-from tests._nodes import drop_official_http_pools, official
+from tests._nodes import official
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("official_pools")]
 
 DIM = 4
 
 
-@pytest.fixture(autouse=True)
-async def _official_pools() -> AsyncIterator[None]:
-    await drop_official_http_pools()
-    yield
-    await drop_official_http_pools()
-
-
 @pytest.fixture
-async def oracle(oracle_url: str, _official_pools: None) -> Any:
+async def oracle(oracle_url: str, official_pools: None) -> Any:
     return await official(oracle_url)
-
-
-@pytest.fixture
-async def sharded(shard_urls: list[str]) -> AsyncIterator[sharded_chroma.ShardedClient]:
-    client = await sharded_chroma.AsyncHttpClient(shards=shard_urls)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def _emb(rng: random.Random, n: int, dim: int = DIM) -> list[list[float]]:

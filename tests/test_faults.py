@@ -7,7 +7,6 @@ Every test that kills a server restarts it before it ends: the servers are share
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,6 +26,7 @@ from sharded_chroma import (
 )
 from sharded_chroma._local_cluster import LocalChromaServer
 from sharded_chroma._routing import SlotTable
+from tests._servers import crash
 
 pytestmark = pytest.mark.anyio
 
@@ -35,23 +35,11 @@ DIM = 8
 TABLE = SlotTable.uniform(3)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @contextlib.contextmanager
 def killed(server: LocalChromaServer) -> Iterator[None]:
     """SIGKILL ``server`` (a crash, by its pid) for the duration of the block, then restart it."""
-    pid = server.pid
-    assert pid is not None, "server should be running"
-    server.kill()
+    crash(server)
     try:
-        assert not _pid_alive(pid)
-        assert not server.heartbeat(timeout=0.5)
         yield
     finally:
         server.restart()

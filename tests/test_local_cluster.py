@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import sys
@@ -16,6 +15,7 @@ import pytest
 
 from sharded_chroma import _local_cluster
 from sharded_chroma._local_cluster import LocalChromaServer, LocalCluster, find_free_port
+from tests._servers import pid_alive
 
 COLLECTIONS = "/api/v2/tenants/default_tenant/databases/default_database/collections"
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -46,14 +46,6 @@ def _loopback_listener_addresses(port: int) -> set[str] | None:
         if fields[3] == "0A" and int(hex_port, 16) == port:
             found.add(address)
     return found
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture
@@ -108,7 +100,7 @@ def test_kill_and_restart_keep_data_and_port(cluster_servers: list[LocalChromaSe
     _request("POST", server.url + COLLECTIONS, {"name": "abc"})
     server.kill()
     assert not server.running and server.pid is None
-    assert not _pid_exists(first_pid)
+    assert not pid_alive(first_pid)
     server.restart()
     assert server.running and server.pid != first_pid
     assert server.port == port
@@ -119,10 +111,10 @@ def test_stop_ends_the_process(cluster_servers: list[LocalChromaServer]) -> None
     # Leaves the server stopped on purpose: the next test checks the fixtures bring it back.
     server = cluster_servers[1]
     pid = server.pid
-    assert pid is not None and _pid_exists(pid)
+    assert pid is not None and pid_alive(pid)
     server.stop()
     assert not server.running and server.pid is None
-    assert not _pid_exists(pid)
+    assert not pid_alive(pid)
     assert not server.heartbeat(timeout=0.5)
     server.stop()  # idempotent
     server.kill()

@@ -44,6 +44,7 @@ from sharded_chroma import (
 )
 from sharded_chroma._local_cluster import LocalChromaServer, LocalCluster
 from tests._nodes import official
+from tests._servers import all_running, own_cluster
 
 pytestmark = pytest.mark.anyio
 
@@ -61,20 +62,14 @@ Record = tuple[Any, Any, tuple[float, ...]]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = LocalCluster(sum(len(s) for s in LAYOUT), tmp_path_factory.mktemp("property-cluster"))
-    c.start(timeout=180.0)
-    try:
+    n = sum(len(s) for s in LAYOUT)
+    with own_cluster(n, tmp_path_factory.mktemp("property-cluster")) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture
 def servers(cluster: LocalCluster) -> list[LocalChromaServer]:
-    for server in cluster.servers:
-        if not server.running:
-            server.restart()
-    return cluster.servers
+    return all_running(cluster)
 
 
 def _slow_requested(config: pytest.Config) -> bool:

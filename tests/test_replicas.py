@@ -12,7 +12,6 @@ every test uses its own collection names and hint log folder.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -38,6 +37,7 @@ from sharded_chroma._replicas import HintTarget, Node, ReplicaSet, _required
 from sharded_chroma._topology import ReplicationConfig, ShardConfig
 from tests._nodes import official
 from tests._proxy import FaultProxy, pareto_delay
+from tests._servers import all_running, crash, own_cluster
 
 pytestmark = pytest.mark.anyio
 
@@ -49,21 +49,7 @@ RESERVED = "_sc_"
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def kill(server: LocalChromaServer) -> None:
-    """SIGKILL ``server`` by its pid, as a crash would, and check that it is gone."""
-    pid = server.pid
-    assert pid is not None, "server should be running"
-    server.kill()
-    assert not _pid_alive(pid)
-    assert not server.heartbeat(timeout=0.5)
+kill = crash
 
 
 @contextlib.contextmanager
@@ -420,20 +406,13 @@ async def test_write_concern_counts_acknowledgements(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = LocalCluster(CLUSTER_SIZE, tmp_path_factory.mktemp("replica-cluster"))
-    c.start(timeout=180.0)
-    try:
+    with own_cluster(CLUSTER_SIZE, tmp_path_factory.mktemp("replica-cluster")) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture
 def servers(cluster: LocalCluster) -> list[LocalChromaServer]:
-    for server in cluster.servers:
-        if not server.running:
-            server.restart()
-    return cluster.servers
+    return all_running(cluster)
 
 
 def two_by_three(servers: list[LocalChromaServer]) -> list[list[str]]:
