@@ -41,14 +41,7 @@ async def _demo(urls: list[str], records: int, dim: int, out: Any) -> None:
         )
         batch = min(await client.get_max_batch_size(), 2500)
         progress = Progress("ingest", records)
-        for b in batches(records, dim, batch):
-            await col.add(
-                ids=b.ids,
-                embeddings=b.embeddings,
-                documents=b.documents,
-                metadatas=b.metadatas,  # type: ignore[arg-type]
-            )
-            progress.advance(len(b.ids))
+        await _ingest(col, records, dim, batch, progress)
         progress.finish()
         took = progress.elapsed
         out(f"\ningested {records:,} records in {took:.1f} s ({records / took:,.0f} records/s)")
@@ -86,6 +79,21 @@ async def _queries(client: ShardedClient, col: Any, dim: int, out: Any) -> None:
     out(f"  get(limit=5, offset=1000), global insertion order: {page['ids']}")
 
 
+async def _ingest(
+    col: Any, records: int, dim: int, batch: int, progress: Progress | None = None
+) -> None:
+    """Add the sample corpus's first ``records`` records, one batch at a time."""
+    for b in batches(records, dim, batch):
+        await col.add(
+            ids=b.ids,
+            embeddings=b.embeddings,
+            documents=b.documents,
+            metadatas=b.metadatas,
+        )
+        if progress is not None:
+            progress.advance(len(b.ids))
+
+
 async def _regions(client: ShardedClient, records: int, dim: int, batch: int, out: Any) -> None:
     """A second collection placed by region: a filter on the region asks one shard."""
     names = [s.name for s in client.topology.shards]
@@ -93,13 +101,7 @@ async def _regions(client: ShardedClient, records: int, dim: int, batch: int, ou
         field="region", partitions={r: (names[i % len(names)],) for i, r in enumerate(REGIONS)}
     )
     col = await client.create_collection(REGIONS_COLLECTION, embedding_function=None, policy=policy)
-    for b in batches(records, dim, batch):
-        await col.add(
-            ids=b.ids,
-            embeddings=b.embeddings,
-            documents=b.documents,
-            metadatas=b.metadatas,  # type: ignore[arg-type]
-        )
+    await _ingest(col, records, dim, batch)
     out(f"\n{records:,} records placed by region ({policy.kind} policy: region -> shard):")
     out(render_layout(await client.layout(REGIONS_COLLECTION)))
     probe = query_vectors(1, dim)
