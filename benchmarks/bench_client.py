@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _machine
 import chromadb
 import numpy as np
-from _data import Dataset, exact_top_k, make_dataset, recall_at_k
+from _data import Dataset, add_all, exact_top_k, make_dataset, recall_at_k
 from _stats import closed_loop, percentile
 from chromadb.config import Settings
 
@@ -106,19 +106,6 @@ async def run_concurrent(query: QueryFn, queries: np.ndarray, total: int, worker
     returns queries per second of wall-clock time."""
     n = len(queries)
     return await closed_loop(lambda i: query(queries[i % n : i % n + 1]), total, workers)
-
-
-async def run_add(collection: Any, data: Dataset) -> float:
-    """Insert every record in batches of ADD_BATCH, one batch at a time; records per second."""
-    t0 = time.perf_counter()
-    for start in range(0, len(data), ADD_BATCH):
-        stop = start + ADD_BATCH
-        await collection.add(
-            ids=data.ids[start:stop],
-            embeddings=data.vectors[start:stop],
-            metadatas=[{"cluster": int(c)} for c in data.clusters[start:stop]],
-        )
-    return len(data) / (time.perf_counter() - t0)
 
 
 # -- clients ------------------------------------------------------------------------------
@@ -241,7 +228,7 @@ async def part_a(url: str, data: Dataset, args: argparse.Namespace) -> dict[str,
                 coll = await client.create_collection(
                     coll_name, configuration=CONFIGURATION, embedding_function=None
                 )
-                rate = await run_add(coll, data)
+                rate = await add_all(coll, data, ADD_BATCH)
                 pairs[name].add.values.append(rate)
                 log(f"  add round {rnd + 1}/{args.add_rounds} {name:>9}: {rate:8.0f} records/s")
                 if rnd == 0:
@@ -263,7 +250,7 @@ async def part_b(urls: list[str], data: Dataset, args: argparse.Namespace) -> di
         coll = await sharded.create_collection(
             "bench_b", configuration=CONFIGURATION, embedding_function=None
         )
-        rate = await run_add(coll, data)
+        rate = await add_all(coll, data, ADD_BATCH)
         pairs["sharded"].add.values.append(rate)
         log(f"  loaded {len(data)} records over {len(urls)} shards: {rate:.0f} records/s")
         # One physical collection of the same name lives on every shard; the baseline reads
@@ -298,7 +285,7 @@ async def part_d(urls: list[str], data: Dataset, args: argparse.Namespace) -> di
                 coll = await client.create_collection(
                     coll_name, configuration=CONFIGURATION, embedding_function=None
                 )
-                rate = await run_add(coll, data)
+                rate = await add_all(coll, data, ADD_BATCH)
                 pairs[name].add.values.append(rate)
                 log(f"  add round {rnd + 1}/{args.add_rounds} {name:>9}: {rate:8.0f} records/s")
                 await client.delete_collection(coll_name)

@@ -41,7 +41,7 @@ sys.path.insert(0, str(_ROOT / "tests"))
 
 import _machine  # noqa: E402
 import numpy as np  # noqa: E402
-from _data import Dataset, make_dataset  # noqa: E402
+from _data import Dataset, add_all, make_dataset  # noqa: E402
 from _proxy import FaultProxy, pareto_delay  # noqa: E402
 from _stats import alternate, log, med, percentile  # noqa: E402
 
@@ -73,19 +73,6 @@ async def open_client(topology: sharded_chroma.Topology) -> Any:
 
 def total_requests(client: Any) -> int:
     return sum(s.requests for s in client.node_stats().values())
-
-
-async def load(collection: Any, data: Dataset, batch: int) -> float:
-    """Insert every record, one batch at a time; records per second."""
-    t0 = time.perf_counter()
-    for start in range(0, len(data), batch):
-        stop = start + batch
-        await collection.add(
-            ids=data.ids[start:stop],
-            embeddings=data.vectors[start:stop],
-            metadatas=[{"cluster": int(c)} for c in data.clusters[start:stop]],
-        )
-    return len(data) / (time.perf_counter() - t0)
 
 
 async def query_one(collection: Any, q: np.ndarray) -> None:
@@ -229,7 +216,7 @@ async def part_writes(
                 col = await client.create_collection(
                     name, configuration=CONFIGURATION, embedding_function=None
                 )
-                rate = await load(col, data, args.batch)
+                rate = await add_all(col, data, args.batch)
                 await client.delete_collection(name)
                 out[n].append(rate)
                 log(f"  writes round {r + 1}: {n:<7} {rate:8.0f} records/s")
@@ -320,7 +307,7 @@ async def run(cluster: LocalCluster, data: Dataset, hints: Path, args: argparse.
         col = await loader.create_collection(
             COLLECTION, configuration=CONFIGURATION, embedding_function=None
         )
-        await load(col, data, args.batch)
+        await add_all(col, data, args.batch)
     finally:
         await loader.aclose()
     log("1. read throughput by read_selection")
