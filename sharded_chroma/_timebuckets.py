@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import re
 from datetime import date, datetime, timedelta, timezone
-from fractions import Fraction
 from typing import Literal
 
 __all__ = [
@@ -84,10 +83,9 @@ def _utc(seconds: float) -> datetime:
 
 def bucket_label(seconds: float, granularity: str) -> str:
     """The label of the bucket holding ``seconds``: ``bucket_interval`` of the label contains
-    ``seconds`` exactly (the time is floored to the microsecond in exact arithmetic, never
-    rounded up across a boundary)."""
-    micros = math.floor(Fraction(seconds) * 1_000_000)
-    moment = _EPOCH + timedelta(microseconds=micros)
+    ``seconds`` exactly. Bucket boundaries are whole seconds, so the label of a time is the
+    label of its floor, which is exact for floats (no rounding up across a boundary)."""
+    moment = _EPOCH + timedelta(seconds=math.floor(seconds))
     y, m, d = moment.year, moment.month, moment.day
     if granularity == "hour":
         return f"{y:04d}-{m:02d}-{d:02d}T{moment.hour:02d}"
