@@ -127,8 +127,6 @@ class BackendCore:
         self.topology = topology
         self.shard_names: tuple[str, ...] = tuple(s.name for s in topology.shards)
         self.catalog_shard = self.shard_names[0]
-        self.slot_table = topology.slot_table()
-        """Slot owners of the default policy (hash of the id over every shard)."""
         self.replication = topology.replication
         self._hints: HintLog | None = None
         if any(s.replicas for s in topology.shards):

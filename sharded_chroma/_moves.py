@@ -29,6 +29,8 @@ from ._writes import WriteOps
 __all__ = ["MoveOps", "routing_fields"]
 
 _FULL = ["embeddings", "metadatas", "documents", "uris"]
+_Read = tuple[str, dict[str, Any]]
+"""A stored record and the part key it was read from."""
 
 
 def routing_fields(policy: Any) -> frozenset[str]:
@@ -88,9 +90,10 @@ class MoveOps(WriteOps):
         ids: IDs,
         found: Mapping[str, list[int]],
         metadatas: Metadatas | None,
-    ) -> tuple[list[Placement | None], dict[int, list[str]]] | None:
-        """For an update: the new placement of records it moves, and their source parts; None
-        when nothing moves. Every new placement is checked before anything is written."""
+    ) -> tuple[list[Placement | None], dict[int, list[str]], dict[int, _Read]] | None:
+        """For an update: the new placement of records it moves, their source parts, and the
+        stored records read to decide (so ``_move`` need not read them again); None when
+        nothing moves. Every new placement is checked before anything is written."""
         fields = routing_fields(state.policy)
         sources: dict[int, list[str]] = {}
         for key, pos in found.items():
@@ -104,7 +107,8 @@ class MoveOps(WriteOps):
         ]
         if not touched:
             return None
-        old = await self._read_records(state, ids, {i: sources[i][0] for i in touched})
+        read_from = {i: sources[i][0] for i in touched}
+        old = await self._read_records(state, ids, read_from)
         placements: list[Placement | None] = [None] * len(ids)
         moves: dict[int, list[str]] = {}
         for i in touched:
@@ -116,7 +120,7 @@ class MoveOps(WriteOps):
             dest = self.target(state, place.shard, place.bucket).key
             if sources[i] != [dest]:
                 moves[i] = sources[i]
-        return placements, moves
+        return placements, moves, {i: (read_from[i], old[i]) for i in old}
 
     async def _move(
         self,
@@ -128,8 +132,10 @@ class MoveOps(WriteOps):
         metadatas: Metadatas | None,
         documents: Documents | None,
         uris: URIs | None,
+        known: Mapping[int, _Read] | None = None,
     ) -> None:
-        """Write moved records whole to their destination, then delete them at the sources."""
+        """Write moved records whole to their destination, then delete them at the sources.
+        ``known`` holds records already read (part key, record) by position."""
         dest: dict[int, str] = {}
         for i in moves:
             where = placements[i]
@@ -138,7 +144,13 @@ class MoveOps(WriteOps):
         # A record already at its destination (an earlier move that did not finish) is read
         # from there: that copy is the newer one.
         pick = {i: (dest[i] if dest[i] in keys else keys[0]) for i, keys in moves.items()}
-        old = await self._read_records(state, ids, pick)
+        have = {i: rec for i, (key, rec) in (known or {}).items() if pick.get(i) == key}
+        old = {
+            **have,
+            **await self._read_records(
+                state, ids, {i: k for i, k in pick.items() if i not in have}
+            ),
+        }
         order = [i for i in sorted(moves) if i in old]
         if not order:
             return

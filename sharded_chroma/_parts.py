@@ -91,8 +91,6 @@ class PartOps(CatalogOps):
                 database=parts_database(state.database),
                 physical={},
                 policy=state.policy,
-                dimension=state.dimension,
-                configuration=state.configuration,
                 bucket=bucket,
             )
         return sub

@@ -155,10 +155,10 @@ class RecordOps(MoveOps):
         parts = {k: self._part_of_key(state, k) for k in groups}
         if not self.ids_routed(state):
             moving = await self._update_moves(state, ids, groups, metadatas)
-            if moving:
-                placements, moves = moving
+            if moving and moving[1]:
+                placements, moves, known = moving
                 await self._move(
-                    state, ids, moves, placements, embeddings, metadatas, documents, uris
+                    state, ids, moves, placements, embeddings, metadatas, documents, uris, known
                 )
                 groups = _without(groups, moves)
         if groups:

@@ -563,7 +563,7 @@ async def test_replica_killed_mid_workload(
             # collection with InternalError "Error creating hnsw segment reader: Nothing found
             # on disk" (one server does it too): store something on every shard before reads
             # run concurrently.
-            table = client._backend.slot_table
+            table = client.topology.slot_table()
             seeds = [f"seed-{k}" for k in range(16)]
             assert {table.shard_for_key(i) for i in seeds} == {0, 1}
             await col.add(ids=seeds, embeddings=[[0.5] * DIM] * len(seeds))
@@ -642,7 +642,7 @@ async def test_primary_killed_reads_from_replicas_writes_follow_concern(
         async with client_for(topology) as client:
             col = await client.create_collection("primary-down", embedding_function=None)
             await upsert(col, batch("seed", 40))
-            table = client._backend.slot_table
+            table = client.topology.slot_table()
             kill(primary)
             before = {u: s.requests for u, s in client.node_stats().items()}
             # Reads: every one answered, by the replicas, with everything acknowledged.
