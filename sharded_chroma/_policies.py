@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-import mmh3
 import orjson
 from pydantic import (
     AfterValidator,
@@ -38,7 +37,7 @@ from ._placement import FROZEN, SHOW, Placement, Policy, Scope, routing_value
 from ._prune import (
     walk_where,
 )
-from ._routing import DEFAULT_SLOTS, MAX_SLOTS, slot_for_key
+from ._routing import DEFAULT_SLOTS, MAX_SLOTS, uniform_table
 from ._time_policy import TimePolicy, TimeRange
 
 __all__ = [
@@ -74,7 +73,7 @@ def _hash_key(record_id: str, metadata: Mapping[str, Any] | None, field: str | N
 
 def _pick(shards: Sequence[str], key: str, slots: int) -> str:
     """Hash within a group of shards: the slot space split into equal contiguous ranges."""
-    return shards[slot_for_key(key, slots) * len(shards) // slots]
+    return shards[uniform_table(len(shards), slots).shard_for_key(key)]
 
 
 def _hash_scope(
@@ -133,9 +132,7 @@ class HashPolicy(BaseModel):
     def place_all(
         self, ids: Sequence[str], metadatas: Sequence[Mapping[str, Any] | None] | None
     ) -> list[Placement]:
-        """``place`` for a batch, in one tight loop: ingest of large batches is hot."""
-        slots, n = self.slots, len(self.shards)
-        owners = [Placement(s) for s in self.shards]
+        """``place`` for a batch: one ``Placement`` per shard, shared by its records."""
         if self.field is None:
             keys: Sequence[str] = ids
         else:
@@ -143,8 +140,9 @@ class HashPolicy(BaseModel):
                 _hash_key(rid, None if metadatas is None else metadatas[i], self.field)
                 for i, rid in enumerate(ids)
             ]
-        hash32 = mmh3.hash
-        return [owners[(hash32(k.encode("utf-8"), 0, False) % slots) * n // slots] for k in keys]
+        places = [Placement(s) for s in self.shards]
+        table = uniform_table(len(self.shards), self.slots)
+        return [places[o] for o in table.owners_of(keys)]
 
     def scope(self, where: Mapping[str, Any] | None) -> Scope:
         leaf = _hash_scope(self.field, self.slots, [self.shards])

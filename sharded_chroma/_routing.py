@@ -6,6 +6,7 @@ A rebalance moves slots between shards; it never re-hashes keys. The hash is Mur
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ import mmh3
 
 from ._errors import ConfigurationError
 
-__all__ = ["DEFAULT_SLOTS", "MAX_SLOTS", "SlotTable", "slot_for_key"]
+__all__ = ["DEFAULT_SLOTS", "MAX_SLOTS", "SlotTable", "slot_for_key", "uniform_table"]
 
 DEFAULT_SLOTS = 4096
 MAX_SLOTS = 65536
@@ -68,12 +69,15 @@ class SlotTable:
     def shard_for_key(self, key: str) -> int:
         return self.owners[slot_for_key(key, len(self.owners))]
 
-    def group_by_shard(self, keys: Iterable[str]) -> dict[int, list[int]]:
-        """Positions of ``keys`` grouped by owning shard, each group in input order."""
-        groups: dict[int, list[int]] = {}
+    def owners_of(self, keys: Iterable[str]) -> list[int]:
+        """``shard_for_key`` of every key, in one tight loop (ingest of large batches is hot)."""
         owners = self.owners
         n = len(owners)
-        for pos, key in enumerate(keys):
-            shard = owners[int(mmh3.hash(key.encode("utf-8"), 0, False)) % n]
-            groups.setdefault(shard, []).append(pos)
-        return groups
+        hash32 = mmh3.hash
+        return [owners[hash32(key.encode("utf-8"), 0, False) % n] for key in keys]
+
+
+@functools.lru_cache(maxsize=256)
+def uniform_table(n_shards: int, slots: int = DEFAULT_SLOTS) -> SlotTable:
+    """``SlotTable.uniform``, built once per shape: policies place every record through it."""
+    return SlotTable.uniform(n_shards, slots)

@@ -12,7 +12,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sharded_chroma
-from sharded_chroma._routing import DEFAULT_SLOTS, MAX_SLOTS, SlotTable, slot_for_key
+from sharded_chroma._routing import (
+    DEFAULT_SLOTS,
+    MAX_SLOTS,
+    SlotTable,
+    slot_for_key,
+    uniform_table,
+)
 
 keys = st.text(max_size=40)
 n_shards = st.integers(min_value=1, max_value=64)
@@ -79,29 +85,11 @@ def test_routing_is_stable_across_epochs(key: str, n: int) -> None:
 
 
 @given(batch=st.lists(keys, max_size=60), shape=shards_and_slots())
-def test_group_by_shard_partitions_positions(batch: list[str], shape: tuple[int, int]) -> None:
+def test_owners_of_a_batch_agree_with_each_key(batch: list[str], shape: tuple[int, int]) -> None:
     n, slots = shape
     table = SlotTable.uniform(n, slots)
-    groups = table.group_by_shard(batch)
-    seen: list[int] = []
-    for shard, positions in groups.items():
-        assert 0 <= shard < n
-        assert positions, "no empty groups"
-        assert positions == sorted(positions), "input order is kept within a group"
-        assert all(table.shard_for_key(batch[p]) == shard for p in positions)
-        seen.extend(positions)
-    assert sorted(seen) == list(range(len(batch)))  # union is everything...
-    assert len(seen) == len(set(seen))  # ...and groups are disjoint
-
-
-def test_group_by_shard_accepts_an_iterator_and_duplicates() -> None:
-    table = SlotTable.uniform(3)
-    batch = ["a", "b", "a", "c", "a"]
-    groups = table.group_by_shard(iter(batch))
-    assert sorted(p for ps in groups.values() for p in ps) == [0, 1, 2, 3, 4]
-    owner = table.shard_for_key("a")
-    assert [p for p in groups[owner] if batch[p] == "a"] == [0, 2, 4]
-    assert table.group_by_shard([]) == {}
+    assert table.owners_of(iter(batch)) == [table.shard_for_key(k) for k in batch]
+    assert uniform_table(n, slots) == table
 
 
 @given(shape=shards_and_slots())
@@ -184,8 +172,7 @@ def test_random_ids_spread_evenly_over_three_shards() -> None:
     for shard, count in counts.items():
         assert abs(count - 10_000) <= 500, (shard, counts)
     # The bulk path agrees with the one-key path.
-    grouped = table.group_by_shard(ids)
-    assert {s: len(p) for s, p in grouped.items()} == dict(counts)
+    assert Counter(table.owners_of(ids)) == counts
 
 
 def test_sequential_ids_spread_evenly_over_three_shards() -> None:
