@@ -253,10 +253,7 @@ class ShardedClient:
         data_loader: DataLoader[Loadable] | None = None,
     ) -> ShardedCollection:
         model = await self._live().get_collection(name, self.tenant, self.database)
-        validate_embedding_function_conflict_on_get(
-            embedding_function, model.configuration_json.get("embedding_function")
-        )
-        return self._wrap(model, embedding_function, data_loader)
+        return self._opened(model, embedding_function, data_loader)
 
     async def get_collection_by_id(
         self,
@@ -266,6 +263,16 @@ class ShardedClient:
     ) -> ShardedCollection:
         """By the cluster's collection id (``collection.id``), stable across processes."""
         model = await self._live().get_collection_by_id(id, self.tenant, self.database)
+        return self._opened(model, embedding_function, data_loader)
+
+    def _opened(
+        self,
+        model: CollectionModel,
+        embedding_function: EmbeddingFunction[Embeddable] | None,
+        data_loader: DataLoader[Loadable] | None,
+    ) -> ShardedCollection:
+        """An existing collection, refusing an embedding function that conflicts with its own
+        (chromadb's check on get)."""
         validate_embedding_function_conflict_on_get(
             embedding_function, model.configuration_json.get("embedding_function")
         )

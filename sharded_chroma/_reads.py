@@ -278,15 +278,10 @@ class ReadOps(PartOps):
         return Coverage(asked=(), answered=(), skipped=plan.skipped)
 
     def _empty_get(self, include: Include) -> GetResult:
-        return GetResult(
-            ids=[],
-            embeddings=[] if "embeddings" in include else None,
-            metadatas=[] if "metadatas" in include else None,
-            documents=[] if "documents" in include else None,
-            uris=[] if "uris" in include else None,
-            data=None,
-            included=include,
-        )
+        columns: dict[str, list[Any] | None] = {
+            k: ([] if k == "ids" or k in include else None) for k in _GET_COLUMNS
+        }
+        return _get_result(columns, include)
 
     async def _peek(
         self,

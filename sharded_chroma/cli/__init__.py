@@ -24,6 +24,13 @@ def _out(text: str) -> None:
     print(text, flush=True)
 
 
+def _cluster_args(cmd: argparse.ArgumentParser, topology_help: str = "topology TOML file") -> None:
+    """--topology FILE or --shards URL ..., one of them required."""
+    where = cmd.add_mutually_exclusive_group(required=True)
+    where.add_argument("--topology", type=Path, help=topology_help)
+    where.add_argument("--shards", nargs="+", metavar="URL", help="one URL per shard")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sharded-chroma", description="Sharded Chroma tools.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -40,9 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--topology-out", type=Path, default=Path("cluster.toml"))
 
     status = sub.add_parser("status", help="health, versions, latency and counts per shard")
-    where = status.add_mutually_exclusive_group(required=True)
-    where.add_argument("--topology", type=Path, help="topology TOML file")
-    where.add_argument("--shards", nargs="+", metavar="URL", help="one URL per shard")
+    _cluster_args(status)
     status.add_argument(
         "--collection",
         action="append",
@@ -54,9 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     drop = sub.add_parser(
         "drop-partitions", help="retention: delete a time-placed collection's old buckets"
     )
-    where = drop.add_mutually_exclusive_group(required=True)
-    where.add_argument("--topology", type=Path, help="topology TOML file")
-    where.add_argument("--shards", nargs="+", metavar="URL", help="one URL per shard")
+    _cluster_args(drop)
     drop.add_argument("--collection", required=True, metavar="NAME")
     drop.add_argument(
         "--before",
@@ -71,9 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         ("repair", "make every replica equal to its primary; safe under live traffic"),
     ):
         cmd = sub.add_parser(name, help=text)
-        where = cmd.add_mutually_exclusive_group(required=True)
-        where.add_argument("--topology", type=Path, help="topology TOML file (with replicas)")
-        where.add_argument("--shards", nargs="+", metavar="URL", help="one URL per shard")
+        _cluster_args(cmd, "topology TOML file (with replicas)")
         cmd.add_argument(
             "--collection",
             action="append",
