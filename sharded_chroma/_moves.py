@@ -145,12 +145,8 @@ class MoveOps(WriteOps):
         # from there: that copy is the newer one.
         pick = {i: (dest[i] if dest[i] in keys else keys[0]) for i, keys in moves.items()}
         have = {i: rec for i, (key, rec) in (known or {}).items() if pick.get(i) == key}
-        old = {
-            **have,
-            **await self._read_records(
-                state, ids, {i: k for i, k in pick.items() if i not in have}
-            ),
-        }
+        missing = {i: k for i, k in pick.items() if i not in have}
+        old = {**have, **(await self._read_records(state, ids, missing) if missing else {})}
         order = [i for i in sorted(moves) if i in old]
         if not order:
             return
