@@ -77,11 +77,13 @@ class MoveOps(WriteOps):
         out: dict[int, dict[str, Any]] = {}
         for key, answer in answers.items():
             row = {rid: n for n, rid in enumerate(answer["ids"])}
+            blank = [None] * len(row)
+            columns = {c: answer.get(c) or blank for c in _FULL}
             for pos in by_key[key]:
                 n = row.get(ids[pos])
                 if n is None:
                     continue  # deleted meanwhile: nothing to move
-                out[pos] = {c: (answer.get(c) or [None] * len(answer["ids"]))[n] for c in _FULL}
+                out[pos] = {c: values[n] for c, values in columns.items()}
         return out
 
     async def _update_moves(
