@@ -8,7 +8,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import chromadb
+import numpy as np
 from chromadb.config import Settings
+
+from sharded_chroma._backend import RESERVED_PREFIX
+
+Record = tuple[Any, Any, tuple[float, ...]]
+"""What a node holds for one id: (document, raw metadata, vector as float32 values)."""
 
 
 def port_of(url: str) -> int:
@@ -37,3 +43,26 @@ async def drop_official_http_pools() -> None:
         # A pool bound to a loop that is gone cannot be closed; dropping it is enough.
         with contextlib.suppress(Exception):
             await pool.aclose()
+
+
+async def node_records(url: str, collection: str) -> dict[str, Record]:
+    """Everything one server holds for ``collection``: id -> (document, raw metadata, vector)."""
+    client = await official(url)
+    col = await client.get_collection(collection, embedding_function=None)
+    got = await col.get(include=["documents", "metadatas", "embeddings"])
+    embeddings = got["embeddings"]
+    assert embeddings is not None
+    return {
+        i: (d, dict(m or {}), tuple(float(x) for x in np.asarray(e, dtype=np.float32)))
+        for i, d, m, e in zip(
+            got["ids"], got["documents"] or [], got["metadatas"] or [], embeddings, strict=True
+        )
+    }
+
+
+def clean(records: dict[str, Record]) -> dict[str, Record]:
+    """Records as a user sees them: reserved metadata keys removed."""
+    return {
+        i: (d, {k: v for k, v in m.items() if not k.startswith(RESERVED_PREFIX)}, e)
+        for i, (d, m, e) in records.items()
+    }

@@ -43,7 +43,7 @@ from sharded_chroma import (
     Topology,
 )
 from sharded_chroma._local_cluster import LocalChromaServer, LocalCluster
-from tests._nodes import official
+from tests._nodes import Record, clean, node_records
 from tests._servers import all_running, own_cluster
 
 pytestmark = pytest.mark.anyio
@@ -52,9 +52,6 @@ DIM = 3
 # Server indexes per shard, primary first: s0 has three copies, s1 two.
 LAYOUT = ((0, 1, 2), (3, 4))
 POOL = [f"id-{k:02d}" for k in range(30)]
-RESERVED = "_sc_"
-
-Record = tuple[Any, Any, tuple[float, ...]]
 
 
 # -- servers and nodes ------------------------------------------------------------------------
@@ -74,26 +71,6 @@ def servers(cluster: LocalCluster) -> list[LocalChromaServer]:
 
 def _slow_requested(config: pytest.Config) -> bool:
     return "slow" in (config.getoption("-m") or "") or bool(os.environ.get("SHARDED_CHROMA_SLOW"))
-
-
-async def node_records(url: str, collection: str) -> dict[str, Record]:
-    """What one server holds for ``collection``: id -> (document, raw metadata, vector)."""
-    client = await official(url)
-    col = await client.get_collection(collection, embedding_function=None)
-    got = await col.get(include=["documents", "metadatas", "embeddings"])
-    embeddings = got["embeddings"]
-    assert embeddings is not None
-    return {
-        i: (d, dict(m or {}), tuple(float(x) for x in np.asarray(e, dtype=np.float32)))
-        for i, d, m, e in zip(
-            got["ids"], got["documents"] or [], got["metadatas"] or [], embeddings, strict=True
-        )
-    }
-
-
-def _clean(rec: Record) -> Record:
-    doc, meta, emb = rec
-    return doc, {k: v for k, v in meta.items() if not k.startswith(RESERVED)}, emb
 
 
 # -- the acknowledged state -------------------------------------------------------------------
@@ -305,7 +282,7 @@ async def _assert_converged(topology: Topology, name: str, model: Model) -> None
             )
         assert not set(union) & set(primary)
         union.update(primary)
-    settled = {i: _clean(rec) for i, rec in union.items() if i not in model.unknown}
+    settled = {i: rec for i, rec in clean(union).items() if i not in model.unknown}
     assert sorted(settled) == sorted(model.state), (
         f"missing {sorted(set(model.state) - set(settled))}, "
         f"unexpected {sorted(set(settled) - set(model.state))}"

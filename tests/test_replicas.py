@@ -35,7 +35,7 @@ from sharded_chroma._hints import HintLog
 from sharded_chroma._local_cluster import LocalChromaServer, LocalCluster
 from sharded_chroma._replicas import HintTarget, Node, ReplicaSet, _required
 from sharded_chroma._topology import ReplicationConfig, ShardConfig
-from tests._nodes import official
+from tests._nodes import Record, clean, node_records
 from tests._proxy import FaultProxy, pareto_delay
 from tests._servers import all_running, crash, own_cluster
 
@@ -43,7 +43,6 @@ pytestmark = pytest.mark.anyio
 
 DIM = 4
 CLUSTER_SIZE = 6
-RESERVED = "_sc_"
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -93,32 +92,6 @@ async def client_for(topology: Topology) -> AsyncIterator[ShardedClient]:
         yield client
     finally:
         await client.aclose()
-
-
-Record = tuple[Any, Any, tuple[float, ...]]
-
-
-async def node_records(url: str, collection: str) -> dict[str, Record]:
-    """Everything one server holds for ``collection``: id -> (document, raw metadata, vector)."""
-    client = await official(url)
-    col = await client.get_collection(collection, embedding_function=None)
-    got = await col.get(include=["documents", "metadatas", "embeddings"])
-    embeddings = got["embeddings"]
-    assert embeddings is not None
-    return {
-        i: (d, dict(m or {}), tuple(float(x) for x in np.asarray(e, dtype=np.float32)))
-        for i, d, m, e in zip(
-            got["ids"], got["documents"] or [], got["metadatas"] or [], embeddings, strict=True
-        )
-    }
-
-
-def clean(records: dict[str, Record]) -> dict[str, Record]:
-    """Records as a user sees them: reserved metadata keys removed."""
-    return {
-        i: (d, {k: v for k, v in m.items() if not k.startswith(RESERVED)}, e)
-        for i, (d, m, e) in records.items()
-    }
 
 
 def vec(rng: random.Random) -> tuple[float, ...]:
