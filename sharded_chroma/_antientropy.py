@@ -29,18 +29,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 from chromadb.errors import ChromaError, InternalError, NotFoundError
 
-from ._backend import CollectionState
-from ._catalog import CatalogOps
 from ._digest import page_digests
 from ._errors import NodeUnavailableError, ShardedChromaError
 from ._fanout import fan_out
-from ._parts import PartOps
 from ._policies import TimePolicy
 from ._replicas import Node, ReplicaSet
 from ._reports import PairRepair, PairReport, RepairReport, VerifyReport
+from .catalog._state import CollectionState
 
 if TYPE_CHECKING:
     from ._client import ShardedClient
+    from ._runtime import Runtime
 
 __all__ = ["PairRepair", "PairReport", "RepairReport", "VerifyReport", "repair", "verify"]
 
@@ -88,12 +87,12 @@ async def _call(rs: ReplicaSet, node: Node, path: str, body: Mapping[str, Any]) 
 
 
 async def _both(
-    backend: CatalogOps, pair: _Pair, state: CollectionState, ids: list[str]
+    backend: Runtime, pair: _Pair, state: CollectionState, ids: list[str]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The records ``ids`` as the primary and as the replica hold them, read concurrently."""
 
     async def read(node: Node) -> dict[str, Any]:
-        path = await backend.node_path(state, node, "/get")
+        path = await backend.physical.node_path(state, node, "/get")
         page: dict[str, Any] = await _call(pair.rs, node, path, {"ids": ids, "include": _INCLUDE})
         return page
 
@@ -147,7 +146,7 @@ class _Pair:
 
 async def _pairs(
     client: ShardedClient,
-    backend: PartOps,
+    backend: Runtime,
     collections: Sequence[str] | None,
     repairing: bool,
 ) -> tuple[list[str], list[_Pair]]:
@@ -155,15 +154,15 @@ async def _pairs(
     named = collections is not None
     names = [c.name for c in await client.list_collections()] if collections is None else []
     names = list(collections or names)
-    replicated = [rs for rs in backend.shards.values() if len(rs.nodes) > 1]
+    replicated = [rs for rs in backend.cluster.shards.values() if len(rs.nodes) > 1]
     found: list[str] = []
     pairs: list[_Pair] = []
     for name in names:
         state: CollectionState | None = None
         error = None
         try:
-            model = await backend.get_collection(name, client.tenant, client.database)
-            state = await backend.state(model.id, client.tenant, client.database)
+            model = await backend.catalog.get_collection(name, client.tenant, client.database)
+            state = await backend.catalog.state(model.id, client.tenant, client.database)
         except NotFoundError:
             if named:
                 raise
@@ -178,24 +177,26 @@ async def _pairs(
                 pairs.append(_Pair(name, state, rs, node, error))
             if state is not None and isinstance(state.policy, TimePolicy):
                 # Each time bucket is its own physical collection: a pair of its own.
-                labels = await backend.replica_buckets(state, rs.name, create_missing=repairing)
+                labels = await backend.layouts.replica_buckets(
+                    state, rs.name, create_missing=repairing
+                )
                 for label in labels:
-                    sub = backend.bucket_state(state, label)
+                    sub = backend.layouts.bucket_state(state, label)
                     for node in rs.nodes[1:]:
                         pairs.append(_Pair(f"{name}/{label}", sub, rs, node, None))
     return found, pairs
 
 
-async def _count(backend: CatalogOps, state: CollectionState, node: Node) -> int:
+async def _count(backend: Runtime, state: CollectionState, node: Node) -> int:
     try:
-        path = await backend.node_path(state, node, "/count")
+        path = await backend.physical.node_path(state, node, "/count")
         return int(await node.transport.request("GET", path))
     except (ChromaError, ShardedChromaError):
         return 0  # the comparison itself reports why
 
 
 async def _compare(
-    backend: CatalogOps, pair: _Pair, page_size: int, ticker: _Ticker, pending: Mapping[str, int]
+    backend: Runtime, pair: _Pair, page_size: int, ticker: _Ticker, pending: Mapping[str, int]
 ) -> PairReport:
     rs, replica = pair.rs, pair.replica
     base = PairReport(
@@ -222,7 +223,7 @@ async def _compare(
         ticker(done=len(digests))
 
     try:
-        paths = [await backend.node_path(pair.state, node, "/get") for node in nodes]
+        paths = [await backend.physical.node_path(pair.state, node, "/get") for node in nodes]
         # Lockstep: both copies advance a page at a time, so records in step are matched and
         # dropped at once and memory holds only what is out of step.
         while any(live):
@@ -245,7 +246,7 @@ async def _compare(
 
 async def _verify(
     client: ShardedClient,
-    backend: PartOps,
+    backend: Runtime,
     collections: Sequence[str] | None,
     page_size: int,
     ticker: _Ticker,
@@ -256,7 +257,7 @@ async def _verify(
         raise ValueError(f"page_size must be at least 1, got {page_size}")
     started = time.perf_counter()
     names, pairs = await _pairs(client, backend, collections, repairing)
-    pending = await backend.pending_hints()
+    pending = await backend.cluster.pending_hints()
     # Counted first so progress has a total; the counts may move under traffic, which the
     # ticker absorbs.
     counted: dict[tuple[str, str], int] = {}
@@ -320,7 +321,7 @@ def _patch_metadata(primary: Mapping[str, Any] | None, replica: Mapping[str, Any
 
 
 async def _fix_batch(
-    backend: CatalogOps, pair: _Pair, state: CollectionState, batch: list[str], round_no: int
+    backend: Runtime, pair: _Pair, state: CollectionState, batch: list[str], round_no: int
 ) -> tuple[list[str], list[str]]:
     """Make ``batch`` on the replica equal to the primary; returns the ids (copied, deleted).
     Round -1 only finds what differs."""
@@ -348,7 +349,7 @@ async def _fix_batch(
         }
         upsert = [i for i in differing if i not in clearing]
         swap = [i for i in differing if i in clearing]
-    path = await backend.node_path(state, replica, "")
+    path = await backend.physical.node_path(state, replica, "")
     if extra or swap:
         await _call(rs, replica, f"{path}/delete", {"ids": extra + swap})
     if absent or swap:
@@ -363,7 +364,7 @@ async def _fix_batch(
 
 
 async def _repair_pair(
-    backend: CatalogOps, pair: _Pair, found: PairReport, page_size: int, rounds: int, tick: _Ticker
+    backend: Runtime, pair: _Pair, found: PairReport, page_size: int, rounds: int, tick: _Ticker
 ) -> PairRepair:
     rs, replica, state = pair.rs, pair.replica, pair.state
     copied: dict[str, None] = {}  # dicts as ordered sets: ids in the order they were fixed
@@ -380,7 +381,7 @@ async def _repair_pair(
             "they are replayed (repair again once it answers)"
         )
     try:
-        limit = int((await backend.preflight(rs.name)).get("max_batch_size", -1))
+        limit = int((await backend.cluster.preflight(rs.name)).get("max_batch_size", -1))
         step = min(page_size, limit) if limit > 0 else page_size
         # Rounds fix what differs; one more pass (round -1) only reports what is left.
         for round_no in range(rounds + 1 if error is None and state is not None else 0):
@@ -422,11 +423,11 @@ async def _repair_pair(
     return result
 
 
-async def _replay_stale(backend: CatalogOps) -> dict[str, int]:
+async def _replay_stale(backend: Runtime) -> dict[str, int]:
     """Replay this host's hint log to every stale copy first, so the scan sees the copies as
     the hints will leave them and repair does not fight a later replay."""
     replayed: dict[str, int] = {}
-    for rs in backend.shards.values():
+    for rs in backend.cluster.shards.values():
         for node in rs.nodes:
             if node.stale:
                 try:
@@ -475,7 +476,7 @@ async def repair(
         # reads even if it once lost a write (a full hint log).
         settled = {p.replica.url for p in pairs}
         settled -= {r.replica for r in fixed if not r.clean}
-        for rs in backend.shards.values():
+        for rs in backend.cluster.shards.values():
             for node in rs.nodes:
                 if node.needs_repair and node.url in settled:
                     rs.mark_repaired(node)

@@ -1,4 +1,4 @@
-"""The client facade: chromadb's AsyncClientAPI data-plane methods over a sharded backend."""
+"""The client facade: chromadb's AsyncClientAPI data-plane methods over the composed runtime."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from ._collection import ShardedCollection
 from ._errors import ClientClosedError, ConfigurationError
 from ._layout import CollectionLayout, collection_layout
 from ._policies import PolicyLike
-from ._records import RecordOps
 from ._replicas import Node
+from ._runtime import Runtime
 from ._status import ShardStatus, shard_status
 from ._topology import Topology
 from ._transport import NodeStats
@@ -50,7 +50,7 @@ class ShardedClient:
 
     def __init__(self, topology: Topology) -> None:
         self._topology = topology
-        self._backend = RecordOps(topology)
+        self._runtime = Runtime(topology)
         self.tenant = topology.tenant
         self.database = topology.database
         self._closed = False
@@ -62,16 +62,16 @@ class ShardedClient:
         """The validated topology this client routes by."""
         return self._topology
 
-    def _live(self) -> RecordOps:
+    def _live(self) -> Runtime:
         if self._closed:
             raise ClientClosedError("the client was closed; create a new one")
-        return self._backend
+        return self._runtime
 
     async def aclose(self) -> None:
         """Close every connection pool. Idempotent."""
         if not self._closed:
             self._closed = True
-            await self._backend.aclose()
+            await self._runtime.aclose()
 
     async def __aenter__(self) -> ShardedClient:
         self._live()
@@ -90,9 +90,9 @@ class ShardedClient:
         latency, whether it is catching up (stale) with how many hints pending, and record
         counts per collection. Unreachable nodes are reported (``healthy=False``), never raised.
         """
-        backend = self._live()
-        nodes = backend.all_nodes()
-        pending = await backend.pending_hints()
+        cluster = self._live().cluster
+        nodes = cluster.all_nodes()
+        pending = await cluster.pending_hints()
         out: dict[str, ShardStatus] = {}
 
         async def one(shard: str, node: Node) -> None:
@@ -108,7 +108,7 @@ class ShardedClient:
             )
 
         async with anyio.create_task_group() as tg:
-            for rs in backend.shards.values():
+            for rs in cluster.shards.values():
                 for node in rs.nodes:
                     tg.start_soon(one, rs.name, node)
         return tuple(out[n.url] for n in nodes)
@@ -117,23 +117,23 @@ class ShardedClient:
         """Record counts of a collection per partition (time bucket, field partition, or shard
         under hash) and per shard, with the skew between shards. Under a field or composite
         policy this reads every record's routing value once."""
-        backend = self._live()
-        model = await backend.get_collection(name, self.tenant, self.database)
-        state = await backend.state(model.id, self.tenant, self.database)
-        return await collection_layout(backend, state)
+        runtime = self._live()
+        model = await runtime.catalog.get_collection(name, self.tenant, self.database)
+        state = await runtime.catalog.state(model.id, self.tenant, self.database)
+        return await collection_layout(runtime.router, runtime.reader, runtime.io, state)
 
     def node_stats(self) -> dict[str, NodeStats]:
         """Request counters per node URL (requests, failures, latency, in flight)."""
-        return {n.url: n.stats for n in self._backend.all_nodes()}
+        return {n.url: n.stats for n in self._runtime.cluster.all_nodes()}
 
     async def replay_hints(self) -> int:
         """Replay missed writes to every copy that answers now; returns how many were applied.
 
         Replays also happen by themselves when a copy that missed writes is used again."""
-        return await self._live().replay_hints()
+        return await self._live().cluster.replay_hints()
 
     def __repr__(self) -> str:
-        names = ", ".join(self._backend.shard_names)
+        names = ", ".join(self._runtime.cluster.shard_names)
         return (
             f"ShardedClient(shards=[{names}], tenant={self.tenant!r}, database={self.database!r})"
         )
@@ -142,14 +142,14 @@ class ShardedClient:
 
     async def heartbeat(self) -> int:
         """Nanosecond heartbeat of the catalog shard, after every shard has answered."""
-        return await self._live().heartbeat()
+        return await self._live().cluster.heartbeat()
 
     async def get_version(self) -> str:
-        return await self._live().get_version()
+        return await self._live().cluster.get_version()
 
     async def get_max_batch_size(self) -> int:
         """The largest batch every shard accepts (the smallest shard limit)."""
-        return await self._live().get_max_batch_size()
+        return await self._live().cluster.get_max_batch_size()
 
     async def reset(self) -> bool:
         """Reset every shard (the servers must allow it)."""
@@ -164,7 +164,7 @@ class ShardedClient:
         data_loader: DataLoader[Loadable] | None = None,
     ) -> ShardedCollection:
         return ShardedCollection(
-            client=cast(Any, self._backend),
+            client=cast(Any, self._runtime.server),
             model=model,
             embedding_function=embedding_function,
             data_loader=data_loader,
@@ -173,11 +173,13 @@ class ShardedClient:
     async def list_collections(
         self, limit: int | None = None, offset: int | None = None
     ) -> Sequence[ShardedCollection]:
-        models = await self._live().list_collections(limit, offset, self.tenant, self.database)
+        models = await self._live().catalog.list_collections(
+            limit, offset, self.tenant, self.database
+        )
         return [self._wrap(m, _DEFAULT_EF) for m in models]
 
     async def count_collections(self) -> int:
-        return await self._live().count_collections(self.tenant, self.database)
+        return await self._live().catalog.count_collections(self.tenant, self.database)
 
     async def create_collection(
         self,
@@ -198,13 +200,13 @@ class ShardedClient:
         this name, else a hash of the id (or of the topology's ``routing_key``). The policy is
         stored with the collection; opening it with a different one raises
         ``ConfigurationError``."""
-        backend = self._live()
+        catalog = self._live().catalog
         configuration = cast(CreateCollectionConfiguration, dict(configuration or {}))
         configured_ef = configuration.get("embedding_function")
         validate_embedding_function_conflict_on_create(embedding_function, configured_ef)
         if embedding_function is not None and configured_ef is None:
             configuration["embedding_function"] = embedding_function
-        model = await backend.create_collection(
+        model = await catalog.create_collection(
             name,
             schema,
             configuration,
@@ -252,7 +254,7 @@ class ShardedClient:
         embedding_function: EmbeddingFunction[Embeddable] | None = _DEFAULT_EF,
         data_loader: DataLoader[Loadable] | None = None,
     ) -> ShardedCollection:
-        model = await self._live().get_collection(name, self.tenant, self.database)
+        model = await self._live().catalog.get_collection(name, self.tenant, self.database)
         return self._opened(model, embedding_function, data_loader)
 
     async def get_collection_by_id(
@@ -262,7 +264,7 @@ class ShardedClient:
         data_loader: DataLoader[Loadable] | None = None,
     ) -> ShardedCollection:
         """By the cluster's collection id (``collection.id``), stable across processes."""
-        model = await self._live().get_collection_by_id(id, self.tenant, self.database)
+        model = await self._live().catalog.get_collection_by_id(id, self.tenant, self.database)
         return self._opened(model, embedding_function, data_loader)
 
     def _opened(
@@ -279,7 +281,7 @@ class ShardedClient:
         return self._wrap(model, embedding_function, data_loader)
 
     async def delete_collection(self, name: str) -> None:
-        await self._live().delete_collection(name, self.tenant, self.database)
+        await self._live().catalog.delete_collection(name, self.tenant, self.database)
 
 
 async def AsyncHttpClient(
@@ -312,7 +314,7 @@ async def AsyncHttpClient(
             topo = Topology.build({**topo.model_dump(), **overrides})
     client = ShardedClient(topo)
     try:
-        await client._backend.call_all(
+        await client._runtime.cluster.call_all(
             "connect",
             lambda _n, node: node.transport.request(
                 "GET", f"/tenants/{topo.tenant}/databases/{topo.database}"

@@ -31,7 +31,7 @@ from ._fanout import OnShardError
 from ._timebuckets import TimeValueError, parse_time
 
 if TYPE_CHECKING:
-    from ._records import RecordOps
+    from .api._server import ShardedServer
 
 __all__ = ["ShardedCollection"]
 
@@ -55,8 +55,8 @@ class ShardedCollection(AsyncCollection):
     """
 
     @property
-    def _backend(self) -> RecordOps:
-        return cast("RecordOps", self._client)
+    def _server(self) -> ShardedServer:
+        return cast("ShardedServer", self._client)
 
     async def get(
         self,
@@ -74,7 +74,7 @@ class ShardedCollection(AsyncCollection):
         request = self._validate_and_prepare_get_request(
             ids=ids, where=where, where_document=where_document, include=include
         )
-        response = await self._backend._get(
+        response = await self._server._get(
             collection_id=self.id,
             ids=request["ids"],
             where=request["where"],
@@ -118,7 +118,7 @@ class ShardedCollection(AsyncCollection):
             where_document=where_document,
             include=include,
         )
-        response = await self._backend._query(
+        response = await self._server._query(
             collection_id=self.id,
             ids=request["ids"],
             query_embeddings=request["embeddings"],
@@ -155,7 +155,7 @@ class ShardedCollection(AsyncCollection):
         request = self._validate_and_prepare_get_request(
             ids=None, where=where, where_document=where_document, include=include
         )
-        pages = self._backend.scan_pages(
+        pages = self._server.scan(
             self.id,
             batch_size=batch_size,
             where=request["where"],
@@ -169,8 +169,7 @@ class ShardedCollection(AsyncCollection):
 
     async def get_policy(self) -> Any:
         """The placement policy stored with this collection (the same for every client)."""
-        state = await self._backend.state(self.id, self.tenant, self.database)
-        return state.policy
+        return await self._server.policy(self.id, self.tenant, self.database)
 
     async def drop_partitions(
         self, before: datetime | float | str, *, dry_run: bool = False
@@ -190,8 +189,9 @@ class ShardedCollection(AsyncCollection):
                 cutoff = parse_time(before)
             except TimeValueError as exc:
                 raise ValueError(f"before: {exc}") from None
-        state = await self._backend.state(self.id, self.tenant, self.database)
-        return await self._backend.drop_buckets(state, cutoff, dry_run=dry_run)
+        return await self._server.drop_partitions(
+            self.id, self.tenant, self.database, cutoff, dry_run=dry_run
+        )
 
     async def fork(self, new_name: str) -> AsyncCollection:
         raise NotImplementedError("fork is a Chroma Cloud feature; a sharded cluster has no fork")

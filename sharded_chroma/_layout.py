@@ -10,13 +10,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._backend import CollectionState
 from ._fanout import fan_out, raise_for_failures
-from ._parts import Target
 from ._policies import FieldPolicy, TimePolicy
-from ._reads import ReadOps
+from .catalog._layouts import Target
+from .catalog._state import CollectionState
+
+if TYPE_CHECKING:
+    from .ops._partio import PartIO
+    from .ops._reader import Reader
+    from .ops._router import Router
 
 __all__ = ["CollectionLayout", "PartitionCount", "collection_layout"]
 
@@ -56,12 +60,12 @@ class CollectionLayout:
 
 
 async def _field_counts(
-    backend: ReadOps, policy: FieldPolicy, parts: Mapping[str, Target]
+    io: PartIO, policy: FieldPolicy, parts: Mapping[str, Target]
 ) -> dict[str, int]:
     async def scan(target: Target) -> dict[str, int]:
         out: dict[str, int] = {}
         body = {"include": ["metadatas"]}
-        async for page in backend.get_pages(target.shard, target.state, body):
+        async for page in io.pages(target, body):
             for meta in page.get("metadatas") or ():
                 name = policy.partition_of_value((meta or {}).get(policy.field)) or UNPLACED
                 out[name] = out.get(name, 0) + 1
@@ -76,12 +80,14 @@ async def _field_counts(
     return total
 
 
-async def collection_layout(backend: ReadOps, state: CollectionState) -> CollectionLayout:
+async def collection_layout(
+    router: Router, reader: Reader, io: PartIO, state: CollectionState
+) -> CollectionLayout:
     policy: Any = state.policy
-    counts = await backend.part_counts(state)
-    parts = await backend.all_parts(state, "layout")
+    counts = await reader.part_counts(state)
+    parts = await router.all_parts(state, "layout")
     used = policy.shards_named()
-    shards = {s: 0 for s in backend.shard_names if s in used}
+    shards = {s: 0 for s in router.shard_names if s in used}
     for key, n in counts.items():
         shards[parts[key].shard] = shards.get(parts[key].shard, 0) + n
     partitions: list[PartitionCount]
@@ -91,7 +97,7 @@ async def collection_layout(backend: ReadOps, state: CollectionState) -> Collect
             for k, n in sorted(counts.items(), key=lambda kv: str(parts[kv[0]].state.bucket))
         ]
     elif isinstance(policy, FieldPolicy):
-        by_name = await _field_counts(backend, policy, parts)
+        by_name = await _field_counts(io, policy, parts)
         partitions = [
             PartitionCount(name, tuple(shard_list), by_name.get(name, 0))
             for name, shard_list in policy.partitions.items()

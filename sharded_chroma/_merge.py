@@ -13,7 +13,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import count, repeat
 from typing import Any
 
-__all__ = ["merge_get", "merge_query", "order_key", "strip_seq"]
+from .catalog._state import SEQ_KEY as _SEQ_KEY
+from .catalog._state import VERSION_KEY
+
+__all__ = ["merge_get", "merge_query", "order_key", "strip_hidden", "strip_seq"]
 
 # Columns a merged ``/query`` response carries besides ``ids``.
 _QUERY_FIELDS: tuple[str, ...] = ("distances", "embeddings", "metadatas", "documents", "uris")
@@ -196,7 +199,8 @@ def _get_stream(shard: int, response: Mapping[str, Any], seq_key: str) -> Iterat
 def strip_seq(
     metadatas: list[Mapping[str, Any] | None] | None, seq_key: str
 ) -> list[dict[str, Any] | None] | None:
-    """Remove ``seq_key`` from each metadata, mapping an empty result to None.
+    """Remove ``seq_key`` and the record version from each metadata, mapping an empty result
+    to None.
 
     A record stored with no user metadata therefore reads back as None, as on a single server.
     Inputs are never mutated: a metadata that changes is copied, an unchanged dict is returned
@@ -208,11 +212,18 @@ def strip_seq(
     for md in metadatas:
         if md is None:
             out.append(None)
-        elif seq_key in md:
-            rest = {k: v for k, v in md.items() if k != seq_key}
+        elif seq_key in md or VERSION_KEY in md:
+            rest = {k: v for k, v in md.items() if k != seq_key and k != VERSION_KEY}
             out.append(rest or None)
         elif not md:
             out.append(None)
         else:
             out.append(md if isinstance(md, dict) else dict(md))
     return out
+
+
+def strip_hidden(
+    metadatas: list[Mapping[str, Any] | None] | None,
+) -> list[dict[str, Any] | None] | None:
+    """``strip_seq`` with the cluster's sequence key."""
+    return strip_seq(metadatas, _SEQ_KEY)

@@ -123,6 +123,10 @@ class _HedgeBudget:
         self.tokens -= 1.0
 
 
+ReplayTarget = Callable[["Node", "HintTarget"], Awaitable[str]]
+"""Resolves the request path of a hinted write on a node (the physical ids' owner does)."""
+
+
 class ReplicaSet:
     """The nodes of one shard, primary first."""
 
@@ -130,8 +134,9 @@ class ReplicaSet:
         self,
         shard: ShardConfig,
         config: ReplicationConfig,
-        hints: Callable[[], HintLog | None],
+        hints: HintLog | None,
         *,
+        replay_target: ReplayTarget | None = None,
         selector: Selector | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -146,8 +151,7 @@ class ReplicaSet:
         self._clock = clock
         self._budget = _HedgeBudget(config.hedge_budget)
         self._owner = f"{os.getpid()}-{uuid.uuid4().hex}"
-        self.replay_target: Callable[[Node, HintTarget], Awaitable[str]] | None = None
-        """Set by the owner: resolves the request path of a hinted write on a node."""
+        self._replay_target = replay_target
 
     @property
     def primary(self) -> Node:
@@ -356,7 +360,7 @@ class ReplicaSet:
     async def _hint(
         self, node: Node, target: HintTarget, content: bytes, *, reason: str
     ) -> BaseException:
-        log = self._hints()
+        log = self._hints
         if log is None or len(self.nodes) == 1:
             # A lone node has no other copy to catch up from; the caller sees the failure.
             return NodeUnavailableError(shard=self.name, node=node.url, attempts=[reason])
@@ -401,7 +405,7 @@ class ReplicaSet:
         """A repair made the node equal to its primary: it may serve reads once its hints
         (if any arrived meanwhile) are replayed."""
         node.needs_repair = False
-        log = self._hints()
+        log = self._hints
         if log is None or log.count(node.url) == 0:
             node.stale = False
 
@@ -427,8 +431,8 @@ class ReplicaSet:
         Returns how many hints were applied; 0 without waiting when another task or thread
         is already replaying this node.
         """
-        log = self._hints()
-        if log is None or self.replay_target is None:
+        log = self._hints
+        if log is None or self._replay_target is None:
             return 0
         if not node.replay_lock.acquire(blocking=False):
             return 0
@@ -474,7 +478,7 @@ class ReplicaSet:
         return replayed
 
     async def _apply(self, node: Node, batch: Sequence[Hint], log: HintLog) -> int:
-        assert self.replay_target is not None
+        assert self._replay_target is not None
         done_upto = None
         applied = 0
         try:
@@ -483,7 +487,7 @@ class ReplicaSet:
                     hint.tenant, hint.database, hint.collection_id, hint.collection_name, hint.op
                 )
                 try:
-                    path = await self.replay_target(node, target)
+                    path = await self._replay_target(node, target)
                     await node.transport.request("POST", path, content=hint.body)
                 except NotFoundError:
                     # The collection was deleted since: the write has nothing to apply to.

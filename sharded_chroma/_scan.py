@@ -21,12 +21,16 @@ async def merged_rows(
     batch_size: int,
     seq_key: str,
     fields: Sequence[str],
+    dedupe: bool = False,
 ) -> AsyncIterator[dict[str, Any]]:
     """Yield pages (column dicts like a get() result) in the same order ``merge_get`` gives.
 
     Each step takes the smallest head among the shard streams, so every non-exhausted stream
     must have a head before a pick; a stream is refilled (one page of ``batch_size``) only when
     its buffer runs dry, which bounds memory by shards x batch_size records.
+
+    With ``dedupe`` (collections whose records can be caught between two parts) an id is
+    yielded once, at its first place; that costs the set of ids yielded so far.
     """
     buffers: dict[str, deque[tuple[Any, ...]]] = {s: deque() for s in shards}
     offsets = dict.fromkeys(shards, 0)
@@ -51,6 +55,7 @@ async def merged_rows(
             )
 
     out: dict[str, list[Any]] = {"ids": [], **{c: [] for c in _COLUMNS}}
+    seen: set[str] = set()
 
     def flush() -> dict[str, Any]:
         nonlocal out
@@ -73,6 +78,10 @@ async def merged_rows(
             break
         shard = min(live, key=lambda s: buffers[s][0][0])
         _, record_id, *values = buffers[shard].popleft()
+        if dedupe:
+            if record_id in seen:
+                continue
+            seen.add(record_id)
         out["ids"].append(record_id)
         for c, v in zip(_COLUMNS, values, strict=True):
             out[c].append(v)

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 import anyio
 from chromadb.errors import NotFoundError
 
-from ._backend import _BUCKET_META, _ID_META, _PARENT_META
-from ._parts import parts_database
 from ._transport import NodeTransport, iter_collections
+from .catalog._layouts import parts_database
+from .catalog._state import BUCKET_META as _BUCKET_META
+from .catalog._state import ID_META as _ID_META
+from .catalog._state import PARENT_META as _PARENT_META
 
 __all__ = ["CollectionStatus", "ShardStatus", "estimate_server_memory"]
 

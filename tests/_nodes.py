@@ -11,7 +11,7 @@ import chromadb
 import numpy as np
 from chromadb.config import Settings
 
-from sharded_chroma._backend import RESERVED_PREFIX
+from sharded_chroma.catalog._state import RESERVED_PREFIX
 
 Record = tuple[Any, Any, tuple[float, ...]]
 """What a node holds for one id: (document, raw metadata, vector as float32 values)."""

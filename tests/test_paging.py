@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import sharded_chroma
-from sharded_chroma import _reads
+from sharded_chroma.ops import _partio
 
 pytestmark = pytest.mark.anyio
 
@@ -26,7 +26,7 @@ async def test_paged_shard_reads_give_the_same_get(
         window = await col.get(limit=33, offset=41, include=["documents"])
         assert whole["ids"] == ids
 
-        monkeypatch.setattr(_reads, "_GET_PAGE", 7)
+        monkeypatch.setattr(_partio, "GET_PAGE", 7)
         before = sum(s.requests for s in client.node_stats().values())
         paged = await col.get(include=["documents", "embeddings"])
         requests = sum(s.requests for s in client.node_stats().values()) - before

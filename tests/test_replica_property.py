@@ -356,7 +356,7 @@ async def run_schedule(
 
         for _ in range(20):
             await client.replay_hints()
-            if not await client._backend.pending_hints():
+            if not await client._runtime.cluster.pending_hints():
                 break
             await anyio.sleep(0.2)
         status = await client.status()

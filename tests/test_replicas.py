@@ -133,16 +133,16 @@ async def assert_copies_identical(
 
 async def assert_caught_up(client: ShardedClient) -> None:
     status = await client.status()
-    assert len(status) == len(client._backend.all_nodes())
+    assert len(status) == len(client._runtime.cluster.all_nodes())
     for s in status:
         assert s.healthy, s
         assert not s.stale, s
         assert s.pending_hints == 0, s
-    assert await client._backend.pending_hints() == {}
+    assert await client._runtime.cluster.pending_hints() == {}
 
 
 def rs_node(client: ShardedClient, url: str) -> Node:
-    for rs in client._backend.shards.values():
+    for rs in client._runtime.cluster.shards.values():
         for node in rs.nodes:
             if node.url == url:
                 return node
@@ -188,7 +188,7 @@ def fake_set(n: int = 3, clock: FakeClock | None = None, **replication: Any) -> 
     return ReplicaSet(
         shard,
         ReplicationConfig(**replication),
-        lambda: None,
+        None,
         clock=clock or FakeClock(),
     )
 
@@ -332,7 +332,7 @@ async def test_write_concern_counts_acknowledgements(tmp_path: Path) -> None:
                 "replicas": [{"url": "http://127.0.0.1:2"}, {"url": "http://127.0.0.1:3"}],
             }
         )
-        rs = ReplicaSet(shard, ReplicationConfig(), lambda: log)
+        rs = ReplicaSet(shard, ReplicationConfig(), log)
         p, r1, r2 = rs.nodes
         failing = {r2.url}
         posted: list[str] = []
@@ -548,7 +548,7 @@ async def test_replica_killed_mid_workload(
                 kill(victim)
                 await until(2 * phase_ops)
                 assert rs_node(client, victim.url).stale, "the dead copy missed writes"
-                pending = await client._backend.pending_hints()
+                pending = await client._runtime.cluster.pending_hints()
                 assert pending.get(victim.url, 0) > 0 and set(pending) == {victim.url}
                 phase = "restarting"
                 await anyio.to_thread.run_sync(victim.restart)
@@ -665,7 +665,7 @@ async def test_primary_killed_reads_from_replicas_writes_follow_concern(
             got = await col.get(include=[])
             assert sorted(got["ids"]) == sorted(expected)
 
-            pending = await client._backend.pending_hints()
+            pending = await client._runtime.cluster.pending_hints()
             assert set(pending) == {primary.url}
             await anyio.to_thread.run_sync(primary.restart)
             assert await client.replay_hints() == pending[primary.url]
@@ -786,7 +786,7 @@ async def test_hedged_reads_cut_the_tail_within_their_budget(
                 embeddings=[list(vec(rng)) for _ in ids],
             )
             hcol = await hedged_client.get_collection("hedged", embedding_function=None)
-            rs = hedged_client._backend.shards["s0"]
+            rs = hedged_client._runtime.cluster.shards["s0"]
             for k in range(4):  # each copy's physical collection id looked up once, up front
                 await col.get(ids=[ids[k]])
                 await hcol.get(ids=[ids[k]])
@@ -813,7 +813,7 @@ async def test_hedged_reads_cut_the_tail_within_their_budget(
             assert sent <= 0.5 * rs._budget.reads
             assert sent <= 0.5 * reads + 0.5 * reads_before
             # The plain client never hedges.
-            assert all(n.hedges_sent == 0 for n in plain_client._backend.all_nodes())
+            assert all(n.hedges_sent == 0 for n in plain_client._runtime.cluster.all_nodes())
 
 
 # -- the hint log across client processes -----------------------------------------------------
@@ -841,7 +841,7 @@ async def test_hints_survive_the_client_and_replay_from_a_new_one(
                     embeddings=[list(r[2]) for r in recs.values()],
                 )
                 await col.delete(ids=["p0", "p1", "p2"])
-            pending = await first._backend.pending_hints()
+            pending = await first._runtime.cluster.pending_hints()
             assert set(pending) == {victim.url} and pending[victim.url] >= 2
         finally:
             await first.aclose()
@@ -902,7 +902,7 @@ async def test_a_stale_copy_serves_no_reads_until_replayed(
                     )
             node = rs_node(client, proxy.url)
             assert node.stale
-            assert (await client._backend.pending_hints()) == {proxy.url: 10}
+            assert (await client._runtime.cluster.pending_hints()) == {proxy.url: 10}
             proxy.restore()
             assert proxy.mode == "forward"
 
@@ -1094,7 +1094,7 @@ async def test_a_hung_copy_does_not_hold_up_a_write_acknowledged_by_others(
             assert took < 5.0, f"an acknowledged write waited {took:.1f}s for a hung copy"
             hung = rs_node(client, proxy.url)
             assert hung.stale, "the cut-off copy must catch up before it serves reads"
-            assert (await client._backend.pending_hints()).get(proxy.url) == 1
+            assert (await client._runtime.cluster.pending_hints()).get(proxy.url) == 1
             proxy.restore()
             await client.replay_hints()
             assert not hung.stale

@@ -2,14 +2,16 @@
 
 A move writes the whole record, as it will read after the call, to its new part first and only
 then deletes it from the old one, so it is never in neither. If the delete fails the record is
-briefly in both: reads drop duplicate ids, the call raises, and repeating the same call finishes
-the move (the record is then found in two parts, and the copy outside its destination is
-removed).
+briefly in both: reads return the newer version (the moved copy's) and remove the older one,
+the call raises, and repeating it finishes the move.
 
 A moved record takes a new place at the end of get() order, as if deleted and added again (one
 server would keep its place). Keeping its old sequence value would put it out of order in its
 new part's stored order, and get() with limit/offset relies on each part storing records in
 sequence order, because Chroma has no "order by" to ask for.
+
+The caller holds the ordering stripes of every id involved (see ``WritePath``), so nothing of
+this process writes those ids between the read and the delete.
 """
 
 from __future__ import annotations
@@ -20,16 +22,18 @@ from typing import Any
 
 from chromadb.api.types import Documents, Embeddings, IDs, Metadatas, URIs
 
-from ._backend import CollectionState
-from ._fanout import fan_out, raise_for_failures
-from ._parts import Target
-from ._policies import CompositePolicy, Placement
-from ._writes import WriteOps
+from .._fanout import fan_out, raise_for_failures
+from .._policies import CompositePolicy, Placement
+from ..catalog._layouts import PartLayouts
+from ..catalog._state import RESERVED_PREFIX, CollectionState
+from ._locator import Locator
+from ._partio import PartIO
+from ._router import Router
+from ._sender import RecordSender
 
-__all__ = ["MoveOps", "routing_fields"]
+__all__ = ["Mover", "merged_metadata", "routing_fields"]
 
-_FULL = ["embeddings", "metadatas", "documents", "uris"]
-_Read = tuple[str, dict[str, Any]]
+Read = tuple[str, dict[str, Any]]
 """A stored record and the part key it was read from."""
 
 
@@ -41,7 +45,7 @@ def routing_fields(policy: Any) -> frozenset[str]:
     return frozenset(f for f in fields if f is not None)
 
 
-def _merged(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> dict[str, Any]:
+def merged_metadata(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> dict[str, Any]:
     """Metadata after an update on one server: keys merged, a None value removes the key."""
     out = dict(old or {})
     for key, value in (new or {}).items():
@@ -52,49 +56,32 @@ def _merged(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> dic
     return out
 
 
-class MoveOps(WriteOps):
-    """Record moves between parts, for upserts and updates that change routing values."""
+class Mover:
+    """Moves records between parts."""
 
-    def _part_of_key(self, state: CollectionState, key: str) -> Target:
-        shard, _, bucket = key.partition("/")
-        return self.target(state, shard, bucket or None)
+    def __init__(
+        self,
+        router: Router,
+        layouts: PartLayouts,
+        locator: Locator,
+        sender: RecordSender,
+        io: PartIO,
+    ) -> None:
+        self._router = router
+        self._layouts = layouts
+        self._locator = locator
+        self._sender = sender
+        self._io = io
 
-    async def _read_records(
-        self, state: CollectionState, ids: IDs, sources: Mapping[int, str]
-    ) -> dict[int, dict[str, Any]]:
-        """Whole stored records (with their hidden sequence) by input position."""
-        by_key: dict[str, list[int]] = {}
-        for pos, key in sources.items():
-            by_key.setdefault(key, []).append(pos)
-
-        async def read(key: str) -> Any:
-            target = self._part_of_key(state, key)
-            body = {"ids": [ids[i] for i in by_key[key]], "include": _FULL}
-            return await self._read_from(target.shard, target.state, "/get", body)
-
-        answers, failures = await fan_out({k: functools.partial(read, k) for k in by_key})
-        raise_for_failures("move", failures)
-        out: dict[int, dict[str, Any]] = {}
-        for key, answer in answers.items():
-            row = {rid: n for n, rid in enumerate(answer["ids"])}
-            blank = [None] * len(row)
-            columns = {c: answer.get(c) or blank for c in _FULL}
-            for pos in by_key[key]:
-                n = row.get(ids[pos])
-                if n is None:
-                    continue  # deleted meanwhile: nothing to move
-                out[pos] = {c: values[n] for c, values in columns.items()}
-        return out
-
-    async def _update_moves(
+    async def update_moves(
         self,
         state: CollectionState,
         ids: IDs,
         found: Mapping[str, list[int]],
         metadatas: Metadatas | None,
-    ) -> tuple[list[Placement | None], dict[int, list[str]], dict[int, _Read]] | None:
+    ) -> tuple[list[Placement | None], dict[int, list[str]], dict[int, Read]] | None:
         """For an update: the new placement of records it moves, their source parts, and the
-        stored records read to decide (so ``_move`` need not read them again); None when
+        stored records read to decide (so ``move`` need not read them again); None when
         nothing moves. Every new placement is checked before anything is written."""
         fields = routing_fields(state.policy)
         sources: dict[int, list[str]] = {}
@@ -110,21 +97,20 @@ class MoveOps(WriteOps):
         if not touched:
             return None
         read_from = {i: sources[i][0] for i in touched}
-        old = await self._read_records(state, ids, read_from)
+        old = await self._locator.read_records(state, ids, read_from)
         placements: list[Placement | None] = [None] * len(ids)
         moves: dict[int, list[str]] = {}
         for i in touched:
             if i not in old:
                 continue
-            meta = _merged(old[i]["metadatas"], None if metadatas is None else metadatas[i])
+            meta = merged_metadata(old[i]["metadatas"], None if metadatas is None else metadatas[i])
             place: Placement = state.policy.place(ids[i], meta)
             placements[i] = place
-            dest = self.target(state, place.shard, place.bucket).key
-            if sources[i] != [dest]:
+            if sources[i] != [self._router.key_of(state, place)]:
                 moves[i] = sources[i]
         return placements, moves, {i: (read_from[i], old[i]) for i in old}
 
-    async def _move(
+    async def move(
         self,
         state: CollectionState,
         ids: IDs,
@@ -134,7 +120,7 @@ class MoveOps(WriteOps):
         metadatas: Metadatas | None,
         documents: Documents | None,
         uris: URIs | None,
-        known: Mapping[int, _Read] | None = None,
+        known: Mapping[int, Read] | None = None,
     ) -> None:
         """Write moved records whole to their destination, then delete them at the sources.
         ``known`` holds records already read (part key, record) by position."""
@@ -142,35 +128,37 @@ class MoveOps(WriteOps):
         for i in moves:
             where = placements[i]
             assert where is not None
-            dest[i] = self.target(state, where.shard, where.bucket).key
+            dest[i] = self._router.key_of(state, where)
         # A record already at its destination (an earlier move that did not finish) is read
         # from there: that copy is the newer one.
         pick = {i: (dest[i] if dest[i] in keys else keys[0]) for i, keys in moves.items()}
         have = {i: rec for i, (key, rec) in (known or {}).items() if pick.get(i) == key}
         missing = {i: k for i, k in pick.items() if i not in have}
-        old = {**have, **(await self._read_records(state, ids, missing) if missing else {})}
+        fetched = await self._locator.read_records(state, ids, missing) if missing else {}
+        old = {**have, **fetched}
         order = [i for i in sorted(moves) if i in old]
         if not order:
             return
         new_ids = [ids[i] for i in order]
         new_emb = [embeddings[i] if embeddings is not None else old[i]["embeddings"] for i in order]
         new_meta: Metadatas = [
-            _merged(old[i]["metadatas"], None if metadatas is None else metadatas[i]) for i in order
+            merged_metadata(old[i]["metadatas"], None if metadatas is None else metadatas[i])
+            for i in order
         ]
         new_docs = [documents[i] if documents is not None else old[i]["documents"] for i in order]
         new_uris = [uris[i] if uris is not None else old[i]["uris"] for i in order]
         groups: dict[str, list[int]] = {}
         for n, i in enumerate(order):
             groups.setdefault(dest[i], []).append(n)
-        parts = {k: self._part_of_key(state, k) for k in groups}
-        await self._write(
+        parts = {k: self._layouts.part_of_key(state, k) for k in groups}
+        await self._sender.send(
             "upsert",
             state,
             new_ids,
             groups,
             parts,
             new_emb,
-            new_meta,
+            [_visible(m) for m in new_meta],
             None if all(d is None for d in new_docs) else new_docs,
             None if all(u is None for u in new_uris) else new_uris,
             sequence="all",
@@ -182,8 +170,14 @@ class MoveOps(WriteOps):
                     stale.setdefault(key, []).append(ids[i])
 
         async def remove(key: str) -> Any:
-            target = self._part_of_key(state, key)
-            return await self._write_to(target.shard, target.state, "delete", {"ids": stale[key]})
+            target = self._layouts.part_of_key(state, key)
+            return await self._io.write(target, "delete", {"ids": stale[key]})
 
         _, failures = await fan_out({k: functools.partial(remove, k) for k in stale})
         raise_for_failures("move", failures, unwritten_ids=stale)
+
+
+def _visible(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored record's metadata without this library's hidden keys (the sender stamps
+    fresh ones)."""
+    return {k: v for k, v in metadata.items() if not k.startswith(RESERVED_PREFIX)}

@@ -1,0 +1,74 @@
+"""The composition root: builds every component of a client once, bottom up, and closes them.
+
+Each component owns its state and is handed the components below it at construction; none
+calls upward and none is wired after construction. A request flows down once:
+
+    ShardedCollection (chromadb's) -> ShardedServer -> Reader | WritePath -> Router, Locator,
+    RecordSender, Mover -> PartIO -> Cluster -> ReplicaSet -> NodeTransport
+
+with the catalog (DDL, collection states), the part layouts (time buckets) and the physical
+ids beside them.
+"""
+
+from __future__ import annotations
+
+from ._topology import Topology
+from .api._server import ShardedServer
+from .catalog._catalog import Catalog
+from .catalog._layouts import PartLayouts
+from .catalog._physical import PhysicalIds
+from .catalog._state import StateCache
+from .cluster._cluster import Cluster
+from .ops._clock import HybridClock
+from .ops._locator import Locator
+from .ops._moves import Mover
+from .ops._ordering import IdOrdering
+from .ops._partio import PartIO
+from .ops._reader import Reader
+from .ops._repair import ReadRepair
+from .ops._router import Router
+from .ops._sender import RecordSender
+from .ops._writepath import WritePath
+
+__all__ = ["Runtime"]
+
+
+class Runtime:
+    """Every component of one client; ``aclose`` closes what they hold (pools, hint log)."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.states = StateCache()
+        catalog_url = topology.shards[0].nodes[0].url
+        self.physical = PhysicalIds(catalog_url, self.states)
+        self.cluster = Cluster(topology, self.physical.replay_path)
+        self.layouts = PartLayouts(self.cluster, self.physical)
+        self.catalog = Catalog(self.cluster, self.physical, self.layouts, self.states)
+        self.clock = HybridClock()
+        self.router = Router(self.cluster.shard_names, self.layouts)
+        self.io = PartIO(self.cluster, self.physical)
+        self.reader = Reader(self.cluster, self.router, self.io, ReadRepair(self.io, self.clock))
+        self.locator = Locator(self.router, self.layouts, self.io, self.clock)
+        sender = RecordSender(self.cluster, self.layouts, self.physical, self.io, self.clock)
+        mover = Mover(self.router, self.layouts, self.locator, sender, self.io)
+        self.writer = WritePath(
+            self.cluster,
+            self.router,
+            self.layouts,
+            self.locator,
+            sender,
+            mover,
+            self.io,
+            self.reader,
+            IdOrdering(),
+        )
+        self.server = ShardedServer(self.catalog, self.layouts, self.reader, self.writer)
+
+    async def reset(self) -> bool:
+        """Reset every node and forget every collection this client knew."""
+        await self.cluster.reset()
+        self.states.clear()
+        return True
+
+    async def aclose(self) -> None:
+        await self.cluster.aclose()

@@ -1,0 +1,1 @@
+"""What chromadb's collection classes call: the narrow server contract and its one adapter."""

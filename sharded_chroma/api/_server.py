@@ -1,0 +1,338 @@
+"""The narrow server contract chromadb's collection classes call, and its one adapter.
+
+chromadb's ``AsyncCollection`` (and the sync ``Collection``) validate and shape everything
+themselves and then call a handful of private methods on their "client". ``CollectionServer``
+is exactly that set; ``tests/test_server_contract.py`` reads the installed chromadb's sources
+and fails when the collection classes call a name the adapter lacks, so a chromadb upgrade
+that changes the contract fails loudly instead of at a user's first call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+from uuid import UUID
+
+from chromadb.api.collection_configuration import UpdateCollectionConfiguration
+from chromadb.api.types import (
+    CollectionMetadata,
+    DeleteResult,
+    Documents,
+    Embeddings,
+    GetResult,
+    IDs,
+    Include,
+    Metadatas,
+    QueryResult,
+    URIs,
+    Where,
+    WhereDocument,
+)
+
+from .._fanout import OnShardError
+from ..catalog._catalog import Catalog
+from ..catalog._layouts import PartLayouts
+from ..ops._reader import Reader
+from ..ops._writepath import WritePath
+
+__all__ = ["CLOUD_ONLY", "CollectionServer", "ShardedServer"]
+
+_T = "default_tenant"
+_D = "default_database"
+
+CLOUD_ONLY = ("_fork", "_fork_count", "_search", "_get_indexing_status")
+"""Contract methods for Chroma Cloud features, which a self-hosted cluster does not have."""
+
+
+class CollectionServer(Protocol):
+    """What chromadb's collection classes call on their client (chromadb >=1.5.9,<1.6)."""
+
+    async def _add(
+        self,
+        ids: IDs,
+        collection_id: UUID,
+        embeddings: Embeddings,
+        metadatas: Metadatas | None = None,
+        documents: Documents | None = None,
+        uris: URIs | None = None,
+        tenant: str = _T,
+        database: str = _D,
+    ) -> bool: ...
+
+    async def _upsert(
+        self,
+        collection_id: UUID,
+        ids: IDs,
+        embeddings: Embeddings,
+        metadatas: Metadatas | None = None,
+        documents: Documents | None = None,
+        uris: URIs | None = None,
+        tenant: str = _T,
+        database: str = _D,
+    ) -> bool: ...
+
+    async def _update(
+        self,
+        collection_id: UUID,
+        ids: IDs,
+        embeddings: Embeddings | None = None,
+        metadatas: Metadatas | None = None,
+        documents: Documents | None = None,
+        uris: URIs | None = None,
+        tenant: str = _T,
+        database: str = _D,
+    ) -> bool: ...
+
+    async def _delete(
+        self,
+        collection_id: UUID,
+        ids: IDs | None = None,
+        where: Where | None = None,
+        where_document: WhereDocument | None = None,
+        limit: int | None = None,
+        tenant: str = _T,
+        database: str = _D,
+    ) -> DeleteResult: ...
+
+    async def _get(
+        self,
+        collection_id: UUID,
+        ids: IDs | None = None,
+        where: Where | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        where_document: WhereDocument | None = None,
+        include: Include = ...,
+        tenant: str = _T,
+        database: str = _D,
+    ) -> GetResult: ...
+
+    async def _peek(
+        self, collection_id: UUID, n: int = 10, tenant: str = _T, database: str = _D
+    ) -> GetResult: ...
+
+    async def _count(
+        self, collection_id: UUID, tenant: str = _T, database: str = _D, read_level: Any = None
+    ) -> int: ...
+
+    async def _query(
+        self,
+        collection_id: UUID,
+        query_embeddings: Embeddings,
+        ids: IDs | None = None,
+        n_results: int = 10,
+        where: Where | None = None,
+        where_document: WhereDocument | None = None,
+        include: Include = ...,
+        tenant: str = _T,
+        database: str = _D,
+    ) -> QueryResult: ...
+
+    async def _modify(
+        self,
+        id: UUID,
+        new_name: str | None = None,
+        new_metadata: CollectionMetadata | None = None,
+        new_configuration: UpdateCollectionConfiguration | None = None,
+        tenant: str = _T,
+        database: str = _D,
+    ) -> None: ...
+
+
+class ShardedServer:
+    """``CollectionServer`` over the cluster: resolves the collection, then hands the call to
+    the reader, the write path or the catalog. Also the few additions ``ShardedCollection``
+    makes (partial results, scan, policy, retention)."""
+
+    def __init__(
+        self, catalog: Catalog, layouts: PartLayouts, reader: Reader, writer: WritePath
+    ) -> None:
+        self._catalog = catalog
+        self._layouts = layouts
+        self._reader = reader
+        self._writer = writer
+
+    async def _add(
+        self,
+        ids: IDs,
+        collection_id: UUID,
+        embeddings: Embeddings,
+        metadatas: Metadatas | None = None,
+        documents: Documents | None = None,
+        uris: URIs | None = None,
+        tenant: str = _T,
+        database: str = _D,
+    ) -> bool:
+        state = await self._catalog.state(collection_id, tenant, database)
+        await self._writer.add(state, ids, embeddings, metadatas, documents, uris)
+        return True
+
+    async def _upsert(
+        self,
+        collection_id: UUID,
+        ids: IDs,
+        embeddings: Embeddings,
+        metadatas: Metadatas | None = None,
+        documents: Documents | None = None,
+        uris: URIs | None = None,
+        tenant: str = _T,
+        database: str = _D,
+    ) -> bool:
+        state = await self._catalog.state(collection_id, tenant, database)
+        await self._writer.upsert(state, ids, embeddings, metadatas, documents, uris)
+        return True
+
+    async def _update(
+        self,
+        collection_id: UUID,
+        ids: IDs,
+        embeddings: Embeddings | None = None,
+        metadatas: Metadatas | None = None,
+        documents: Documents | None = None,
+        uris: URIs | None = None,
+        tenant: str = _T,
+        database: str = _D,
+    ) -> bool:
+        state = await self._catalog.state(collection_id, tenant, database)
+        await self._writer.update(state, ids, embeddings, metadatas, documents, uris)
+        return True
+
+    async def _delete(
+        self,
+        collection_id: UUID,
+        ids: IDs | None = None,
+        where: Where | None = None,
+        where_document: WhereDocument | None = None,
+        limit: int | None = None,
+        tenant: str = _T,
+        database: str = _D,
+    ) -> DeleteResult:
+        state = await self._catalog.state(collection_id, tenant, database)
+        return await self._writer.delete(state, ids, where, where_document, limit)
+
+    async def _get(
+        self,
+        collection_id: UUID,
+        ids: IDs | None = None,
+        where: Where | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        where_document: WhereDocument | None = None,
+        include: Include = ["metadatas", "documents"],  # noqa: B006 - chromadb's signature
+        tenant: str = _T,
+        database: str = _D,
+        on_shard_error: OnShardError = "raise",
+    ) -> GetResult:
+        state = await self._catalog.state(collection_id, tenant, database)
+        return await self._reader.get(
+            state, ids, where, limit, offset, where_document, include, on_shard_error
+        )
+
+    async def _peek(
+        self, collection_id: UUID, n: int = 10, tenant: str = _T, database: str = _D
+    ) -> GetResult:
+        state = await self._catalog.state(collection_id, tenant, database)
+        # chromadb's peek order of columns
+        include: Include = ["metadatas", "documents", "embeddings"]
+        return await self._reader.get(state, None, None, n, None, None, include, "raise")
+
+    async def _count(
+        self, collection_id: UUID, tenant: str = _T, database: str = _D, read_level: Any = None
+    ) -> int:
+        state = await self._catalog.state(collection_id, tenant, database)
+        return await self._reader.count(state)
+
+    async def _query(
+        self,
+        collection_id: UUID,
+        query_embeddings: Embeddings,
+        ids: IDs | None = None,
+        n_results: int = 10,
+        where: Where | None = None,
+        where_document: WhereDocument | None = None,
+        include: Include = ["metadatas", "documents", "distances"],  # noqa: B006
+        tenant: str = _T,
+        database: str = _D,
+        on_shard_error: OnShardError = "raise",
+    ) -> QueryResult:
+        state = await self._catalog.state(collection_id, tenant, database)
+        return await self._reader.query(
+            state,
+            query_embeddings,
+            ids,
+            n_results,
+            where,
+            where_document,
+            include,
+            on_shard_error,
+        )
+
+    async def _modify(
+        self,
+        id: UUID,
+        new_name: str | None = None,
+        new_metadata: CollectionMetadata | None = None,
+        new_configuration: UpdateCollectionConfiguration | None = None,
+        tenant: str = _T,
+        database: str = _D,
+    ) -> None:
+        state = await self._catalog.state(id, tenant, database)
+        await self._catalog.modify(state, new_name, new_metadata, new_configuration)
+
+    # -- Chroma Cloud features: part of the contract, not of a self-hosted cluster ----------
+
+    async def _fork(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("fork is a Chroma Cloud feature; a sharded cluster has no fork")
+
+    async def _fork_count(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("fork is a Chroma Cloud feature; a sharded cluster has no fork")
+
+    async def _search(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            "search() is a Chroma Cloud feature; use query() on a sharded cluster"
+        )
+
+    async def _get_indexing_status(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("indexing status is a Chroma Cloud feature")
+
+    def attach_function(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("attached functions are a Chroma Cloud feature")
+
+    def detach_function(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("attached functions are a Chroma Cloud feature")
+
+    def get_attached_function(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("attached functions are a Chroma Cloud feature")
+
+    # -- additions of ShardedCollection -------------------------------------------------------
+
+    async def scan(
+        self,
+        collection_id: UUID,
+        *,
+        batch_size: int,
+        where: Where | None,
+        where_document: WhereDocument | None,
+        include: Include,
+        tenant: str,
+        database: str,
+    ) -> AsyncIterator[GetResult]:
+        state = await self._catalog.state(collection_id, tenant, database)
+        pages = self._reader.scan(
+            state,
+            batch_size=batch_size,
+            where=where,
+            where_document=where_document,
+            include=include,
+        )
+        async for page in pages:
+            yield page
+
+    async def policy(self, collection_id: UUID, tenant: str, database: str) -> Any:
+        return (await self._catalog.state(collection_id, tenant, database)).policy
+
+    async def drop_partitions(
+        self, collection_id: UUID, tenant: str, database: str, before: float, *, dry_run: bool
+    ) -> list[tuple[str, str]]:
+        state = await self._catalog.state(collection_id, tenant, database)
+        return await self._layouts.drop_buckets(state, before, dry_run=dry_run)

@@ -1,0 +1,117 @@
+"""What a client knows about a logical collection, and the reserved metadata namespace.
+
+A logical collection is one physical collection of the same name on every node (every copy of
+every shard). The cluster's id for it is the id of its physical collection on the first shard's
+primary (the catalog node): stable across processes and unique per creation, like one server's
+id. The other nodes carry it in reserved metadata (``_sc_id``) so the catalog can be read from a
+replica when the catalog node is down. Each node has its own physical id for the collection;
+requests are addressed per node (see ``PhysicalIds``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+__all__ = [
+    "BUCKET_META",
+    "ID_META",
+    "PARENT_META",
+    "RESERVED_PREFIX",
+    "ROUTING_META",
+    "SEQ_KEY",
+    "SLOTS_META",
+    "VERSION_KEY",
+    "CollectionState",
+    "StateCache",
+    "reject_reserved",
+    "strip_reserved",
+]
+
+RESERVED_PREFIX = "_sc_"
+SEQ_KEY = "_sc_seq"
+"""Hidden per-record sequence (a hybrid clock value): the cluster's insertion order."""
+VERSION_KEY = "_sc_ver"
+"""Hidden per-record version: the hybrid clock value of the record's last write. When one id is
+met in two parts (a move caught half-way, or two processes racing), the higher version wins."""
+ROUTING_META = "_sc_routing"
+"""The collection's placement policy as JSON (a bare field name in collections made before
+policies existed)."""
+SLOTS_META = "_sc_slots"
+ID_META = "_sc_id"
+PARENT_META = "_sc_parent"
+"""On a time bucket's physical collection: the cluster id of the collection it belongs to."""
+BUCKET_META = "_sc_bucket"
+
+
+def reject_reserved(keys: Iterable[Any], what: str) -> None:
+    """Reserved keys are invisible: writing or filtering on one is a clear error."""
+    for key in keys:
+        if isinstance(key, str) and key.startswith(RESERVED_PREFIX):
+            raise ValueError(
+                f"{what} key {key!r} uses the prefix {RESERVED_PREFIX!r}, "
+                "which sharded_chroma reserves"
+            )
+
+
+def strip_reserved(metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if metadata is None:
+        return None
+    clean = {k: v for k, v in metadata.items() if not k.startswith(RESERVED_PREFIX)}
+    return clean or None
+
+
+@dataclass
+class CollectionState:
+    """What one client knows about a logical collection (or one of its time buckets).
+
+    ``physical`` is written only by ``PhysicalIds`` and by the catalog when it (re)loads a
+    collection; the other fields are the cluster's facts, set by the catalog."""
+
+    id: UUID
+    name: str
+    tenant: str
+    database: str
+    physical: dict[str, UUID]
+    """Physical collection id per node URL, filled as nodes are first addressed."""
+    policy: Any
+    """The placement policy (a ``_policies.Policy``), the same for every client."""
+    dimension: int | None = None
+    configuration: dict[str, Any] | None = None
+    """The physical collections' configuration, given to time buckets as they are created."""
+    bucket: str | None = None
+    """Set on the state of one time bucket's physical collection (see ``PartLayouts``)."""
+    buckets: dict[str, CollectionState] = field(default_factory=dict)
+    """States of this collection's time buckets by label, as this client has met them."""
+
+    @property
+    def base(self) -> str:
+        return f"/tenants/{self.tenant}/databases/{self.database}/collections"
+
+
+class StateCache:
+    """The collections this client has opened, by cluster id; shared by threads."""
+
+    def __init__(self) -> None:
+        self._states: dict[UUID, CollectionState] = {}
+        self._lock = threading.Lock()
+
+    def get(self, cluster_id: UUID) -> CollectionState | None:
+        return self._states.get(cluster_id)
+
+    def put(self, state: CollectionState) -> None:
+        with self._lock:
+            self._states[state.id] = state
+
+    def forget_named(self, name: str, tenant: str, database: str) -> None:
+        with self._lock:
+            for key, state in list(self._states.items()):
+                if (state.name, state.tenant, state.database) == (name, tenant, database):
+                    del self._states[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._states.clear()

@@ -1,0 +1,1 @@
+"""The shards of a topology: replica sets, fan-out over them, and the servers' shared facts."""

@@ -1,0 +1,1 @@
+"""Record operations: routing, the one seam for part requests, reads and the write path."""

@@ -1,0 +1,122 @@
+"""The one seam every record request to a part passes through: path resolution, the replica
+set's read (selection, failover) or write (concern, hints), and the missing-bucket rule.
+
+Telemetry spans and epoch checks of later changes belong here, once, rather than at each
+caller."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import orjson
+from chromadb.errors import NotFoundError
+
+from .._options import current_options
+from .._replicas import HintTarget, Node
+from ..catalog._layouts import Target
+from ..catalog._physical import PhysicalIds
+from ..cluster._cluster import Cluster
+
+__all__ = ["GET_PAGE", "PartIO"]
+
+T = TypeVar("T")
+
+# Well under the 32,766 records a Chroma 1.5.9 server can return from one get.
+GET_PAGE = 10_000
+
+
+class PartIO:
+    """Reads and writes of one part (a physical collection on one shard)."""
+
+    def __init__(self, cluster: Cluster, physical: PhysicalIds) -> None:
+        self._cluster = cluster
+        self._physical = physical
+
+    async def read(self, target: Target, suffix: str, body: Any) -> Any:
+        """POST a read to one caught-up copy of the part's shard (with failover)."""
+        state = target.state
+
+        async def op(node: Node) -> Any:
+            path = await self._physical.node_path(state, node, suffix)
+            return await node.transport.request("POST", path, body=body)
+
+        return await self._cluster.shards[target.shard].read(op)
+
+    async def count(self, target: Target) -> int:
+        state = target.state
+
+        async def op(node: Node) -> Any:
+            path = await self._physical.node_path(state, node, "/count")
+            return await node.transport.request("GET", path)
+
+        return int(await self._cluster.shards[target.shard].read(op))
+
+    async def page(
+        self, target: Target, body: Mapping[str, Any], sticky: dict[str, Node]
+    ) -> dict[str, Any]:
+        """One page of a get, from the copy in ``sticky[target.key]`` while it answers
+        (offsets are positions in one node's stored order); the copy that answered is kept
+        there for the next page."""
+        state = target.state
+
+        async def op(node: Node) -> Any:
+            path = await self._physical.node_path(state, node, "/get")
+            answer = await node.transport.request("POST", path, body=body)
+            sticky[target.key] = node
+            return answer
+
+        rs = self._cluster.shards[target.shard]
+        page: dict[str, Any] = await rs.read(op, prefer=sticky.get(target.key))
+        return page
+
+    async def pages(
+        self, target: Target, body: Mapping[str, Any], page_size: int | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One part's get() as pages of at most ``page_size`` records, all from one copy
+        while it answers; ``body["limit"]``, if set, bounds the total.
+
+        A Chroma 1.5.9 server refuses a get matching more than 32,766 records ("too many SQL
+        variables"), which a whole-collection get() of a large shard would hit. Results that
+        fit one page are a single request.
+        """
+        size = GET_PAGE if page_size is None else page_size
+        want = body.get("limit")
+        sticky: dict[str, Node] = {}
+        got = 0
+        while True:
+            take = size if want is None else min(size, want - got)
+            page = await self.page(target, {**body, "limit": take, "offset": got}, sticky)
+            yield page
+            n = len(page["ids"])
+            got += n
+            if n < take or (want is not None and got >= want):
+                return
+
+    async def write(self, target: Target, op: str, body: Any) -> Any:
+        """Send a write to every copy of the part's shard under the call's write concern."""
+        state = target.state
+        content = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        hint = HintTarget(state.tenant, state.database, str(state.id), state.name, op)
+        concern = current_options().write_concern or self._cluster.replication.write_concern
+        return await self._cluster.shards[target.shard].write(
+            lambda node: self._physical.node_path(state, node, f"/{op}"), content, hint, concern
+        )
+
+    async def guarded(self, target: Target, read: Callable[[], Awaitable[T]]) -> T | None:
+        """Run one read of a part. A time bucket that does not exist (never made, or dropped
+        since it was listed) reads as None; one dropped and made again has new physical ids,
+        learnt again by name, once."""
+        known = bool(target.state.physical)
+        try:
+            return await read()
+        except NotFoundError:
+            if target.state.bucket is None:
+                raise
+            if not known:
+                return None  # looked up by name just now: the bucket does not exist
+        self._physical.forget(target.state)
+        try:
+            return await read()
+        except NotFoundError:
+            return None

@@ -1,0 +1,267 @@
+"""The write path: every record write of the cluster, validated once, ordered per id, routed.
+
+Per-id ordering has one owner, this component. Every write of an id holds that id's ordering
+stripe (``IdOrdering``) from its first read (locating the id, reading a record to move) to its
+last request, across tasks and threads of the process, so a move, an add, an update and a
+delete of one id never interleave. Across processes, records carry a version (the hybrid clock
+of their last write) and reads settle an id met twice by keeping the newer (see ``Reader``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from chromadb.api.types import (
+    DeleteResult,
+    Documents,
+    Embeddings,
+    IDs,
+    Metadatas,
+    URIs,
+    Where,
+    WhereDocument,
+    validate_batch,
+)
+
+from .._fanout import fan_out, raise_for_failures
+from ..catalog._layouts import PartLayouts, Target
+from ..catalog._state import CollectionState
+from ..cluster._cluster import Cluster
+from ._checks import check_embeddings, check_metadatas, check_where
+from ._locator import Locator
+from ._moves import Mover
+from ._ordering import IdOrdering
+from ._partio import PartIO
+from ._reader import Reader
+from ._router import Router
+from ._sender import RecordSender
+
+__all__ = ["WritePath"]
+
+
+def _moving(found: Mapping[str, list[int]], dest: Mapping[str, list[int]]) -> dict[int, list[str]]:
+    """Positions found in a part other than their destination: position -> source part keys."""
+    where_to = {i: k for k, pos in dest.items() for i in pos}
+    sources: dict[int, list[str]] = {}
+    for key, pos in found.items():
+        for i in pos:
+            sources.setdefault(i, []).append(key)
+    return {i: keys for i, keys in sources.items() if keys != [where_to.get(i)]}
+
+
+def _without(groups: Mapping[str, list[int]], gone: Any) -> dict[str, list[int]]:
+    out = {k: [i for i in pos if i not in gone] for k, pos in groups.items()}
+    return {k: pos for k, pos in out.items() if pos}
+
+
+class WritePath:
+    """add, upsert, update and delete across parts."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        router: Router,
+        layouts: PartLayouts,
+        locator: Locator,
+        sender: RecordSender,
+        mover: Mover,
+        io: PartIO,
+        reader: Reader,
+        ordering: IdOrdering,
+    ) -> None:
+        self._cluster = cluster
+        self._router = router
+        self._layouts = layouts
+        self._locator = locator
+        self._sender = sender
+        self._mover = mover
+        self._io = io
+        self._reader = reader
+        self._ordering = ordering
+
+    async def _prepare(
+        self,
+        state: CollectionState,
+        ids: IDs,
+        embeddings: Embeddings | None,
+        metadatas: Metadatas | None,
+        documents: Documents | None,
+        uris: URIs | None,
+    ) -> None:
+        validate_batch(
+            (ids, embeddings, metadatas, documents, uris),
+            {"max_batch_size": await self._cluster.batch_limit()},
+        )
+        check_metadatas(metadatas)
+        if embeddings is not None and len(embeddings) and state.dimension is None:
+            # Another process may have fixed the dimension since this handle was fetched.
+            stored = await self._layouts.stored_dimension(state)
+            if stored is not None:
+                state.dimension = stored
+        check_embeddings(state.dimension, embeddings)
+
+    async def add(
+        self,
+        state: CollectionState,
+        ids: IDs,
+        embeddings: Embeddings,
+        metadatas: Metadatas | None,
+        documents: Documents | None,
+        uris: URIs | None,
+    ) -> None:
+        """Add records; an id that exists anywhere in the collection is left as it is, as one
+        server leaves it."""
+        await self._prepare(state, ids, embeddings, metadatas, documents, uris)
+        router = self._router
+        groups, parts = router.group_placements(state, router.place_records(state, ids, metadatas))
+        async with self._ordering.hold(state.id, ids):
+            if not router.ids_routed(state):
+                # Under hash of the id the owner itself ignores an existing id; elsewhere the
+                # id may live in another part than this add would put it.
+                found = await self._locator.locate(state, ids)
+                groups = _without(groups, {i for pos in found.values() for i in pos})
+            if groups:
+                await self._sender.send(
+                    "add",
+                    state,
+                    ids,
+                    groups,
+                    parts,
+                    embeddings,
+                    metadatas,
+                    documents,
+                    uris,
+                    sequence="all",
+                )
+
+    async def upsert(
+        self,
+        state: CollectionState,
+        ids: IDs,
+        embeddings: Embeddings,
+        metadatas: Metadatas | None,
+        documents: Documents | None,
+        uris: URIs | None,
+    ) -> None:
+        await self._prepare(state, ids, embeddings, metadatas, documents, uris)
+        router = self._router
+        placements = router.place_records(state, ids, metadatas)
+        groups, parts = router.group_placements(state, placements)
+        async with self._ordering.hold(state.id, ids):
+            known: set[int] | None = None
+            if not router.ids_routed(state):
+                # A record may live anywhere its routing value sent it: every part must answer
+                # before anything is written, and records whose value changed are moved.
+                found = await self._locator.locate(state, ids)
+                known = {i for pos in found.values() for i in pos}
+                moving = _moving(found, groups)
+                if moving:
+                    await self._mover.move(
+                        state, ids, moving, placements, embeddings, metadatas, documents, uris
+                    )
+                    groups = _without(groups, moving)
+            await self._sender.send(
+                "upsert",
+                state,
+                ids,
+                groups,
+                parts,
+                embeddings,
+                metadatas,
+                documents,
+                uris,
+                sequence="new",
+                existing=known,
+            )
+
+    async def update(
+        self,
+        state: CollectionState,
+        ids: IDs,
+        embeddings: Embeddings | None,
+        metadatas: Metadatas | None,
+        documents: Documents | None,
+        uris: URIs | None,
+    ) -> None:
+        await self._prepare(state, ids, embeddings, metadatas, documents, uris)
+        async with self._ordering.hold(state.id, ids):
+            groups = await self._locator.locate(state, ids)
+            parts = {k: self._layouts.part_of_key(state, k) for k in groups}
+            if not self._router.ids_routed(state):
+                moving = await self._mover.update_moves(state, ids, groups, metadatas)
+                if moving and moving[1]:
+                    placements, moves, known = moving
+                    await self._mover.move(
+                        state, ids, moves, placements, embeddings, metadatas, documents, uris, known
+                    )
+                    groups = _without(groups, moves)
+            if groups:
+                await self._sender.send(
+                    "update",
+                    state,
+                    ids,
+                    groups,
+                    parts,
+                    embeddings,
+                    metadatas,
+                    documents,
+                    uris,
+                    sequence="none",
+                )
+
+    async def delete(
+        self,
+        state: CollectionState,
+        ids: IDs | None,
+        where: Where | None,
+        where_document: WhereDocument | None,
+        limit: int | None,
+    ) -> DeleteResult:
+        check_where(where)
+        if limit is not None:
+            # "Delete n in total": pick the first n matches in the cluster's order.
+            picked = await self._reader.get(
+                state, ids, where, limit, None, where_document, [], "raise"
+            )
+            if not picked["ids"]:
+                return DeleteResult(deleted=0)
+            ids, where, where_document = picked["ids"], None, None
+        if ids is None:
+            plan = await self._router.plan(state, None, where)
+            raise_for_failures("delete", plan.failed)
+            return await self._delete_in(plan.targets, where, where_document)
+        async with self._ordering.hold(state.id, ids):
+            groups = await self._locator.locate(state, ids)
+            targets = {
+                k: replace(self._layouts.part_of_key(state, k), ids=[ids[i] for i in pos])
+                for k, pos in groups.items()
+            }
+            return await self._delete_in(targets, where, where_document)
+
+    async def _delete_in(
+        self,
+        targets: Mapping[str, Target],
+        where: Where | None,
+        where_document: WhereDocument | None,
+    ) -> DeleteResult:
+        if not targets:
+            return DeleteResult(deleted=0)
+
+        async def delete(target: Target) -> int:
+            body = {"ids": target.ids, "where": where, "where_document": where_document}
+            resp = await self._io.write(target, "delete", body)
+            return int(resp.get("deleted", 0)) if isinstance(resp, dict) else 0
+
+        results, failures = await fan_out(
+            {k: functools.partial(delete, t) for k, t in targets.items()}
+        )
+        raise_for_failures(
+            "delete",
+            failures,
+            unwritten_ids={k: list(targets[k].ids or ()) for k in failures},
+            all_failed=len(failures) == len(targets),
+        )
+        return DeleteResult(deleted=sum(results.values()))
