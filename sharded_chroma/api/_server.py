@@ -45,7 +45,8 @@ CLOUD_ONLY = ("_fork", "_fork_count", "_search", "_get_indexing_status")
 
 
 class CollectionServer(Protocol):
-    """What chromadb's collection classes call on their client (chromadb >=1.5.9,<1.6)."""
+    """What chromadb's ``AsyncCollection`` calls on its client (chromadb >=1.5.9,<1.6); the
+    Cloud-only calls are part of it, since the class still makes them."""
 
     async def _add(
         self,
@@ -137,6 +138,14 @@ class CollectionServer(Protocol):
         tenant: str = _T,
         database: str = _D,
     ) -> None: ...
+
+    async def _fork(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    async def _fork_count(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    async def _search(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    async def _get_indexing_status(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 class ShardedServer:

@@ -1,0 +1,149 @@
+"""Per-id ordering primitives without servers: the cross-loop lock, id stripes, the clock."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from sharded_chroma.ops._clock import HybridClock
+from sharded_chroma.ops._ordering import CrossLoopLock, IdOrdering
+
+
+def test_lock_excludes_across_threads_with_their_own_loops() -> None:
+    lock = CrossLoopLock()
+    inside = 0
+    worst = 0
+    order: list[int] = []
+    guard = threading.Lock()
+
+    async def job(t: int) -> None:
+        nonlocal inside, worst
+        for _ in range(50):
+            await lock.acquire()
+            try:
+                with guard:
+                    inside += 1
+                    worst = max(worst, inside)
+                    order.append(t)
+                await asyncio.sleep(0)  # give every other task and thread a chance to enter
+                with guard:
+                    inside -= 1
+            finally:
+                lock.release()
+
+    def thread(t: int) -> None:
+        async def many() -> None:
+            await asyncio.gather(*(job(t * 10 + k) for k in range(4)))
+
+        asyncio.run(many())
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(thread, range(4)))
+    assert worst == 1
+    assert len(order) == 4 * 4 * 50
+    assert not lock.locked
+
+
+@pytest.mark.anyio
+async def test_lock_is_fifo_and_a_cancelled_waiter_gives_way() -> None:
+    lock = CrossLoopLock()
+    await lock.acquire()
+    got: list[str] = []
+
+    async def waiter(name: str) -> None:
+        await lock.acquire()
+        got.append(name)
+        lock.release()
+
+    tasks = [asyncio.create_task(waiter(n)) for n in "abc"]
+    await asyncio.sleep(0.01)
+    tasks[1].cancel()  # b leaves the queue without ever holding the lock
+    lock.release()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert got == ["a", "c"]
+    assert not lock.locked
+
+
+@pytest.mark.anyio
+async def test_cancelled_right_after_the_handover_passes_the_lock_on() -> None:
+    lock = CrossLoopLock()
+    await lock.acquire()
+    first = asyncio.create_task(lock.acquire())
+    second = asyncio.create_task(lock.acquire())
+    await asyncio.sleep(0.01)
+    lock.release()  # ownership handed to `first`, which is cancelled before it runs
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    await asyncio.wait_for(second, 1.0)  # it got the lock `first` could not use
+    assert lock.locked
+    lock.release()
+    assert not lock.locked
+
+
+@pytest.mark.anyio
+async def test_stripes_serialize_one_id_and_let_others_run() -> None:
+    ordering = IdOrdering(stripes=64)
+    events: list[str] = []
+    inside = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def slow() -> None:
+        async with ordering.hold("c", ["x"]):
+            events.append("slow in")
+            inside.set()
+            await go_on.wait()
+            events.append("slow out")
+
+    async def same() -> None:
+        await inside.wait()
+        async with ordering.hold("c", ["y", "x"]):
+            events.append("same id in")
+
+    other_ids = [f"o{i}" for i in range(200)]
+    free = [
+        i
+        for i in other_ids
+        if set(ordering.stripes_of("c", [i])).isdisjoint(ordering.stripes_of("c", ["x", "y"]))
+    ][:1]
+
+    async def other() -> None:
+        await inside.wait()
+        async with ordering.hold("c", free):
+            events.append("other id in")
+        go_on.set()
+
+    await asyncio.wait_for(asyncio.gather(slow(), same(), other()), 2.0)
+    assert events == ["slow in", "other id in", "slow out", "same id in"]
+
+
+def test_stripes_are_sorted_and_unique() -> None:
+    ordering = IdOrdering(stripes=8)
+    got = ordering.stripes_of("c", [str(i) for i in range(100)])
+    assert got == sorted(set(got)) and len(got) <= 8
+    with pytest.raises(ValueError):
+        IdOrdering(stripes=0)
+
+
+def test_clock_never_goes_back_and_stays_ahead_of_what_it_saw() -> None:
+    wall = [2_000_000_000_000]
+    clock = HybridClock(lambda: wall[0] * 1000)
+    a = clock.reserve(3)
+    wall[0] -= 10_000_000  # the wall clock steps back ten seconds
+    b = clock.reserve()
+    assert b == a + 3
+    clock.observe(b + 1_000_000)  # a peer's version a second ahead
+    assert clock.reserve() == b + 1_000_001
+    clock.observe(5)  # an old value changes nothing
+    assert clock.reserve() == b + 1_000_002
+
+
+def test_clock_is_unique_across_threads() -> None:
+    clock = HybridClock()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        values = list(pool.map(lambda _: clock.reserve(), range(4000)))
+    assert len(set(values)) == 4000
+    assert abs(max(values) // 1_000_000 - time.time()) < 60
