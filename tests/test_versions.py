@@ -1,0 +1,117 @@
+"""Record versions across parts, against real servers: an id met in two parts (another process
+racing, a move caught half-way) reads as its newest copy, and the older copy is removed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import sharded_chroma
+from sharded_chroma import FieldPolicy
+from tests._nodes import drop_official_http_pools, node_records, official
+
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("official_pools")]
+
+REGIONS = FieldPolicy(field="region", partitions={"eu": ["s0"], "us": ["s1"], "ap": ["s2"]})
+
+
+async def plant(url: str, name: str, rid: str, meta: dict[str, Any], doc: str) -> None:
+    """Write one record straight into a node, hidden keys and all, as another process
+    caught between its two steps would have left it."""
+    col = await (await official(url)).get_collection(name, embedding_function=None)
+    await col.add(ids=[rid], embeddings=[[9.0, 9.0, 9.0]], metadatas=[meta], documents=[doc])
+    await drop_official_http_pools()
+
+
+async def stored_meta(url: str, name: str, rid: str) -> dict[str, Any] | None:
+    held = await node_records(url, name)
+    await drop_official_http_pools()
+    return held[rid][1] if rid in held else None
+
+
+@pytest.fixture
+async def regional(shard_urls: list[str]) -> Any:
+    client = await sharded_chroma.AsyncHttpClient(shards=shard_urls)
+    col = await client.create_collection("versions", embedding_function=None, policy=REGIONS)
+    await col.add(
+        ids=["x", "y"],
+        embeddings=[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
+        metadatas=[{"region": "eu", "n": 1}, {"region": "us"}],
+        documents=["x-eu", "y"],
+    )
+    try:
+        yield col
+    finally:
+        await client.aclose()
+
+
+async def test_an_older_copy_elsewhere_is_ignored_and_removed(
+    regional: Any, shard_urls: list[str]
+) -> None:
+    live = await stored_meta(shard_urls[0], "versions", "x")
+    assert live is not None and live["_sc_ver"] > 0
+    older = {"region": "ap", "_sc_seq": 1, "_sc_ver": live["_sc_ver"] - 1}
+    await plant(shard_urls[2], "versions", "x", older, "x-ap-old")
+    assert await regional.count() == 3  # counts are per part: the copy is there
+
+    got = await regional.get(ids=["x"], include=["documents", "metadatas"])
+    assert got["ids"] == ["x"] and got["documents"] == ["x-eu"]
+    assert got["metadatas"] == [{"region": "eu", "n": 1}]
+    # The read removed the older copy; the newer one stays where it was.
+    assert await stored_meta(shard_urls[2], "versions", "x") is None
+    assert await stored_meta(shard_urls[0], "versions", "x") is not None
+    assert await regional.count() == 2
+
+
+async def test_a_newer_copy_elsewhere_wins(regional: Any, shard_urls: list[str]) -> None:
+    live = await stored_meta(shard_urls[0], "versions", "x")
+    assert live is not None
+    newer = {"region": "ap", "_sc_seq": live["_sc_seq"] + 5, "_sc_ver": live["_sc_ver"] + 5}
+    await plant(shard_urls[2], "versions", "x", newer, "x-ap-new")
+    whole = await regional.get(include=["documents"])
+    assert sorted(whole["ids"]) == ["x", "y"]
+    assert dict(zip(whole["ids"], whole["documents"] or [], strict=True))["x"] == "x-ap-new"
+    assert await stored_meta(shard_urls[0], "versions", "x") is None
+    assert await stored_meta(shard_urls[2], "versions", "x") is not None
+
+
+async def test_query_returns_one_row_per_id_the_newest(
+    regional: Any, shard_urls: list[str]
+) -> None:
+    live = await stored_meta(shard_urls[0], "versions", "x")
+    assert live is not None
+    older = {"region": "ap", "_sc_seq": 1, "_sc_ver": live["_sc_ver"] - 1}
+    await plant(shard_urls[2], "versions", "x", older, "x-ap-old")
+    hits = await regional.query(query_embeddings=[[9.0, 9.0, 9.0]], n_results=5)
+    assert sorted(hits["ids"][0]) == ["x", "y"]
+    docs = dict(zip(hits["ids"][0], (hits["documents"] or [[]])[0], strict=True))
+    assert docs["x"] == "x-eu"
+    assert await stored_meta(shard_urls[2], "versions", "x") is None
+
+
+async def test_scan_yields_each_id_once(regional: Any, shard_urls: list[str]) -> None:
+    live = await stored_meta(shard_urls[0], "versions", "x")
+    assert live is not None
+    older = {"region": "ap", "_sc_seq": 1, "_sc_ver": live["_sc_ver"] - 1}
+    await plant(shard_urls[2], "versions", "x", older, "x-ap-old")
+    seen = [i async for page in regional.scan(batch_size=1) for i in page["ids"]]
+    assert sorted(seen) == ["x", "y"]
+
+
+async def test_removal_relies_on_ids_and_where_as_one_condition(
+    regional: Any, shard_urls: list[str]
+) -> None:
+    """Read repair removes an older copy with `ids + where _sc_ver == seen`: Chroma must treat
+    that as one condition, so a copy that moved on since the read is left alone."""
+    live = await stored_meta(shard_urls[0], "versions", "x")
+    assert live is not None
+    col = await (await official(shard_urls[2])).get_collection("versions", embedding_function=None)
+    await col.add(
+        ids=["x"],
+        embeddings=[[9.0, 9.0, 9.0]],
+        metadatas=[{"region": "ap", "_sc_seq": 1, "_sc_ver": live["_sc_ver"] + 10}],
+    )
+    # A delete conditioned on an old version leaves the copy that moved on alone.
+    await col.delete(ids=["x"], where={"_sc_ver": live["_sc_ver"] - 1})
+    assert await stored_meta(shard_urls[2], "versions", "x") is not None
