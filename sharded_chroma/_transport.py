@@ -35,6 +35,8 @@ _API = "/api/v2"
 # Statuses that say "busy or not there", even when the body is a Chroma error.
 _OVERLOAD_STATUS = frozenset({429, 502, 503, 504})
 _USER_AGENT = "sharded-chroma"
+# Set by Chroma servers on error answers; all zeros unless the server exports OpenTelemetry.
+_TRACE_HEADER = "chroma-trace-id"
 
 
 @dataclass
@@ -56,23 +58,32 @@ class NodeStats:
 class _HTTPFailure(Exception):
     """A non-Chroma HTTP failure, kept for the attempts list and retry decision."""
 
-    def __init__(self, status: int, text: str) -> None:
+    def __init__(self, status: int, text: str, trace_id: str | None = None) -> None:
         self.status = status
-        super().__init__(f"HTTP {status}: {text[:200]}")
+        self.trace_id = trace_id
+        # The official client puts the trace id in this message too: it is what a server's
+        # operator needs to find the request in their traces.
+        trace = f" (trace ID: {trace_id})" if trace_id else ""
+        super().__init__(f"HTTP {status}: {text[:200]}{trace}")
 
 
-def _chroma_error(status: int, payload: bytes) -> Exception | None:
-    """Map a Chroma error body to the chromadb.errors class the official client raises."""
+def _chroma_error(payload: bytes, trace_id: str | None) -> chroma_errors.ChromaError | None:
+    """Map a Chroma error body to the chromadb.errors class the official client raises, with
+    the server's trace id attached as the official client attaches it (only when non-empty)."""
     try:
         body = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(body, dict) or "error" not in body:
+    # A body without a message is not a Chroma error answer for the official client either.
+    if not isinstance(body, dict) or "error" not in body or "message" not in body:
         return None
     cls = chroma_errors.error_types.get(str(body["error"]))
     if cls is None:
         return None
-    return cls(str(body.get("message", "")))
+    error = cls(str(body["message"]))
+    if trace_id:
+        error.trace_id = trace_id
+    return error
 
 
 class NodeTransport:
@@ -172,18 +183,19 @@ class NodeTransport:
             async with session.request(method, url, data=data, params=params) as resp:
                 payload = await resp.read()
                 status = resp.status
+                trace_id = resp.headers.get(_TRACE_HEADER)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             failure = exc
         else:
             self.stats.observe(time.perf_counter() - started)
             if status < 400:
                 return orjson.loads(payload) if payload else None
-            error = _chroma_error(status, payload)
+            error = _chroma_error(payload, trace_id)
             if error is not None and status not in _OVERLOAD_STATUS:
                 # The server understood and answered (even a 500 "InternalError" such as a
                 # unique-name clash): surface it as chromadb would, never as a dead node.
                 raise error
-            failure = error or _HTTPFailure(status, payload.decode("utf-8", "replace"))
+            failure = error or _HTTPFailure(status, payload.decode("utf-8", "replace"), trace_id)
         finally:
             self.stats.in_flight -= 1
         self.stats.failures += 1

@@ -6,19 +6,25 @@ Several tests here are regressions for bugs found by this file (noted in their d
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import random
+import re
+import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 import numpy as np
+import orjson
 import pytest
-from chromadb.errors import InvalidArgumentError, NotFoundError
+from aiohttp import web
+from chromadb.errors import InternalError, InvalidArgumentError, NotFoundError
 
 import sharded_chroma
+from sharded_chroma import NodeConfig, NodeUnavailableError
 from sharded_chroma._transport import NodeTransport
 from tests._nodes import official
 
@@ -421,6 +427,106 @@ async def test_missing_collection_errors_match_oracle(oracle: Any, sharded: Any)
     outcomes = [await _outcome(lambda c=c: c.delete_collection("nope")) for c in (oracle, sharded)]
     assert outcomes[0][0] == outcomes[1][0] == "error"
     assert type(outcomes[1][1]) is type(outcomes[0][1])
+
+
+# Chroma's trace ids are 32 hex digits (all zeros unless the server exports OpenTelemetry).
+TRACE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+async def _dup(client: Any) -> None:
+    await client.create_collection("twice", embedding_function=None)
+    await client.create_collection("twice", embedding_function=None)
+
+
+SERVER_ERRORS: dict[str, Callable[[Any], Awaitable[Any]]] = {
+    "get-missing": lambda c: c.get_collection("nope", embedding_function=None),
+    "delete-missing": lambda c: c.delete_collection("nope"),
+    "create-existing": _dup,
+    "get-by-id-not-a-uuid": lambda c: c.get_collection_by_id("nope", embedding_function=None),
+    "bad-name": lambda c: c.create_collection("x", embedding_function=None),
+    "bad-list-limit": lambda c: c.list_collections(limit=-1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SERVER_ERRORS))
+async def test_server_errors_carry_the_trace_id(oracle: Any, sharded: Any, case: str) -> None:
+    """Errors built from a server's answer carry its ``chroma-trace-id`` header as
+    ``trace_id``, as the official client's do (regression: the cluster's had none)."""
+    expected, got = [await _outcome(lambda c=c: SERVER_ERRORS[case](c)) for c in (oracle, sharded)]
+    assert expected[0] == got[0] == "error"
+    assert type(got[1]) is type(expected[1])
+    assert expected[1].trace_id is not None and TRACE_ID.fullmatch(expected[1].trace_id)
+    assert got[1].trace_id is not None and TRACE_ID.fullmatch(got[1].trace_id), repr(got[1])
+
+
+@contextlib.asynccontextmanager
+async def _stub_server(handler: Callable[[web.Request], Awaitable[web.Response]]) -> Any:
+    """One loopback HTTP server answering every request with ``handler``."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    try:
+        await web.SockSite(runner, sock).start()
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        await runner.cleanup()
+        sock.close()
+
+
+async def test_trace_id_is_the_answers_header() -> None:
+    """Each error gets its own answer's header (a tracing server sends one per request), and
+    an answer without the header, or with an empty one, leaves ``trace_id`` unset."""
+    answers = iter([f"{n:032x}" for n in (0xABC, 0xDEF)] + [None, ""])
+
+    async def handler(request: web.Request) -> web.Response:
+        trace = next(answers)
+        headers = {} if trace is None else {"chroma-trace-id": trace}
+        body = orjson.dumps({"error": "NotFoundError", "message": "Collection [x] does not exist"})
+        return web.Response(status=404, body=body, headers=headers)
+
+    async with _stub_server(handler) as url:
+        transport = NodeTransport(NodeConfig(url=url), "s0")
+        try:
+            seen = []
+            for _ in range(4):
+                with pytest.raises(NotFoundError) as raised:
+                    await transport.request("GET", "/tenants/t/databases/d/collections/x")
+                assert str(raised.value) == "Collection [x] does not exist"
+                seen.append(raised.value.trace_id)
+        finally:
+            await transport.aclose()
+    assert seen == [f"{0xABC:032x}", f"{0xDEF:032x}", None, None]
+
+
+async def test_trace_id_of_failures_that_are_not_chroma_answers() -> None:
+    """A non-Chroma error answer names the trace id in its text, as the official client's
+    message does; a Chroma error under an overload status keeps it on the chained cause."""
+    replies = iter(
+        [
+            (404, b"", "1" * 32),
+            (503, orjson.dumps({"error": "InternalError", "message": "busy"}), "2" * 32),
+        ]
+    )
+
+    async def handler(request: web.Request) -> web.Response:
+        status, body, trace = next(replies)
+        return web.Response(status=status, body=body, headers={"chroma-trace-id": trace})
+
+    async with _stub_server(handler) as url:
+        transport = NodeTransport(NodeConfig(url=url), "s0")
+        try:
+            with pytest.raises(NodeUnavailableError) as raised:
+                await transport.request("GET", "/nowhere")
+            assert raised.value.attempts == (f"_HTTPFailure: HTTP 404:  (trace ID: {'1' * 32})",)
+            with pytest.raises(NodeUnavailableError) as raised:
+                await transport.request("GET", "/busy")
+            cause = raised.value.__cause__
+            assert isinstance(cause, InternalError) and cause.trace_id == "2" * 32
+        finally:
+            await transport.aclose()
 
 
 def _operations(col: Any) -> dict[str, Callable[[], Awaitable[Any]]]:
