@@ -86,6 +86,23 @@ def _chroma_error(payload: bytes, trace_id: str | None) -> chroma_errors.ChromaE
     return error
 
 
+def _query_text(value: object) -> str:
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    return "" if value is None else str(value)
+
+
+def _query_value(value: object) -> str | list[str]:
+    """A query-string value written as httpx (the official client's transport) writes it, so a
+    server sees, and refuses, the same text: ``limit=True`` is ``true``, not a local TypeError,
+    and a list is one repeated key."""
+    if isinstance(value, (list, tuple)):
+        return [_query_text(item) for item in value]
+    return _query_text(value)
+
+
 class NodeTransport:
     """HTTP access to one node. Owns its connection pools; close with ``aclose()``.
 
@@ -172,6 +189,7 @@ class NodeTransport:
         """
         session = self._session()
         url = self._base + quote(path, safe="/")
+        query = None if params is None else {k: _query_value(v) for k, v in params.items()}
         data = content
         if data is None and body is not None:
             data = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -180,7 +198,7 @@ class NodeTransport:
         started = time.perf_counter()
         failure: BaseException
         try:
-            async with session.request(method, url, data=data, params=params) as resp:
+            async with session.request(method, url, data=data, params=query) as resp:
                 payload = await resp.read()
                 status = resp.status
                 trace_id = resp.headers.get(_TRACE_HEADER)
