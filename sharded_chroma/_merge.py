@@ -13,10 +13,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import count, repeat
 from typing import Any
 
-from .catalog._state import SEQ_KEY as _SEQ_KEY
-from .catalog._state import VERSION_KEY
+from .catalog._reserved import visible_metadata
 
-__all__ = ["merge_get", "merge_query", "order_key", "strip_hidden", "strip_seq"]
+__all__ = ["merge_get", "merge_query", "order_key", "visible_metadatas"]
 
 # Columns a merged ``/query`` response carries besides ``ids``.
 _QUERY_FIELDS: tuple[str, ...] = ("distances", "embeddings", "metadatas", "documents", "uris")
@@ -137,7 +136,7 @@ def merge_get(
     guarantee still holds because a prefix only runs dry after supplying ``offset + limit``
     distinct ids of its own (ids are unique within one shard).
 
-    ``seq_key`` is removed from returned metadata (see :func:`strip_seq`). ``ids`` is always
+    Returned metadata is as users wrote it (see :func:`visible_metadatas`). ``ids`` is always
     returned; each other column is a flat list when named in ``fields`` and None otherwise.
     Raises ValueError for a negative ``offset`` or ``limit``.
     """
@@ -170,7 +169,7 @@ def merge_get(
             continue
         cols: list[Any] = [resp.get(f) for resp in responses]
         values = [None if cols[s] is None else cols[s][r] for s, r in page]
-        merged[f] = strip_seq(values, seq_key) if f == "metadatas" else values
+        merged[f] = visible_metadatas(values) if f == "metadatas" else values
     return merged
 
 
@@ -196,34 +195,12 @@ def _get_stream(shard: int, response: Mapping[str, Any], seq_key: str) -> Iterat
         yield (*order_key(None if metadatas is None else metadatas[r], rid, seq_key), shard, r)
 
 
-def strip_seq(
-    metadatas: list[Mapping[str, Any] | None] | None, seq_key: str
+def visible_metadatas(
+    metadatas: Sequence[Mapping[str, Any] | None] | None,
 ) -> list[dict[str, Any] | None] | None:
-    """Remove ``seq_key`` and the record version from each metadata, mapping an empty result
-    to None.
-
-    A record stored with no user metadata therefore reads back as None, as on a single server.
-    Inputs are never mutated: a metadata that changes is copied, an unchanged dict is returned
-    as is. None passes through, both for the whole list and for single entries.
-    """
+    """Each stored metadata as its user wrote it (see ``visible_metadata``): hidden keys
+    removed, escaped keys restored, an empty result as None. Inputs are never mutated; None
+    passes through, both for the whole list and for single entries."""
     if metadatas is None:
         return None
-    out: list[dict[str, Any] | None] = []
-    for md in metadatas:
-        if md is None:
-            out.append(None)
-        elif seq_key in md or VERSION_KEY in md:
-            rest = {k: v for k, v in md.items() if k != seq_key and k != VERSION_KEY}
-            out.append(rest or None)
-        elif not md:
-            out.append(None)
-        else:
-            out.append(md if isinstance(md, dict) else dict(md))
-    return out
-
-
-def strip_hidden(
-    metadatas: list[Mapping[str, Any] | None] | None,
-) -> list[dict[str, Any] | None] | None:
-    """``strip_seq`` with the cluster's sequence key."""
-    return strip_seq(metadatas, _SEQ_KEY)
+    return [visible_metadata(md) for md in metadatas]

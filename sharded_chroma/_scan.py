@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 
-from ._merge import order_key, strip_seq
+from ._merge import order_key, visible_metadatas
 
 __all__ = ["merged_rows"]
 
@@ -63,7 +63,7 @@ async def merged_rows(
         for c in _COLUMNS:
             page[c] = out[c] if c in fields else None
         if page["metadatas"] is not None:
-            page["metadatas"] = strip_seq(page["metadatas"], seq_key)
+            page["metadatas"] = visible_metadatas(page["metadatas"])
         out = {"ids": [], **{c: [] for c in _COLUMNS}}
         return page
 

@@ -763,30 +763,6 @@ async def test_negative_offset_raises_like_oracle(oracle: Any, sharded: Any) -> 
         assert type(out_s[1]) is type(out_o[1]), f"{kwargs}: {out_s[1]!r} vs {out_o[1]!r}"
 
 
-async def test_reserved_metadata_prefix_is_refused(oracle: Any, sharded: Any) -> None:
-    """A documented difference: keys starting with ``_sc_`` belong to sharded_chroma."""
-    cols = await _pair(oracle, sharded)
-    await _fill(cols, 3)
-    o_col, s_col = cols
-    await o_col.add(ids=["x"], embeddings=[[1.0] * DIM], metadatas=[{"_sc_seq": 1}])
-    assert await o_col.count() == 4  # the oracle has no such rule
-    calls: list[Callable[[], Awaitable[Any]]] = [
-        lambda: s_col.add(ids=["x"], embeddings=[[1.0] * DIM], metadatas=[{"_sc_seq": 1}]),
-        lambda: s_col.add(ids=["y"], embeddings=[[1.0] * DIM], metadatas=[{"_sc_other": "v"}]),
-        lambda: s_col.upsert(ids=["rec000"], embeddings=[[1.0] * DIM], metadatas=[{"_sc_a": 1}]),
-        lambda: s_col.update(ids=["rec000"], metadatas=[{"_sc_seq": 0}]),
-        lambda: sharded.create_collection("resv", embedding_function=None, metadata={"_sc_x": 1}),
-        lambda: s_col.modify(metadata={"_sc_routing": "evil"}),
-    ]
-    for call in calls:
-        with pytest.raises(ValueError, match="_sc_"):
-            await call()
-    assert await s_col.count() == 3
-    got = await s_col.get(ids=["rec000"], include=["metadatas", "embeddings"])
-    assert got["metadatas"] == [{"cat": "a", "n": 0}]
-    assert "resv" not in [c.name for c in await sharded.list_collections()]
-
-
 # -- lifecycle --------------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sharded_chroma._merge import merge_get, merge_query, strip_seq
+from sharded_chroma._merge import merge_get, merge_query, visible_metadatas
 
 SEQ = "_sc_seq"
 QUERY_FIELDS = ("distances", "embeddings", "metadatas", "documents", "uris")
@@ -389,14 +389,16 @@ def test_merge_get_offset_limit_edges() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# strip_seq
+# visible metadata
 
 
-def test_strip_seq() -> None:
+def test_visible_metadatas() -> None:
     keep = {"k": 1}
-    source: list[Any] = [{"k": 1, SEQ: 4}, {SEQ: 5}, None, keep, {}]
+    escaped = {"k": 2, "_sc_~_sc_own": "mine", "_sc_esc": 1, SEQ: 6, "_sc_ver": 7}
+    source: list[Any] = [{"k": 1, SEQ: 4, "_sc_ver": 9}, {SEQ: 5}, None, keep, {}, escaped]
     before = copy.deepcopy(source)
-    assert strip_seq(source, SEQ) == [{"k": 1}, None, None, {"k": 1}, None]
+    expected = [{"k": 1}, None, None, {"k": 1}, None, {"k": 2, "_sc_own": "mine"}]
+    assert visible_metadatas(source) == expected
     assert source == before
-    assert strip_seq(None, SEQ) is None
-    assert strip_seq([], SEQ) == []
+    assert visible_metadatas(None) is None
+    assert visible_metadatas([]) == []

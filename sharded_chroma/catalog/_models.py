@@ -13,13 +13,12 @@ from chromadb.types import Collection as CollectionModel
 from .._errors import ConfigurationError, ShardMismatchError
 from .._policies import HashPolicy, PolicyLike, build_policy, policy_from_json, policy_to_json
 from .._topology import Topology
+from ._reserved import escape_metadata, visible_collection_metadata
 from ._state import (
     ID_META,
     ROUTING_META,
     SLOTS_META,
     CollectionState,
-    reject_reserved,
-    strip_reserved,
 )
 
 __all__ = ["CatalogRules"]
@@ -144,15 +143,14 @@ class CatalogRules:
         return model.model_copy(
             update={
                 "id": cluster_id,
-                "metadata": strip_reserved(model.metadata),
+                "metadata": visible_collection_metadata(model.metadata),
                 "dimension": dimension,
             }
         )
 
     def policy_metadata(self, metadata: CollectionMetadata | None, policy: Any) -> dict[str, Any]:
-        reject_reserved(metadata or {}, "metadata")
         return {
-            **(metadata or {}),
+            **(escape_metadata(metadata) or {}),
             ROUTING_META: policy_to_json(policy),
             SLOTS_META: getattr(policy, "slots", self._topology.slots),
         }

@@ -11,7 +11,6 @@ requests are addressed per node (see ``PhysicalIds``).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -27,8 +26,6 @@ __all__ = [
     "VERSION_KEY",
     "CollectionState",
     "StateCache",
-    "reject_reserved",
-    "strip_reserved",
 ]
 
 RESERVED_PREFIX = "_sc_"
@@ -45,23 +42,6 @@ ID_META = "_sc_id"
 PARENT_META = "_sc_parent"
 """On a time bucket's physical collection: the cluster id of the collection it belongs to."""
 BUCKET_META = "_sc_bucket"
-
-
-def reject_reserved(keys: Iterable[Any], what: str) -> None:
-    """Reserved keys are invisible: writing or filtering on one is a clear error."""
-    for key in keys:
-        if isinstance(key, str) and key.startswith(RESERVED_PREFIX):
-            raise ValueError(
-                f"{what} key {key!r} uses the prefix {RESERVED_PREFIX!r}, "
-                "which sharded_chroma reserves"
-            )
-
-
-def strip_reserved(metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if metadata is None:
-        return None
-    clean = {k: v for k, v in metadata.items() if not k.startswith(RESERVED_PREFIX)}
-    return clean or None
 
 
 @dataclass

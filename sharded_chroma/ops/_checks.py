@@ -2,32 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import numpy as np
-from chromadb.api.types import Embeddings, Metadatas
+from chromadb.api.types import Embeddings
 from chromadb.errors import InvalidArgumentError
 
-from ..catalog._state import reject_reserved
-
-__all__ = ["check_embeddings", "check_metadatas", "check_where", "dimension_error"]
-
-
-def check_where(where: Any, what: str = "where") -> None:
-    """Reserved keys are invisible: filtering on them is refused like an unknown operator."""
-    if isinstance(where, Mapping):
-        reject_reserved(where, f"{what} filter")
-        for value in where.values():
-            check_where(value, what)
-    elif isinstance(where, list):
-        for item in where:
-            check_where(item, what)
-
-
-def check_metadatas(metadatas: Metadatas | None) -> None:
-    for meta in metadatas or ():
-        reject_reserved(meta or {}, "metadata")
+__all__ = ["check_embeddings", "dimension_error"]
 
 
 def dimension_error(expected: int, got: int) -> InvalidArgumentError:

@@ -10,6 +10,7 @@ from chromadb.api.types import IDs
 
 from .._fanout import fan_out, raise_for_failures
 from ..catalog._layouts import PartLayouts, Target
+from ..catalog._reserved import visible_metadata
 from ..catalog._state import VERSION_KEY, CollectionState
 from ._clock import HybridClock
 from ._partio import PartIO
@@ -64,8 +65,8 @@ class Locator:
     async def read_records(
         self, state: CollectionState, ids: IDs, sources: Mapping[int, str]
     ) -> dict[int, dict[str, Any]]:
-        """Whole stored records (with their hidden keys) by input position, each read from
-        the part key ``sources`` names; a record gone meanwhile is left out."""
+        """Whole stored records by input position (metadata as the user sees it), each read
+        from the part key ``sources`` names; a record gone meanwhile is left out."""
         by_key: dict[str, list[int]] = {}
         for pos, key in sources.items():
             by_key.setdefault(key, []).append(pos)
@@ -88,5 +89,7 @@ class Locator:
                     continue  # deleted meanwhile: nothing to move
                 record = {c: values[n] for c, values in columns.items()}
                 self._clock.observe(version_of(record["metadatas"]))
+                # Moves work in the user's terms; the sender stamps hidden keys afresh.
+                record["metadatas"] = visible_metadata(record["metadatas"])
                 out[pos] = record
         return out

@@ -25,7 +25,7 @@ from chromadb.api.types import Documents, Embeddings, IDs, Metadatas, URIs
 from .._fanout import fan_out, raise_for_failures
 from .._policies import CompositePolicy, Placement
 from ..catalog._layouts import PartLayouts
-from ..catalog._state import RESERVED_PREFIX, CollectionState
+from ..catalog._state import CollectionState
 from ._locator import Locator
 from ._partio import PartIO
 from ._router import Router
@@ -158,7 +158,7 @@ class Mover:
             groups,
             parts,
             new_emb,
-            [_visible(m) for m in new_meta],
+            new_meta,
             None if all(d is None for d in new_docs) else new_docs,
             None if all(u is None for u in new_uris) else new_uris,
             sequence="all",
@@ -175,9 +175,3 @@ class Mover:
 
         _, failures = await fan_out({k: functools.partial(remove, k) for k in stale})
         raise_for_failures("move", failures, unwritten_ids=stale)
-
-
-def _visible(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored record's metadata without this library's hidden keys (the sender stamps
-    fresh ones)."""
-    return {k: v for k, v in metadata.items() if not k.startswith(RESERVED_PREFIX)}

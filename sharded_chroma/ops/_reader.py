@@ -24,12 +24,13 @@ from chromadb.api.types import (
 )
 
 from .._fanout import Coverage, OnShardError, fan_out, raise_for_failures
-from .._merge import merge_get, merge_query, strip_hidden
+from .._merge import merge_get, merge_query, visible_metadatas
 from .._scan import merged_rows
 from ..catalog._layouts import Target
+from ..catalog._reserved import escape_where
 from ..catalog._state import SEQ_KEY, VERSION_KEY, CollectionState
 from ..cluster._cluster import Cluster
-from ._checks import check_embeddings, check_where
+from ._checks import check_embeddings
 from ._partio import PartIO
 from ._repair import ReadRepair, settle_get, settle_query
 from ._router import Plan, Router
@@ -133,7 +134,7 @@ class Reader:
         include: Include,
         on_shard_error: OnShardError,
     ) -> GetResult:
-        check_where(where)
+        stored_where = escape_where(where)
         if (offset is not None and offset < 0) or (limit is not None and limit < 0):
             # Let a server refuse it, so the error is the one a single server gives.
             catalog = Target(self._cluster.catalog_shard, state)
@@ -152,7 +153,7 @@ class Reader:
         def body(target: Target) -> dict[str, Any]:
             return {
                 "ids": target.ids,
-                "where": where,
+                "where": stored_where,
                 "where_document": where_document,
                 "limit": shard_limit,
                 "offset": None,
@@ -197,7 +198,7 @@ class Reader:
         include: Include,
         on_shard_error: OnShardError,
     ) -> QueryResult:
-        check_where(where)
+        stored_where = escape_where(where)
         if state.dimension is not None:
             # Non-finite query values are left to the servers, which refuse them as one would.
             check_embeddings(state.dimension, query_embeddings, finite=False)
@@ -222,7 +223,7 @@ class Reader:
                     "ids": target.ids,
                     "query_embeddings": matrix,
                     "n_results": n_results,
-                    "where": where,
+                    "where": stored_where,
                     "where_document": where_document,
                     "include": sorted(wire),
                 }
@@ -234,7 +235,7 @@ class Reader:
                     await self._repair.remove_older(state, asked, losers)
             merged = merge_query(responses, n_results, fields)
         if merged["metadatas"] is not None:
-            merged["metadatas"] = [strip_hidden(m) or [] for m in merged["metadatas"]]
+            merged["metadatas"] = [visible_metadatas(m) or [] for m in merged["metadatas"]]
         result = QueryResult(
             ids=merged["ids"],
             distances=merged["distances"],
@@ -260,7 +261,7 @@ class Reader:
     ) -> AsyncIterator[GetResult]:
         """Pages of at most ``batch_size`` records in get() order, in bounded memory: each part
         is read page by page and the part streams are merged lazily."""
-        check_where(where)
+        stored_where = escape_where(where)
         fields = [f for f in include if f != "data"]
         wire_include = sorted({*fields, "metadatas"})
         plan = await self._router.plan(state, None, where)
@@ -272,7 +273,7 @@ class Reader:
 
         async def fetch(key: str, offset: int) -> Mapping[str, Any]:
             body = {
-                "where": where,
+                "where": stored_where,
                 "where_document": where_document,
                 "limit": batch_size,
                 "offset": offset,

@@ -16,6 +16,7 @@ from chromadb.errors import NotFoundError
 from .._fanout import fan_out, raise_for_failures
 from ..catalog._layouts import PartLayouts, Target
 from ..catalog._physical import PhysicalIds
+from ..catalog._reserved import escape_metadata
 from ..catalog._state import SEQ_KEY, VERSION_KEY, CollectionState
 from ..cluster._cluster import Cluster
 from ._clock import HybridClock
@@ -88,7 +89,7 @@ class RecordSender:
             return None if values is None else [values[i] for i in pos]
 
         def meta(i: int, fresh: bool) -> Any:
-            user = metadatas[i] if metadatas is not None else None
+            user = escape_metadata(metadatas[i]) if metadatas is not None else None
             hidden = {SEQ_KEY: base + i, VERSION_KEY: version} if fresh else {VERSION_KEY: version}
             return {**(user or {}), **hidden}
 

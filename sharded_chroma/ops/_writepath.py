@@ -28,9 +28,10 @@ from chromadb.api.types import (
 
 from .._fanout import fan_out, raise_for_failures
 from ..catalog._layouts import PartLayouts, Target
+from ..catalog._reserved import escape_where
 from ..catalog._state import CollectionState
 from ..cluster._cluster import Cluster
-from ._checks import check_embeddings, check_metadatas, check_where
+from ._checks import check_embeddings
 from ._locator import Locator
 from ._moves import Mover
 from ._ordering import IdOrdering
@@ -95,7 +96,6 @@ class WritePath:
             (ids, embeddings, metadatas, documents, uris),
             {"max_batch_size": await self._cluster.batch_limit()},
         )
-        check_metadatas(metadatas)
         if embeddings is not None and len(embeddings) and state.dimension is None:
             # Another process may have fixed the dimension since this handle was fetched.
             stored = await self._layouts.stored_dimension(state)
@@ -220,7 +220,6 @@ class WritePath:
         where_document: WhereDocument | None,
         limit: int | None,
     ) -> DeleteResult:
-        check_where(where)
         if limit is not None:
             # "Delete n in total": pick the first n matches in the cluster's order.
             picked = await self._reader.get(
@@ -232,14 +231,14 @@ class WritePath:
         if ids is None:
             plan = await self._router.plan(state, None, where)
             raise_for_failures("delete", plan.failed)
-            return await self._delete_in(plan.targets, where, where_document)
+            return await self._delete_in(plan.targets, escape_where(where), where_document)
         async with self._ordering.hold(state.id, ids):
             groups = await self._locator.locate(state, ids)
             targets = {
                 k: replace(self._layouts.part_of_key(state, k), ids=[ids[i] for i in pos])
                 for k, pos in groups.items()
             }
-            return await self._delete_in(targets, where, where_document)
+            return await self._delete_in(targets, escape_where(where), where_document)
 
     async def _delete_in(
         self,
