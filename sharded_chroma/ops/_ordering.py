@@ -1,9 +1,9 @@
-"""Per-id write ordering inside one process: lock stripes shared by every task and thread.
+"""Per-id write ordering inside one process: locks shared by every task and thread.
 
-Every write of an id (add, upsert, update, delete, and each step of a move) holds the stripe of
-that id for its whole duration, so two writes of one id never interleave, whichever task, thread
-or event loop issues them; writes of ids on other stripes run concurrently. A call takes all its
-stripes in ascending order, so two calls never wait on each other in a cycle.
+Every write of an id (add, upsert, update, delete, and each step of a move) holds the lock of
+that id for its whole duration, so two writes of one id never interleave, whichever task,
+thread or event loop issues them; writes of other ids run concurrently. A call takes its ids'
+locks in sorted order, so two calls never wait on each other in a cycle.
 
 The locks are FIFO and work across event loops: a waiter parks on a future of its own loop and
 the releasing thread hands ownership over with ``call_soon_threadsafe``. (``anyio.Lock`` and
@@ -94,28 +94,58 @@ class KeyedLocks:
 
 
 class IdOrdering:
-    """Serializes the writes of each record id of a collection across tasks and threads."""
+    """Serializes the writes of each record id of a collection across tasks and threads.
 
-    def __init__(self, stripes: int = 4096) -> None:
-        if stripes < 1:
-            raise ValueError(f"stripes must be at least 1, got {stripes}")
-        self._stripes = [CrossLoopLock() for _ in range(stripes)]
+    One lock per id that is being written (made on first use, dropped when its last user is
+    done), so two calls on disjoint ids never wait on each other, however large they are; a
+    call takes its ids' locks in sorted order."""
 
-    def stripes_of(self, collection: Hashable, ids: Iterable[str]) -> list[int]:
-        """The stripe numbers a call on ``ids`` holds, ascending, each once."""
-        n = len(self._stripes)
-        return sorted({hash((collection, record_id)) % n for record_id in ids})
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[tuple[Hashable, str], _Entry] = {}
+
+    def held(self) -> int:
+        """How many ids have a lock now (for tests: it returns to 0 when writes are done)."""
+        return len(self._locks)
+
+    def _join(self, keys: list[tuple[Hashable, str]]) -> list[_Entry]:
+        with self._guard:
+            entries = []
+            for key in keys:
+                entry = self._locks.get(key)
+                if entry is None:
+                    entry = self._locks[key] = _Entry()
+                entry.users += 1
+                entries.append(entry)
+            return entries
+
+    def _leave(self, keys: list[tuple[Hashable, str]], entries: list[_Entry]) -> None:
+        with self._guard:
+            for key, entry in zip(keys, entries, strict=True):
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._locks[key]
 
     @contextlib.asynccontextmanager
     async def hold(self, collection: Hashable, ids: Iterable[str]) -> AsyncIterator[None]:
-        """Hold every stripe of ``ids`` (taken in ascending order) for the block's duration."""
-        taken: list[CrossLoopLock] = []
+        """Hold the lock of every id in ``ids`` for the block's duration."""
+        keys = [(collection, record_id) for record_id in sorted(set(ids))]
+        entries = self._join(keys)
+        taken = 0
         try:
-            for number in self.stripes_of(collection, ids):
-                lock = self._stripes[number]
-                await lock.acquire()
-                taken.append(lock)
+            for entry in entries:
+                await entry.lock.acquire()
+                taken += 1
             yield
         finally:
-            for lock in reversed(taken):
-                lock.release()
+            for entry in reversed(entries[:taken]):
+                entry.lock.release()
+            self._leave(keys, entries)
+
+
+class _Entry:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = CrossLoopLock()
+        self.users = 0
