@@ -30,6 +30,21 @@ def med(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def paired_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    """``num[i] / den[i]`` per round: both measured in the same round, so a round's load hits
+    both sides of its ratio (nan where ``den[i]`` is 0)."""
+    if len(num) != len(den):
+        raise ValueError(f"{len(num)} values against {len(den)}")
+    return [n / d if d else float("nan") for n, d in zip(num, den, strict=True)]
+
+
+def spread(ratios: Sequence[float]) -> str:
+    """``median [min-max]`` of per-round ratios, e.g. ``1.42x [1.35-1.50]``."""
+    if not ratios:
+        return "n/a"
+    return f"{med(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
+
+
 def alternate(items: list[T], round_no: int) -> list[T]:
     """Configurations in order on even rounds, reversed on odd ones, so drift over a run
     (a warming cache, a neighbour's load) does not favour whichever runs first."""
