@@ -25,6 +25,7 @@ from .ops._moves import Mover
 from .ops._ordering import IdOrdering
 from .ops._partio import PartIO
 from .ops._reader import Reader
+from .ops._removal import Remover
 from .ops._repair import ReadRepair
 from .ops._router import Router
 from .ops._sender import RecordSender
@@ -47,10 +48,16 @@ class Runtime:
         self.clock = HybridClock()
         self.router = Router(self.cluster.shard_names, self.layouts)
         self.io = PartIO(self.cluster, self.physical)
-        self.reader = Reader(self.cluster, self.router, self.io, ReadRepair(self.io, self.clock))
+        self.reader = Reader(
+            self.cluster,
+            self.router,
+            self.io,
+            ReadRepair(self.io, self.clock, topology.repair_after),
+        )
         self.locator = Locator(self.router, self.layouts, self.io, self.clock)
         sender = RecordSender(self.cluster, self.layouts, self.physical, self.io, self.clock)
-        mover = Mover(self.router, self.layouts, self.locator, sender, self.io)
+        remover = Remover(self.io)
+        mover = Mover(self.router, self.layouts, self.locator, sender, remover)
         self.writer = WritePath(
             self.cluster,
             self.router,
@@ -58,7 +65,7 @@ class Runtime:
             self.locator,
             sender,
             mover,
-            self.io,
+            remover,
             self.reader,
             IdOrdering(),
         )

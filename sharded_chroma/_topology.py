@@ -197,6 +197,12 @@ class Topology(BaseModel):
     """Metadata field whose value is hashed to place a record; None hashes the record id.
     The default policy of collections created without one."""
     replication: ReplicationConfig = Field(default_factory=ReplicationConfig)
+    repair_after: float = Field(default=30.0, ge=0, allow_inf_nan=False)
+    """Seconds a newer copy of a record must have existed before a read that meets an older
+    copy beside it removes that one. A move under way (written to its new part, not yet
+    removed from the old) is left to finish, and can then tell a concurrent delete of its
+    source, which it must honour, from a read's clean-up. Keep it above the time a write may
+    take (the node timeout)."""
     policies: Annotated[Mapping[str, AnyPolicy], AfterValidator(FrozenDict)] = Field(
         default_factory=FrozenDict
     )

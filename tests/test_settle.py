@@ -30,7 +30,7 @@ def test_get_keeps_the_newer_version_wherever_it_sorts() -> None:
     settled, losers = settle_get([old, new], V, S)
     assert settled[0]["ids"] == ["b"] and settled[0]["documents"] == ["b"]
     assert settled[1] is new  # untouched answers are passed through, not copied
-    assert losers == [Loser(part=0, id="a", version=5, seq=1)]
+    assert losers == [Loser(part=0, id="a", version=5, seq=1, newer=7)]
 
 
 def test_get_without_duplicates_changes_nothing() -> None:
@@ -70,5 +70,5 @@ def test_query_settles_each_query_row_list_on_its_own() -> None:
     assert settled[0]["distances"] == [[0.2], [0.5]]
     assert settled[0]["documents"] == [["b"], ["old a"]]
     assert settled[1]["ids"] == [["a"], ["z"]]
-    assert losers == [Loser(0, "a", 5, 1)]
+    assert losers == [Loser(0, "a", 5, 1, newer=8)]
     assert p0["ids"] == [["a", "b"], ["a"]]  # inputs are not mutated

@@ -32,7 +32,9 @@ async def stored_meta(url: str, name: str, rid: str) -> dict[str, Any] | None:
 
 @pytest.fixture
 async def regional(shard_urls: list[str]) -> Any:
-    client = await sharded_chroma.AsyncHttpClient(shards=shard_urls)
+    # Repair at once: these tests plant the older copy themselves, no move is under way.
+    topology = sharded_chroma.Topology.from_urls(shard_urls, repair_after=0)
+    client = await sharded_chroma.AsyncHttpClient(topology=topology)
     col = await client.create_collection("versions", embedding_function=None, policy=REGIONS)
     await col.add(
         ids=["x", "y"],
@@ -114,4 +116,21 @@ async def test_removal_relies_on_ids_and_where_as_one_condition(
     )
     # A delete conditioned on an old version leaves the copy that moved on alone.
     await col.delete(ids=["x"], where={"_sc_ver": live["_sc_ver"] - 1})
+    assert await stored_meta(shard_urls[2], "versions", "x") is not None
+
+
+async def test_a_young_newer_copy_leaves_the_older_one_for_later(
+    regional: Any, shard_urls: list[str]
+) -> None:
+    """With the default delay a read returns the newer copy but removes nothing yet: the
+    newer one may be half of a move another process is still finishing."""
+    live = await stored_meta(shard_urls[0], "versions", "x")
+    assert live is not None
+    older = {"region": "ap", "_sc_seq": 1, "_sc_ver": live["_sc_ver"] - 1}
+    await plant(shard_urls[2], "versions", "x", older, "x-ap-old")
+    async with await sharded_chroma.AsyncHttpClient(shards=shard_urls) as patient:
+        assert patient.topology.repair_after == 30.0
+        col = await patient.get_collection("versions", embedding_function=None)
+        got = await col.get(ids=["x"], include=["documents"])
+        assert got["documents"] == ["x-eu"]
     assert await stored_meta(shard_urls[2], "versions", "x") is not None

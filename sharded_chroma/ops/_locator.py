@@ -4,27 +4,57 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from chromadb.api.types import IDs
+from chromadb.api.types import IDs, Where, WhereDocument
 
 from .._fanout import fan_out, raise_for_failures
 from ..catalog._layouts import PartLayouts, Target
 from ..catalog._reserved import visible_metadata
-from ..catalog._state import VERSION_KEY, CollectionState
+from ..catalog._state import SEQ_KEY, VERSION_KEY, CollectionState
 from ._clock import HybridClock
 from ._partio import PartIO
 from ._router import Router
 
-__all__ = ["FULL", "Locator", "version_of"]
+__all__ = ["FULL", "Located", "Locator", "Stamp", "stamp_of", "stamp_where"]
 
 FULL = ["embeddings", "metadatas", "documents", "uris"]
 
+Stamp = tuple[int, int | None]
+"""What identifies one stored copy of a record: its version and sequence (0 and None for a
+record written outside this library)."""
 
-def version_of(metadata: Mapping[str, Any] | None) -> int:
-    """A stored record's version (0 for a record written before versions existed)."""
-    value = None if metadata is None else metadata.get(VERSION_KEY)
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def stamp_of(metadata: Mapping[str, Any] | None) -> Stamp:
+    meta = metadata or {}
+    return (_int(meta.get(VERSION_KEY)) or 0, _int(meta.get(SEQ_KEY)))
+
+
+def stamp_where(stamp: Stamp | None) -> dict[str, Any] | None:
+    """The filter that matches a copy only while it is still the one read (None: a copy that
+    carries no stamp, which only an unconditional request can address)."""
+    if stamp is None:
+        return None
+    version, seq = stamp
+    if version:
+        return {VERSION_KEY: version}
+    if seq is not None:
+        return {SEQ_KEY: seq}
+    return None
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where existing ids are: positions per part key (ids found nowhere left out), and under
+    policies other than hash of the id, the stamp of every copy found."""
+
+    groups: dict[str, list[int]]
+    stamps: dict[tuple[str, int], Stamp] = field(default_factory=dict)
 
 
 class Locator:
@@ -38,18 +68,29 @@ class Locator:
         self._io = io
         self._clock = clock
 
-    async def locate(self, state: CollectionState, ids: IDs) -> dict[str, list[int]]:
-        """Where existing ids are: positions per part key, ids found nowhere left out.
+    async def locate(
+        self,
+        state: CollectionState,
+        ids: IDs,
+        where: Where | None = None,
+        where_document: WhereDocument | None = None,
+    ) -> Located:
+        """Where existing ids are (those matching ``where``, in stored terms, if given).
 
         Under hash of the id this is pure (every owner is named, whether it holds the id or
-        not). Otherwise every part is asked, on a copy that serves reads; an id may be found in
-        two parts while a move is being finished."""
+        not). Otherwise every part is asked, on a copy that serves reads, with the copies'
+        stamps; an id may be found in two parts while a move is being finished."""
         router = self._router
         if router.ids_routed(state):
-            groups, _ = router.group_placements(state, router.place_records(state, ids, None))
-            return groups
+            owners, _ = router.group_placements(state, router.place_records(state, ids, None))
+            return Located(owners)
         parts = await router.all_parts(state, "locate")
-        body = {"ids": list(ids), "include": []}
+        body = {
+            "ids": list(ids),
+            "where": where,
+            "where_document": where_document,
+            "include": ["metadatas"],
+        }
 
         async def look(target: Target) -> Any:
             found = await self._io.guarded(target, lambda: self._io.read(target, "/get", body))
@@ -58,9 +99,17 @@ class Locator:
         found, failures = await fan_out({k: functools.partial(look, t) for k, t in parts.items()})
         raise_for_failures("locate", failures)
         position = {record_id: i for i, record_id in enumerate(ids)}
-        return {
-            k: sorted(position[i] for i in r["ids"]) for k, r in sorted(found.items()) if r["ids"]
-        }
+        groups: dict[str, list[int]] = {}
+        stamps: dict[tuple[str, int], Stamp] = {}
+        for key in sorted(found):
+            answer = found[key]
+            metas = answer.get("metadatas") or [None] * len(answer["ids"])
+            for rid, meta in zip(answer["ids"], metas, strict=True):
+                i = position[rid]
+                groups.setdefault(key, []).append(i)
+                stamps[(key, i)] = stamp = stamp_of(meta)
+                self._clock.observe(stamp[0])
+        return Located({k: sorted(v) for k, v in groups.items()}, stamps)
 
     async def read_records(
         self, state: CollectionState, ids: IDs, sources: Mapping[int, str]
@@ -88,7 +137,9 @@ class Locator:
                 if n is None:
                     continue  # deleted meanwhile: nothing to move
                 record = {c: values[n] for c, values in columns.items()}
-                self._clock.observe(version_of(record["metadatas"]))
+                stamp = stamp_of(record["metadatas"])
+                self._clock.observe(stamp[0])
+                record["stamp"] = stamp
                 # Moves work in the user's terms; the sender stamps hidden keys afresh.
                 record["metadatas"] = visible_metadata(record["metadatas"])
                 out[pos] = record

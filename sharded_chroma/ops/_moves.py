@@ -16,22 +16,24 @@ this process writes those ids between the read and the delete.
 
 from __future__ import annotations
 
-import functools
+import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from chromadb.api.types import Documents, Embeddings, IDs, Metadatas, URIs
 
-from .._fanout import fan_out, raise_for_failures
 from .._policies import CompositePolicy, Placement
 from ..catalog._layouts import PartLayouts
 from ..catalog._state import CollectionState
-from ._locator import Locator
-from ._partio import PartIO
+from ._locator import Locator, Stamp
+from ._removal import Remover
 from ._router import Router
 from ._sender import RecordSender
 
 __all__ = ["Mover", "merged_metadata", "routing_fields"]
+
+logger = logging.getLogger("sharded_chroma.writes")
 
 Read = tuple[str, dict[str, Any]]
 """A stored record and the part key it was read from."""
@@ -56,6 +58,45 @@ def merged_metadata(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None
     return out
 
 
+def _whole(
+    old: Mapping[int, dict[str, Any]],
+    order: Sequence[int],
+    embeddings: Embeddings | None,
+    metadatas: Metadatas | None,
+    documents: Documents | None,
+    uris: URIs | None,
+) -> tuple[list[Any], Metadatas, Documents | None, URIs | None]:
+    """Records as they read after the call: the call's values over the stored ones."""
+    emb = [embeddings[i] if embeddings is not None else old[i]["embeddings"] for i in order]
+    meta: Metadatas = [
+        merged_metadata(old[i]["metadatas"], None if metadatas is None else metadatas[i])
+        for i in order
+    ]
+    docs = [documents[i] if documents is not None else old[i]["documents"] for i in order]
+    links = [uris[i] if uris is not None else old[i]["uris"] for i in order]
+    return (
+        emb,
+        meta,
+        None if all(d is None for d in docs) else docs,
+        None if all(u is None for u in links) else links,
+    )
+
+
+def _newest(
+    keys: Sequence[str],
+    position: int,
+    stamps: Mapping[tuple[str, int], Stamp],
+    prefer: str | None = None,
+) -> str:
+    """The part holding the newest located copy of a record (``prefer`` wins ties)."""
+
+    def rank(key: str) -> tuple[int, int, bool]:
+        version, seq = stamps.get((key, position), (0, None))
+        return (version, seq or 0, key == prefer)
+
+    return max(keys, key=rank)
+
+
 class Mover:
     """Moves records between parts."""
 
@@ -65,13 +106,13 @@ class Mover:
         layouts: PartLayouts,
         locator: Locator,
         sender: RecordSender,
-        io: PartIO,
+        remover: Remover,
     ) -> None:
         self._router = router
         self._layouts = layouts
         self._locator = locator
         self._sender = sender
-        self._io = io
+        self._remover = remover
 
     async def update_moves(
         self,
@@ -79,6 +120,7 @@ class Mover:
         ids: IDs,
         found: Mapping[str, list[int]],
         metadatas: Metadatas | None,
+        stamps: Mapping[tuple[str, int], Stamp],
     ) -> tuple[list[Placement | None], dict[int, list[str]], dict[int, Read]] | None:
         """For an update: the new placement of records it moves, their source parts, and the
         stored records read to decide (so ``move`` need not read them again); None when
@@ -96,7 +138,7 @@ class Mover:
         ]
         if not touched:
             return None
-        read_from = {i: sources[i][0] for i in touched}
+        read_from = {i: _newest(sources[i], i, stamps) for i in touched}
         old = await self._locator.read_records(state, ids, read_from)
         placements: list[Placement | None] = [None] * len(ids)
         moves: dict[int, list[str]] = {}
@@ -121,17 +163,24 @@ class Mover:
         documents: Documents | None,
         uris: URIs | None,
         known: Mapping[int, Read] | None = None,
+        stamps: Mapping[tuple[str, int], Stamp] | None = None,
+        *,
+        undo_if_gone: bool = False,
     ) -> None:
         """Write moved records whole to their destination, then delete them at the sources.
-        ``known`` holds records already read (part key, record) by position."""
+
+        ``known`` holds records already read (part key, record) by position, ``stamps`` the
+        stamps copies were located with, by (part key, position). With ``undo_if_gone`` (an
+        update, which must not create a record) a record whose source copy changed or went
+        before it was deleted here is taken back from its destination."""
         dest: dict[int, str] = {}
         for i in moves:
             where = placements[i]
             assert where is not None
             dest[i] = self._router.key_of(state, where)
-        # A record already at its destination (an earlier move that did not finish) is read
-        # from there: that copy is the newer one.
-        pick = {i: (dest[i] if dest[i] in keys else keys[0]) for i, keys in moves.items()}
+        # A record in two parts (a move that did not finish, here or in another process) is
+        # read from its newest copy, the destination's on a tie.
+        pick = {i: _newest(keys, i, stamps or {}, dest[i]) for i, keys in moves.items()}
         have = {i: rec for i, (key, rec) in (known or {}).items() if pick.get(i) == key}
         missing = {i: k for i, k in pick.items() if i not in have}
         fetched = await self._locator.read_records(state, ids, missing) if missing else {}
@@ -139,39 +188,91 @@ class Mover:
         order = [i for i in sorted(moves) if i in old]
         if not order:
             return
-        new_ids = [ids[i] for i in order]
-        new_emb = [embeddings[i] if embeddings is not None else old[i]["embeddings"] for i in order]
-        new_meta: Metadatas = [
-            merged_metadata(old[i]["metadatas"], None if metadatas is None else metadatas[i])
-            for i in order
-        ]
-        new_docs = [documents[i] if documents is not None else old[i]["documents"] for i in order]
-        new_uris = [uris[i] if uris is not None else old[i]["uris"] for i in order]
-        groups: dict[str, list[int]] = {}
-        for n, i in enumerate(order):
-            groups.setdefault(dest[i], []).append(n)
-        parts = {k: self._layouts.part_of_key(state, k) for k in groups}
-        await self._sender.send(
-            "upsert",
-            state,
-            new_ids,
-            groups,
-            parts,
-            new_emb,
-            new_meta,
-            None if all(d is None for d in new_docs) else new_docs,
-            None if all(u is None for u in new_uris) else new_uris,
-            sequence="all",
-        )
+        # An update of a record whose newest copy is already where the update puts it is an
+        # update there (a no-op if someone deleted it meanwhile, as on one server); only the
+        # other copies go. Everything else is written whole to its new place.
+        in_place = [i for i in order if undo_if_gone and pick[i] == dest[i]]
+        rewrite = [i for i in order if not (undo_if_gone and pick[i] == dest[i])]
+        version = 0
+        if in_place:
+            there: dict[str, list[int]] = {}
+            for i in in_place:
+                there.setdefault(dest[i], []).append(i)
+            await self._sender.send(
+                "update",
+                state,
+                ids,
+                there,
+                {k: self._layouts.part_of_key(state, k) for k in there},
+                embeddings,
+                metadatas,
+                documents,
+                uris,
+                sequence="none",
+            )
+        if rewrite:
+            version = await self._rewrite(
+                state, ids, rewrite, dest, old, embeddings, metadatas, documents, uris
+            )
         stale: dict[str, list[str]] = {}
+        stale_stamps: dict[tuple[str, str], Stamp | None] = {}
         for i in order:
             for key in moves[i]:
                 if key != dest[i]:
                     stale.setdefault(key, []).append(ids[i])
+                    # The copy read is removed only while it is still that copy; other stale
+                    # copies by the stamp they were located with.
+                    read = old[i]["stamp"] if key == pick[i] else (stamps or {}).get((key, i))
+                    stale_stamps[(key, ids[i])] = read
+        targets = {k: replace(self._layouts.part_of_key(state, k), ids=v) for k, v in stale.items()}
+        _, short = await self._remover.remove(
+            targets, stale_stamps, per_id=undo_if_gone, operation="move"
+        )
+        if not undo_if_gone or not short:
+            return
+        # The copy this update read was deleted, moved or rewritten by another process since.
+        # An update never creates a record, so the copy it wrote is taken back (only while it
+        # is still the one it wrote): the update then reads as ordered next to that other
+        # write (after a delete: a no-op; before a rewrite: overwritten), as one server can.
+        undo: dict[str, list[str]] = {}
+        for i in order:
+            if pick[i] != dest[i] and ids[i] in short.get(pick[i], ()):
+                undo.setdefault(dest[i], []).append(ids[i])
+        if undo:
+            n = sum(len(v) for v in undo.values())
+            logger.info("update of %d record(s) of %s met a concurrent change", n, state.name)
+            back = {k: replace(self._layouts.part_of_key(state, k), ids=v) for k, v in undo.items()}
+            mine = {(k, rid): (version, None) for k, v in undo.items() for rid in v}
+            await self._remover.remove(back, mine, operation="move")
 
-        async def remove(key: str) -> Any:
-            target = self._layouts.part_of_key(state, key)
-            return await self._io.write(target, "delete", {"ids": stale[key]})
-
-        _, failures = await fan_out({k: functools.partial(remove, k) for k in stale})
-        raise_for_failures("move", failures, unwritten_ids=stale)
+    async def _rewrite(
+        self,
+        state: CollectionState,
+        ids: IDs,
+        order: Sequence[int],
+        dest: Mapping[int, str],
+        old: Mapping[int, dict[str, Any]],
+        embeddings: Embeddings | None,
+        metadatas: Metadatas | None,
+        documents: Documents | None,
+        uris: URIs | None,
+    ) -> int:
+        """Write records whole to their destinations (fresh sequence values: a moved record
+        sorts last); returns the version written."""
+        emb, meta, docs, links = _whole(old, order, embeddings, metadatas, documents, uris)
+        groups: dict[str, list[int]] = {}
+        for n, i in enumerate(order):
+            groups.setdefault(dest[i], []).append(n)
+        parts = {k: self._layouts.part_of_key(state, k) for k in groups}
+        return await self._sender.send(
+            "upsert",
+            state,
+            [ids[i] for i in order],
+            groups,
+            parts,
+            emb,
+            meta,
+            docs,
+            links,
+            sequence="all",
+        )

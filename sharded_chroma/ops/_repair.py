@@ -33,12 +33,14 @@ _MAX_REPAIRS = 256
 
 @dataclass(frozen=True)
 class Loser:
-    """An older copy of a record: the answer (part) it came from, its id and stored keys."""
+    """An older copy of a record: the answer (part) it came from, its id and stored keys,
+    and the version of the newer copy that beat it."""
 
     part: int
     id: str
     version: int
     seq: int | None
+    newer: int = 0
 
 
 def _int(value: Any) -> int | None:
@@ -77,7 +79,7 @@ def _settle_rows(
         if best[rid][1:] == (part, r):
             continue
         drop.setdefault(part, set()).add(r)
-        losers.append(Loser(part, rid, rank[0], rank[1] or None))
+        losers.append(Loser(part, rid, rank[0], rank[1] or None, best[rid][0][0]))
     return drop, losers
 
 
@@ -131,17 +133,22 @@ def settle_query(
 class ReadRepair:
     """Removes older copies that reads met, each conditionally on its version."""
 
-    def __init__(self, io: PartIO, clock: HybridClock) -> None:
+    def __init__(self, io: PartIO, clock: HybridClock, repair_after: float) -> None:
         self._io = io
         self._clock = clock
+        self._after_us = int(repair_after * 1_000_000)
 
     async def remove_older(
         self, state: CollectionState, parts: Sequence[Target], losers: Sequence[Loser]
     ) -> None:
-        """Best effort: a removal that fails is logged and left to the next read or repair."""
-        todo = list(losers)[:_MAX_REPAIRS]
-        for loser in todo:
-            self._clock.observe(loser.version)
+        """Best effort: a removal that fails is logged and left to the next read or repair.
+        Copies whose newer twin is younger than ``repair_after`` are left alone (a move may be
+        under way); the read returned the newer one all the same."""
+        for loser in losers:
+            self._clock.observe(loser.newer)
+        now = self._clock.reserve()
+        settled = [x for x in losers if now - x.newer >= self._after_us]
+        todo = settled[:_MAX_REPAIRS]
 
         async def remove(loser: Loser) -> Any:
             if loser.version:

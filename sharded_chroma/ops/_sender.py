@@ -70,8 +70,9 @@ class RecordSender:
         *,
         sequence: Sequencing,
         existing: set[int] | None = None,
-    ) -> None:
-        """Send each part its records, parts concurrently, each part's chunks in order.
+    ) -> int:
+        """Send each part its records, parts concurrently, each part's chunks in order;
+        returns the version this write stamped.
 
         ``groups`` holds input positions per part key and ``parts`` the part of each key.
         Every record gets this write's version. ``sequence`` says which records also get a
@@ -159,3 +160,4 @@ class RecordSender:
         )
         if embeddings is not None and len(embeddings) and state.dimension is None:
             state.dimension = len(embeddings[0])
+        return version

@@ -9,7 +9,7 @@ of their last write) and reads settle an id met twice by keeping the newer (see 
 
 from __future__ import annotations
 
-import functools
+import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -26,8 +26,8 @@ from chromadb.api.types import (
     validate_batch,
 )
 
-from .._fanout import fan_out, raise_for_failures
-from ..catalog._layouts import PartLayouts, Target
+from .._fanout import raise_for_failures
+from ..catalog._layouts import PartLayouts
 from ..catalog._reserved import escape_where
 from ..catalog._state import CollectionState
 from ..cluster._cluster import Cluster
@@ -35,12 +35,17 @@ from ._checks import check_embeddings
 from ._locator import Locator
 from ._moves import Mover
 from ._ordering import IdOrdering
-from ._partio import PartIO
 from ._reader import Reader
+from ._removal import Remover
 from ._router import Router
 from ._sender import RecordSender
 
 __all__ = ["WritePath"]
+
+logger = logging.getLogger("sharded_chroma.writes")
+
+# A delete by id looks again for ids whose copy changed under it at most this often.
+_DELETE_ROUNDS = 8
 
 
 def _moving(found: Mapping[str, list[int]], dest: Mapping[str, list[int]]) -> dict[int, list[str]]:
@@ -69,7 +74,7 @@ class WritePath:
         locator: Locator,
         sender: RecordSender,
         mover: Mover,
-        io: PartIO,
+        remover: Remover,
         reader: Reader,
         ordering: IdOrdering,
     ) -> None:
@@ -79,7 +84,7 @@ class WritePath:
         self._locator = locator
         self._sender = sender
         self._mover = mover
-        self._io = io
+        self._remover = remover
         self._reader = reader
         self._ordering = ordering
 
@@ -122,7 +127,7 @@ class WritePath:
                 # Under hash of the id the owner itself ignores an existing id; elsewhere the
                 # id may live in another part than this add would put it.
                 found = await self._locator.locate(state, ids)
-                groups = _without(groups, {i for pos in found.values() for i in pos})
+                groups = _without(groups, {i for pos in found.groups.values() for i in pos})
             if groups:
                 await self._sender.send(
                     "add",
@@ -156,11 +161,19 @@ class WritePath:
                 # A record may live anywhere its routing value sent it: every part must answer
                 # before anything is written, and records whose value changed are moved.
                 found = await self._locator.locate(state, ids)
-                known = {i for pos in found.values() for i in pos}
-                moving = _moving(found, groups)
+                known = {i for pos in found.groups.values() for i in pos}
+                moving = _moving(found.groups, groups)
                 if moving:
                     await self._mover.move(
-                        state, ids, moving, placements, embeddings, metadatas, documents, uris
+                        state,
+                        ids,
+                        moving,
+                        placements,
+                        embeddings,
+                        metadatas,
+                        documents,
+                        uris,
+                        stamps=found.stamps,
                     )
                     groups = _without(groups, moving)
             await self._sender.send(
@@ -188,14 +201,25 @@ class WritePath:
     ) -> None:
         await self._prepare(state, ids, embeddings, metadatas, documents, uris)
         async with self._ordering.hold(state.id, ids):
-            groups = await self._locator.locate(state, ids)
+            found = await self._locator.locate(state, ids)
+            groups = found.groups
             parts = {k: self._layouts.part_of_key(state, k) for k in groups}
             if not self._router.ids_routed(state):
-                moving = await self._mover.update_moves(state, ids, groups, metadatas)
+                moving = await self._mover.update_moves(state, ids, groups, metadatas, found.stamps)
                 if moving and moving[1]:
                     placements, moves, known = moving
                     await self._mover.move(
-                        state, ids, moves, placements, embeddings, metadatas, documents, uris, known
+                        state,
+                        ids,
+                        moves,
+                        placements,
+                        embeddings,
+                        metadatas,
+                        documents,
+                        uris,
+                        known,
+                        found.stamps,
+                        undo_if_gone=True,
                     )
                     groups = _without(groups, moves)
             if groups:
@@ -228,39 +252,54 @@ class WritePath:
             if not picked["ids"]:
                 return DeleteResult(deleted=0)
             ids, where, where_document = picked["ids"], None, None
+        stored_where = escape_where(where)
         if ids is None:
             plan = await self._router.plan(state, None, where)
             raise_for_failures("delete", plan.failed)
-            return await self._delete_in(plan.targets, escape_where(where), where_document)
+            deleted, _ = await self._remover.remove(
+                {k: replace(t, ids=None) for k, t in plan.targets.items()},
+                {},
+                where=stored_where,
+                where_document=where_document,
+            )
+            return DeleteResult(deleted=deleted)
         async with self._ordering.hold(state.id, ids):
-            groups = await self._locator.locate(state, ids)
-            targets = {
-                k: replace(self._layouts.part_of_key(state, k), ids=[ids[i] for i in pos])
-                for k, pos in groups.items()
-            }
-            return await self._delete_in(targets, escape_where(where), where_document)
+            return DeleteResult(
+                deleted=await self._delete_ids(state, ids, stored_where, where_document)
+            )
 
-    async def _delete_in(
+    async def _delete_ids(
         self,
-        targets: Mapping[str, Target],
+        state: CollectionState,
+        ids: IDs,
         where: Where | None,
         where_document: WhereDocument | None,
-    ) -> DeleteResult:
-        if not targets:
-            return DeleteResult(deleted=0)
-
-        async def delete(target: Target) -> int:
-            body = {"ids": target.ids, "where": where, "where_document": where_document}
-            resp = await self._io.write(target, "delete", body)
-            return int(resp.get("deleted", 0)) if isinstance(resp, dict) else 0
-
-        results, failures = await fan_out(
-            {k: functools.partial(delete, t) for k, t in targets.items()}
+    ) -> int:
+        """Delete ids wherever they are. Under policies that can move records, each copy is
+        deleted only while it is the one located, and ids whose copy changed meanwhile (another
+        process moved or rewrote it) are looked for again, so a delete is never undone by a
+        move that was under way when it started."""
+        deleted = 0
+        todo = list(ids)
+        for _ in range(_DELETE_ROUNDS):
+            found = await self._locator.locate(state, todo, where, where_document)
+            targets = {
+                k: replace(self._layouts.part_of_key(state, k), ids=[todo[i] for i in pos])
+                for k, pos in found.groups.items()
+            }
+            stamps = {(k, todo[i]): stamp for (k, i), stamp in found.stamps.items()}
+            n, short = await self._remover.remove(
+                targets, stamps, where=where, where_document=where_document
+            )
+            deleted += n
+            again = sorted({rid for rids in short.values() for rid in rids})
+            if not again:
+                return deleted
+            todo = again
+        logger.warning(
+            "delete of %d id(s) of %s kept meeting concurrent changes; giving up after %d rounds",
+            len(todo),
+            state.name,
+            _DELETE_ROUNDS,
         )
-        raise_for_failures(
-            "delete",
-            failures,
-            unwritten_ids={k: list(targets[k].ids or ()) for k in failures},
-            all_failed=len(failures) == len(targets),
-        )
-        return DeleteResult(deleted=sum(results.values()))
+        return deleted
