@@ -45,6 +45,10 @@ def merge_query(
     if n_results < 0:
         raise ValueError(f"n_results must be non-negative, got {n_results}")
     wanted = [f for f in _QUERY_FIELDS if f in fields]
+    if len(responses) == 1:
+        single = _single_query(responses[0], n_results, wanted)
+        if single is not None:
+            return single
     n_queries = _query_count(responses)
     id_cols = [r["ids"] for r in responses]
     dist_cols = [r["distances"] for r in responses]
@@ -82,6 +86,29 @@ def merge_query(
     merged: dict[str, Any] = {"ids": out_ids}
     for f in _QUERY_FIELDS:
         merged[f] = out_fields.get(f)
+    return merged
+
+
+def _single_query(
+    response: Mapping[str, Any], n_results: int, wanted: Sequence[str]
+) -> dict[str, Any] | None:
+    """One part's answer as the merge would give it, without the heap (the usual case of a
+    collection on one shard, or a query pruned to one part); None when a query's distances
+    are not strictly increasing (ties need the id order) or a shape is off."""
+    ids = response["ids"]
+    distances = response["distances"]
+    if len(ids) != len(distances):
+        return None
+    for ids_q, dists_q in zip(ids, distances, strict=True):
+        if len(ids_q) != len(dists_q) or not all(map(operator.lt, dists_q, dists_q[1:])):
+            return None
+    merged: dict[str, Any] = {"ids": [list(q[:n_results]) for q in ids]}
+    for f in _QUERY_FIELDS:
+        if f not in wanted:
+            merged[f] = None
+            continue
+        column = response.get(f)
+        merged[f] = [list(_cells(column, q, len(ids[q]))[:n_results]) for q in range(len(ids))]
     return merged
 
 

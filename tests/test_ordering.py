@@ -132,6 +132,36 @@ async def test_overlapping_calls_in_opposite_orders_do_not_deadlock() -> None:
     assert ordering.held() == 0
 
 
+@pytest.mark.anyio
+async def test_a_cancelled_id_waiter_leaves_no_lock_behind() -> None:
+    ordering = IdOrdering()
+    inside = asyncio.Event()
+    release = asyncio.Event()
+
+    async def holder() -> None:
+        async with ordering.hold("c", ["x", "y"]):
+            inside.set()
+            await release.wait()
+
+    async def waiter() -> None:
+        async with ordering.hold("c", ["a", "x"]):
+            raise AssertionError("must not get x while the holder has it")
+
+    first = asyncio.create_task(holder())
+    await inside.wait()
+    second = asyncio.create_task(waiter())
+    await asyncio.sleep(0.01)
+    assert ordering.held() == 3  # x, y and the waiter's a
+    second.cancel()
+    await asyncio.gather(second, return_exceptions=True)
+    assert ordering.held() == 2
+    release.set()
+    await first
+    assert ordering.held() == 0
+    async with ordering.hold("c", ["x"]):
+        assert ordering.held() == 1
+
+
 def test_clock_never_goes_back_and_stays_ahead_of_what_it_saw() -> None:
     wall = [2_000_000_000_000]
     clock = HybridClock(lambda: wall[0] * 1000)

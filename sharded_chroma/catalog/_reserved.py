@@ -34,7 +34,15 @@ def _is_reserved(key: Any) -> bool:
 
 def escape_metadata(metadata: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     """A user's metadata as stored: reserved-looking keys escaped (the input when none is)."""
-    if not metadata or not any(_is_reserved(k) for k in metadata):
+    # One C-level scan of the keys first: almost no metadata holds the prefix anywhere.
+    if not metadata:
+        return metadata
+    try:
+        if RESERVED_PREFIX not in "".join(metadata):
+            return metadata
+    except TypeError:
+        pass  # a key that is no string: the exact check below decides
+    if not any(_is_reserved(k) for k in metadata):
         return metadata
     out: dict[str, Any] = {
         (ESCAPE_PREFIX + k if _is_reserved(k) else k): v for k, v in metadata.items()

@@ -96,56 +96,77 @@ class KeyedLocks:
 class IdOrdering:
     """Serializes the writes of each record id of a collection across tasks and threads.
 
-    One lock per id that is being written (made on first use, dropped when its last user is
-    done), so two calls on disjoint ids never wait on each other, however large they are; a
-    call takes its ids' locks in sorted order."""
+    One FIFO lock per id that is being written, made when first taken and dropped when its
+    last holder is done, so two calls on disjoint ids never wait on each other, however large
+    they are. A call takes its ids' locks in sorted order. Every lock's state lives in one
+    table behind one guard, so an uncontended id costs a dictionary insert and a delete."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._locks: dict[tuple[Hashable, str], _Entry] = {}
+        self._held: dict[tuple[int, str], deque[asyncio.Future[None]]] = {}
+        """Ids held now, each with the queue of waiters for it."""
 
     def held(self) -> int:
-        """How many ids have a lock now (for tests: it returns to 0 when writes are done)."""
-        return len(self._locks)
-
-    def _join(self, keys: list[tuple[Hashable, str]]) -> list[_Entry]:
-        with self._guard:
-            entries = []
-            for key in keys:
-                entry = self._locks.get(key)
-                if entry is None:
-                    entry = self._locks[key] = _Entry()
-                entry.users += 1
-                entries.append(entry)
-            return entries
-
-    def _leave(self, keys: list[tuple[Hashable, str]], entries: list[_Entry]) -> None:
-        with self._guard:
-            for key, entry in zip(keys, entries, strict=True):
-                entry.users -= 1
-                if entry.users == 0:
-                    del self._locks[key]
+        """How many ids are held now (for tests: 0 once writes are done)."""
+        return len(self._held)
 
     @contextlib.asynccontextmanager
     async def hold(self, collection: Hashable, ids: Iterable[str]) -> AsyncIterator[None]:
         """Hold the lock of every id in ``ids`` for the block's duration."""
-        keys = [(collection, record_id) for record_id in sorted(set(ids))]
-        entries = self._join(keys)
+        space = hash(collection)  # once per call: a UUID hashes in Python, slowly
+        keys = [(space, record_id) for record_id in sorted(set(ids))]
         taken = 0
         try:
-            for entry in entries:
-                await entry.lock.acquire()
-                taken += 1
+            while taken < len(keys):
+                taken, waiter = self._take_free(keys, taken)
+                if waiter is not None:
+                    await self._wait(keys[taken], waiter)
+                    taken += 1
             yield
         finally:
-            for entry in reversed(entries[:taken]):
-                entry.lock.release()
-            self._leave(keys, entries)
+            self._release(keys[:taken])
 
+    def _take_free(
+        self, keys: list[tuple[int, str]], start: int
+    ) -> tuple[int, asyncio.Future[None] | None]:
+        """Take keys from ``start`` on while they are free; at the first held one, queue a
+        waiter for it. Returns the index reached and that waiter (None: all taken)."""
+        held = self._held
+        with self._guard:
+            for n in range(start, len(keys)):
+                key = keys[n]
+                queue = held.get(key)
+                if queue is None:
+                    held[key] = deque()
+                    continue
+                future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                queue.append(future)
+                return n, future
+        return len(keys), None
 
-class _Entry:
-    __slots__ = ("lock", "users")
+    async def _wait(self, key: tuple[int, str], future: asyncio.Future[None]) -> None:
+        try:
+            await future
+        except BaseException:
+            with self._guard:
+                queue = self._held.get(key)
+                if queue is not None and future in queue:
+                    queue.remove(future)  # never handed the lock
+                    raise
+            self._release([key])  # handed over together with the cancellation: pass it on
+            raise
 
-    def __init__(self) -> None:
-        self.lock = CrossLoopLock()
-        self.users = 0
+    def _release(self, keys: list[tuple[int, str]]) -> None:
+        held = self._held
+        with self._guard:
+            for key in reversed(keys):
+                queue = held[key]
+                while queue:
+                    future = queue.popleft()
+                    try:
+                        future.get_loop().call_soon_threadsafe(_wake, future)
+                    except RuntimeError:
+                        continue  # that waiter's loop is closed: it will never run again
+                    break
+                else:
+                    del held[key]
