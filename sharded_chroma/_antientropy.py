@@ -32,8 +32,9 @@ from chromadb.errors import ChromaError, InternalError, NotFoundError
 from ._digest import page_digests
 from ._errors import NodeUnavailableError, ShardedChromaError
 from ._fanout import fan_out
+from ._node import Node
 from ._policies import TimePolicy
-from ._replicas import Node, ReplicaSet
+from ._replicas import ReplicaSet
 from ._reports import PairRepair, PairReport, RepairReport, VerifyReport
 from .catalog._state import CollectionState
 

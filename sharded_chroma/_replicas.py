@@ -8,123 +8,27 @@ This is the one layer that retries: it knows which other copies could answer.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
-import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
 import numpy as np
-from chromadb.errors import ChromaError, NotFoundError
+from chromadb.errors import ChromaError
 
 from ._errors import HintLogFullError, NodeUnavailableError, WriteConcernError
-from ._hints import Hint, HintLog
+from ._hints import HintLog
+from ._node import HedgeBudget, HintTarget, Node, required_copies
+from ._replay import HintReplayer, ReplayTarget
 from ._selection import Selector, make_selector
 from ._topology import ReplicationConfig, ShardConfig
-from ._transport import NodeStats, NodeTransport
+from ._transport import NodeTransport
 
-__all__ = ["HintTarget", "Node", "ReplicaSet"]
+__all__ = ["ReplicaSet"]
 
 logger = logging.getLogger("sharded_chroma.replicas")
 
 T = TypeVar("T")
-
-# Long enough for one batch of hints on a slow node; renewed after every batch.
-_LEASE_TTL = 60.0
-
-
-@dataclass(frozen=True)
-class HintTarget:
-    """Which collection a write belongs to, so a missed write can be replayed later."""
-
-    tenant: str
-    database: str
-    collection_id: str
-    collection_name: str
-    op: str
-
-
-class Node:
-    """One copy of a shard: its transport, health and catch-up state."""
-
-    def __init__(self, transport: NodeTransport, *, primary: bool, config: ReplicationConfig):
-        self.transport = transport
-        self._primary = primary
-        self._config = config
-        self.failures = 0
-        self.retry_at = 0.0
-        self.stale = False
-        self.hedges_sent = 0
-        self.hedges_won = 0
-        # A try-lock shared by every thread and task: one replay per node at a time, and a
-        # caller that finds it taken moves on instead of waiting (the node stays stale).
-        self.replay_lock = threading.Lock()
-        self.hint_epoch = 0
-        """Bumped whenever a write to this node goes to the hint log."""
-        self.needs_repair = False
-        """A missed write could not be kept (full hint log): only a repair brings it back."""
-        self.latencies: deque[float] = deque(maxlen=256)
-
-    @property
-    def url(self) -> str:
-        return self.transport.url
-
-    @property
-    def is_primary(self) -> bool:
-        return self._primary
-
-    @property
-    def stats(self) -> NodeStats:
-        return self.transport.stats
-
-    @property
-    def role(self) -> str:
-        return "primary" if self._primary else "replica"
-
-    def healthy(self, now: float) -> bool:
-        return self.failures == 0 or now >= self.retry_at
-
-    def succeeded(self, seconds: float | None = None) -> None:
-        self.failures = 0
-        if seconds is not None:
-            self.latencies.append(seconds)
-
-    def failed(self, now: float) -> None:
-        self.failures += 1
-        pause = self._config.node_retry_after * 2 ** (self.failures - 1)
-        self.retry_at = now + min(pause, self._config.node_retry_cap)
-
-    def __repr__(self) -> str:
-        return f"Node({self.role}, {self.url!r})"
-
-
-class _HedgeBudget:
-    """A token bucket: each read earns ``ratio`` of a hedge, each hedge spends one, and the
-    bucket holds at most a small burst, so quiet periods bank no credit for a slow spell."""
-
-    def __init__(self, ratio: float, burst_reads: int = 20) -> None:
-        self.ratio = ratio
-        self.cap = max(1.0, ratio * burst_reads)
-        self.tokens = 0.0
-        self.reads = 0
-
-    def count_read(self) -> None:
-        self.reads += 1
-        self.tokens = min(self.cap, self.tokens + self.ratio)
-
-    def allow(self) -> bool:
-        return self.tokens >= 1.0
-
-    def spend(self) -> None:
-        self.tokens -= 1.0
-
-
-ReplayTarget = Callable[["Node", "HintTarget"], Awaitable[str]]
-"""Resolves the request path of a hinted write on a node (the physical ids' owner does)."""
 
 
 class ReplicaSet:
@@ -149,9 +53,12 @@ class ReplicaSet:
         self.selector = selector or make_selector(config.read_selection)
         self._hints = hints
         self._clock = clock
-        self._budget = _HedgeBudget(config.hedge_budget)
-        self._owner = f"{os.getpid()}-{uuid.uuid4().hex}"
-        self._replay_target = replay_target
+        self._budget = HedgeBudget(config.hedge_budget)
+        self._replayer = (
+            None
+            if hints is None or replay_target is None
+            else HintReplayer(shard.name, hints, replay_target, clock)
+        )
 
     @property
     def primary(self) -> Node:
@@ -289,7 +196,7 @@ class ReplicaSet:
         misses: dict[str, BaseException] = {}
         refusals: dict[str, BaseException] = {}
 
-        needed = _required(concern, len(self.nodes))
+        needed = required_copies(concern, len(self.nodes))
         settled = anyio.Event()
         finished = anyio.Event()
 
@@ -426,93 +333,11 @@ class ReplicaSet:
                     node.failed(self._clock())
 
     async def replay(self, node: Node) -> int:
-        """Apply a node's hints in order; the node serves reads again once none are left.
-
-        Returns how many hints were applied; 0 without waiting when another task or thread
-        is already replaying this node.
-        """
-        log = self._hints
-        if log is None or self._replay_target is None:
+        """Apply a node's hints in order (see ``HintReplayer.replay``)."""
+        if self._replayer is None:
             return 0
-        if not node.replay_lock.acquire(blocking=False):
-            return 0
-        replayed = 0
-        leased = False
-        try:
-            # Exclusive across processes sharing the log too: two interleaved replays could
-            # leave an older write last.
-            leased = await anyio.to_thread.run_sync(log.lease, node.url, self._owner, _LEASE_TTL)
-            if not leased:
-                return 0
-            expired = await anyio.to_thread.run_sync(log.expire)
-            if expired.get(node.url):
-                logger.error(
-                    "shard %s node %s: %d hint(s) expired before they could be replayed; "
-                    "run `sharded-chroma repair`",
-                    self.name,
-                    node.url,
-                    expired[node.url],
-                )
-            while True:
-                epoch = node.hint_epoch
-                batch = await anyio.to_thread.run_sync(log.pending, node.url, 200)
-                if not batch:
-                    # A write hinted while this replay ran keeps the node stale, and so does
-                    # a write that never reached the log.
-                    if node.hint_epoch == epoch and not node.needs_repair:
-                        node.stale = False
-                    break
-                applied = await self._apply(node, batch, log)
-                replayed += applied
-                if applied < len(batch):
-                    break
-                await anyio.to_thread.run_sync(log.lease, node.url, self._owner, _LEASE_TTL)
-        finally:
-            if leased:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(log.release, node.url, self._owner)
-            node.replay_lock.release()
-        if replayed:
-            logger.info("shard %s node %s: replayed %d hint(s)", self.name, node.url, replayed)
-            node.succeeded()
-        return replayed
-
-    async def _apply(self, node: Node, batch: Sequence[Hint], log: HintLog) -> int:
-        assert self._replay_target is not None
-        done_upto = None
-        applied = 0
-        try:
-            for hint in batch:
-                target = HintTarget(
-                    hint.tenant, hint.database, hint.collection_id, hint.collection_name, hint.op
-                )
-                try:
-                    path = await self._replay_target(node, target)
-                    await node.transport.request("POST", path, content=hint.body)
-                except NotFoundError:
-                    # The collection was deleted since: the write has nothing to apply to.
-                    logger.info("hint %d for a deleted collection skipped", hint.id)
-                done_upto = hint.id
-                applied += 1
-        except NodeUnavailableError:
-            node.failed(self._clock())
-        finally:
-            if done_upto is not None:
-                # Shielded: an applied hint that is not acknowledged would be applied again.
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(log.ack, node.url, done_upto)
-        return applied
+        return await self._replayer.replay(node)
 
     async def aclose(self) -> None:
         for node in self.nodes:
             await node.transport.aclose()
-
-
-def _required(concern: str, copies: int) -> int:
-    if concern == "all":
-        return copies
-    if concern == "quorum":
-        return copies // 2 + 1
-    if concern == "one":
-        return 1
-    raise ValueError(f"write concern must be 'all', 'quorum' or 'one', got {concern!r}")

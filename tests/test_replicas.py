@@ -33,7 +33,8 @@ from sharded_chroma import (
 )
 from sharded_chroma._hints import HintLog
 from sharded_chroma._local_cluster import LocalChromaServer, LocalCluster
-from sharded_chroma._replicas import HintTarget, Node, ReplicaSet, _required
+from sharded_chroma._node import HintTarget, Node, required_copies
+from sharded_chroma._replicas import ReplicaSet
 from sharded_chroma._topology import ReplicationConfig, ShardConfig
 from tests._nodes import Record, clean, node_records
 from tests._proxy import FaultProxy, pareto_delay
@@ -157,11 +158,11 @@ def proxy_for(server: LocalChromaServer) -> FaultProxy:
 
 
 def test_required_copies_per_concern() -> None:
-    assert [_required("all", n) for n in (1, 2, 3, 4, 5)] == [1, 2, 3, 4, 5]
-    assert [_required("quorum", n) for n in (1, 2, 3, 4, 5)] == [1, 2, 2, 3, 3]
-    assert [_required("one", n) for n in (1, 2, 3, 4, 5)] == [1, 1, 1, 1, 1]
+    assert [required_copies("all", n) for n in (1, 2, 3, 4, 5)] == [1, 2, 3, 4, 5]
+    assert [required_copies("quorum", n) for n in (1, 2, 3, 4, 5)] == [1, 2, 2, 3, 3]
+    assert [required_copies("one", n) for n in (1, 2, 3, 4, 5)] == [1, 1, 1, 1, 1]
     with pytest.raises(ValueError, match="write concern"):
-        _required("most", 3)
+        required_copies("most", 3)
     with (
         pytest.raises(ValueError, match="write_concern"),
         sharded_chroma.options(write_concern="most"),

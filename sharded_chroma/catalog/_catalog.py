@@ -19,8 +19,8 @@ from chromadb.types import Collection as CollectionModel
 
 from .._errors import NodeUnavailableError, ShardMismatchError
 from .._fanout import fan_out, raise_for_failures
+from .._node import Node
 from .._policies import PolicyLike
-from .._replicas import Node
 from ..cluster._cluster import Cluster
 from ._layouts import PartLayouts
 from ._models import CatalogRules

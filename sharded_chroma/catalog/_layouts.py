@@ -23,8 +23,8 @@ from uuid import UUID
 from chromadb.errors import ChromaError, NotFoundError
 
 from .._fanout import fan_out, raise_for_failures
+from .._node import Node
 from .._policies import TimePolicy
-from .._replicas import Node
 from .._transport import iter_collections
 from ..cluster._cluster import Cluster
 from ._physical import PhysicalIds

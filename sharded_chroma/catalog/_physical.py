@@ -8,7 +8,7 @@ from uuid import UUID
 
 from chromadb.errors import NotFoundError
 
-from .._replicas import HintTarget, Node
+from .._node import HintTarget, Node
 from .._transport import iter_collections
 from ._state import ID_META, CollectionState, StateCache
 

@@ -16,7 +16,9 @@ import anyio
 from .._errors import ClientClosedError
 from .._fanout import fan_out, raise_for_failures
 from .._hints import HintLog
-from .._replicas import Node, ReplayTarget, ReplicaSet
+from .._node import Node
+from .._replay import ReplayTarget
+from .._replicas import ReplicaSet
 from .._topology import Topology
 
 __all__ = ["Cluster"]

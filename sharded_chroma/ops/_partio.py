@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 import orjson
 from chromadb.errors import NotFoundError
 
+from .._node import HintTarget, Node
 from .._options import current_options
-from .._replicas import HintTarget, Node
 from ..catalog._layouts import Target
 from ..catalog._physical import PhysicalIds
 from ..cluster._cluster import Cluster
