@@ -19,7 +19,8 @@ import pytest
 
 import sharded_chroma
 from sharded_chroma import ShardedClient, Topology
-from sharded_chroma._antientropy import repair, verify
+from sharded_chroma._antientropy import verify
+from sharded_chroma._antirepair import repair
 from sharded_chroma._digest import page_digests
 from sharded_chroma._local_cluster import LocalCluster
 from sharded_chroma.cli import main

@@ -255,12 +255,12 @@ async def _repair_if_available(client: ShardedClient, name: str) -> None:
     must have converged the copies), then repair (which must then find nothing to do)."""
     if importlib.util.find_spec("sharded_chroma._antientropy") is None:
         return
-    from sharded_chroma import _antientropy
+    from sharded_chroma import _antientropy, _antirepair
 
     report = await _antientropy.verify(client, collections=[name])
     assert report.pairs, "verify compared no replica"
     assert report.clean, f"copies differ after hint replay: {report}"
-    fixed = await _antientropy.repair(client, collections=[name])
+    fixed = await _antirepair.repair(client, collections=[name])
     assert fixed.clean, fixed
     copied = sum(len(p.copied) for p in fixed.pairs)
     deleted = sum(len(p.deleted) for p in fixed.pairs)

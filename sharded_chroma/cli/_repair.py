@@ -10,7 +10,8 @@ from pathlib import Path
 import anyio
 from chromadb.errors import ChromaError
 
-from .._antientropy import repair, verify
+from .._antientropy import verify
+from .._antirepair import repair
 from .._client import ShardedClient
 from .._reports import PairRepair, PairReport, RepairReport, VerifyReport
 from .._topology import Topology
