@@ -67,7 +67,7 @@ from _stats import closed_loop, paired_ratios, percentile, spread
 from chromadb.config import Settings
 
 import sharded_chroma
-from sharded_chroma._local_cluster import LocalCluster
+from sharded_chroma.testing import LocalCluster
 
 K = 10
 ADD_BATCH = 1000

@@ -46,7 +46,7 @@ from _data import Dataset, exact_top_k, make_dataset, recall_at_k
 from _stats import alternate, closed_loop, log, med, percentile
 
 import sharded_chroma
-from sharded_chroma._local_cluster import LocalCluster
+from sharded_chroma.testing import LocalCluster
 
 K = 10
 SHARDS = 4

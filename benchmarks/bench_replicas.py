@@ -46,7 +46,7 @@ from _proxy import FaultProxy, pareto_delay  # noqa: E402
 from _stats import alternate, log, med, percentile  # noqa: E402
 
 import sharded_chroma  # noqa: E402
-from sharded_chroma._local_cluster import LocalCluster  # noqa: E402
+from sharded_chroma.testing import LocalCluster  # noqa: E402
 
 K = 10
 CONFIGURATION: Any = {"hnsw": {"space": "l2"}}

@@ -64,7 +64,7 @@ import numpy as np
 from _data import Dataset, make_dataset
 
 import sharded_chroma
-from sharded_chroma._local_cluster import LocalCluster
+from sharded_chroma.testing import LocalCluster
 
 COLLECTION = "scan_memory"
 CONFIGURATION: Any = {"hnsw": {"space": "l2"}}

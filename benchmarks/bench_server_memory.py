@@ -52,7 +52,7 @@ from _data import make_dataset
 
 import sharded_chroma
 from sharded_chroma import _status
-from sharded_chroma._local_cluster import LocalChromaServer
+from sharded_chroma.testing import LocalChromaServer
 
 MIB = 2**20
 ADD_BATCH = 1000

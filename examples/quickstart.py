@@ -19,7 +19,7 @@ import chromadb
 import numpy as np
 
 import sharded_chroma
-from sharded_chroma._local_cluster import LocalCluster
+from sharded_chroma.testing import LocalCluster
 
 TOPICS = ["databases", "networks", "compilers", "graphics", "security", "storage"]
 REGIONS = ["eu", "us", "ap"]

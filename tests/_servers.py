@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from sharded_chroma._local_cluster import LocalChromaServer, LocalCluster
+from sharded_chroma.testing import LocalChromaServer, LocalCluster
 
 
 def pid_alive(pid: int) -> bool:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import sharded_chroma
-from sharded_chroma._local_cluster import LocalChromaServer, LocalCluster
+from sharded_chroma.testing import LocalChromaServer, LocalCluster
 from tests._nodes import drop_official_http_pools
 
 CLUSTER_SIZE = 4

@@ -22,9 +22,9 @@ from sharded_chroma import ShardedClient, Topology
 from sharded_chroma._antientropy import verify
 from sharded_chroma._antirepair import repair
 from sharded_chroma._digest import page_digests
-from sharded_chroma._local_cluster import LocalCluster
 from sharded_chroma.cli import main
 from sharded_chroma.cli._repair import render_verify
+from sharded_chroma.testing import LocalCluster
 
 pytestmark = pytest.mark.anyio
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 import sharded_chroma
-from sharded_chroma._local_cluster import LocalChromaServer
 from sharded_chroma.cli import main
 from sharded_chroma.cli._corpus import batches
 from sharded_chroma.cli._progress import Progress
+from sharded_chroma.testing import LocalChromaServer
 
 ROOT = Path(__file__).resolve().parents[1]
 

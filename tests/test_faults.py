@@ -24,8 +24,8 @@ from sharded_chroma import (
     ShardedClient,
     ShardFailureError,
 )
-from sharded_chroma._local_cluster import LocalChromaServer
 from sharded_chroma._routing import SlotTable
+from sharded_chroma.testing import LocalChromaServer
 from tests._servers import crash
 
 pytestmark = pytest.mark.anyio

@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from sharded_chroma import _local_cluster
-from sharded_chroma._local_cluster import LocalChromaServer, LocalCluster, find_free_port
+from sharded_chroma.testing import LocalChromaServer, LocalCluster, _ports, find_free_port
 from tests._servers import pid_alive
 
 COLLECTIONS = "/api/v2/tenants/default_tenant/databases/default_database/collections"
@@ -149,14 +148,14 @@ def test_auto_port_retries_when_the_port_is_taken(
     #    with AddrInUse, and ours must not be reported ready on the other's port.
     other = chroma_servers.servers[0]
     picks = [held_port, other.port]
-    real_claim = _local_cluster._claim_port
-    real_bindable = _local_cluster._port_is_bindable
+    real_claim = _ports.claim_port
+    real_bindable = _ports.port_is_bindable
     monkeypatch.setattr(
-        _local_cluster, "_claim_port", lambda host: picks.pop(0) if picks else real_claim(host)
+        _ports, "claim_port", lambda host: picks.pop(0) if picks else real_claim(host)
     )
     monkeypatch.setattr(
-        _local_cluster,
-        "_port_is_bindable",
+        _ports,
+        "port_is_bindable",
         lambda host, port: port == other.port or real_bindable(host, port),
     )
     server = LocalChromaServer(tmp_path / "srv")
@@ -166,7 +165,7 @@ def test_auto_port_retries_when_the_port_is_taken(
         assert server.port not in (held_port, other.port)
         pid = server.pid
         assert pid is not None
-        assert _local_cluster._pid_listens_on(pid, server.port) is True
+        assert _ports.pid_listens_on(pid, server.port) is True
         assert server.heartbeat()
     assert other.running and other.heartbeat()
 

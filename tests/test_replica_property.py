@@ -42,7 +42,7 @@ from sharded_chroma import (
     ShardFailureError,
     Topology,
 )
-from sharded_chroma._local_cluster import LocalChromaServer, LocalCluster
+from sharded_chroma.testing import LocalChromaServer, LocalCluster
 from tests._nodes import Record, clean, node_records
 from tests._servers import all_running, own_cluster
 

@@ -32,10 +32,10 @@ from sharded_chroma import (
     WriteConcernError,
 )
 from sharded_chroma._hints import HintLog
-from sharded_chroma._local_cluster import LocalChromaServer, LocalCluster
 from sharded_chroma._node import HintTarget, Node, required_copies
 from sharded_chroma._replicas import ReplicaSet
 from sharded_chroma._topology import ReplicationConfig, ShardConfig
+from sharded_chroma.testing import LocalChromaServer, LocalCluster
 from tests._nodes import Record, clean, node_records
 from tests._proxy import FaultProxy, pareto_delay
 from tests._servers import all_running, crash, own_cluster

@@ -12,8 +12,8 @@ import anyio
 from chromadb.api.types import Where
 
 from .._client import AsyncHttpClient, ShardedClient
-from .._local_cluster import LocalCluster
 from .._policies import FieldPolicy
+from ..testing import LocalCluster
 from ._corpus import REGIONS, batches, query_vectors
 from ._progress import Progress
 from ._status_view import render_layout, render_status

@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .._local_cluster import LocalCluster
+from ..testing import LocalCluster
 
 __all__ = ["run_dev", "topology_toml"]
 
