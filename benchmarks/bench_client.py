@@ -67,7 +67,14 @@ from _stats import closed_loop, paired_ratios, percentile, spread
 from chromadb.config import Settings
 
 import sharded_chroma
-from sharded_chroma.testing import LocalCluster
+
+# Commits before dd12755 have no sharded_chroma.testing. Look in the imported package's own
+# directory: an editable install's finder would otherwise load this checkout's testing package
+# into another commit's process.
+if (Path(sharded_chroma.__file__).resolve().parent / "testing").is_dir():
+    from sharded_chroma.testing import LocalCluster
+else:
+    from sharded_chroma._local_cluster import LocalCluster  # type: ignore[import-not-found,no-redef]
 
 K = 10
 ADD_BATCH = 1000
