@@ -29,6 +29,7 @@ from .ops._removal import Remover
 from .ops._repair import ReadRepair
 from .ops._router import Router
 from .ops._sender import RecordSender
+from .ops._tombstones import Tombstones
 from .ops._writepath import WritePath
 
 __all__ = ["Runtime"]
@@ -57,7 +58,12 @@ class Runtime:
         self.locator = Locator(self.router, self.layouts, self.io, self.clock)
         sender = RecordSender(self.cluster, self.layouts, self.physical, self.io, self.clock)
         remover = Remover(self.io)
-        mover = Mover(self.router, self.layouts, self.locator, sender, remover)
+        # Marks outlive any move in flight by far; reads wait repair_after before cleaning up.
+        keep = max(300.0, 2 * topology.repair_after)
+        tombstones = Tombstones(
+            self.cluster, self.layouts, self.physical, self.io, self.clock, keep
+        )
+        mover = Mover(self.router, self.layouts, self.locator, sender, remover, tombstones)
         self.writer = WritePath(
             self.cluster,
             self.router,
@@ -66,6 +72,7 @@ class Runtime:
             sender,
             mover,
             remover,
+            tombstones,
             self.reader,
             IdOrdering(),
         )

@@ -90,6 +90,8 @@ async def _collections(
         buckets = [item async for item in iter_collections(transport, parts)]
     for item in buckets:
         meta = item.get("metadata") or {}
+        if not meta.get(_BUCKET_META):
+            continue  # bookkeeping (a collection's delete marks), not a part of records
         parent = names.get(str(meta.get(_PARENT_META)), f"(deleted {meta.get(_PARENT_META)})")
         count = await transport.request("GET", f"{parts}/{item['id']}/count")
         name = f"{parent}/{meta.get(_BUCKET_META)}"

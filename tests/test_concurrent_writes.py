@@ -210,7 +210,14 @@ async def raw_parts(urls: list[str], cluster_id: str) -> dict[str, list[str]]:
                     continue  # no bucket was ever made on this server
                 listed.raise_for_status()
                 for col in listed.json():
-                    if col["name"] != NAME and not col["name"].startswith(f"{cluster_id}-"):
+                    if database == DATABASES[0] and col["name"] != NAME:
+                        continue
+                    meta = col.get("metadata") or {}
+                    # In the companion database only time buckets hold records (the delete
+                    # marks live there too, under the same cluster id).
+                    if database != DATABASES[0] and meta.get("_sc_parent") != cluster_id:
+                        continue
+                    if database != DATABASES[0] and not meta.get("_sc_bucket"):
                         continue
                     got = await http.post(
                         f"{BASE}/{database}/collections/{col['id']}/get", json={"include": []}

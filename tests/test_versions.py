@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 
 import sharded_chroma
@@ -134,3 +135,40 @@ async def test_a_young_newer_copy_leaves_the_older_one_for_later(
         got = await col.get(ids=["x"], include=["documents"])
         assert got["documents"] == ["x-eu"]
     assert await stored_meta(shard_urls[2], "versions", "x") is not None
+
+
+async def test_deletes_leave_marks_that_go_with_their_collection(
+    regional: Any, shard_urls: list[str]
+) -> None:
+    """A delete by id under a policy that can move records marks the ids first (a move under
+    way elsewhere then knows the record was deleted); the marks are invisible and go with
+    the collection."""
+    await regional.delete(ids=["x"])
+    assert (await regional.get())["ids"] == ["y"]
+    marks = await companion(shard_urls[0])
+    assert list(marks) == [f"{regional.id}-tombstones"]
+    held = marks[f"{regional.id}-tombstones"]
+    assert list(held) == ["x"] and held["x"]["_sc_ver"] > 0
+    async with await sharded_chroma.AsyncHttpClient(shards=shard_urls) as other:
+        assert [c.name for c in await other.list_collections()] == ["versions"]
+        status = await other.status()
+        assert all("/" not in c.name for s in status for c in s.collections)
+        await other.delete_collection("versions")
+    assert await companion(shard_urls[0]) == {}
+
+
+async def companion(url: str) -> dict[str, dict[str, Any]]:
+    """Every collection of the companion database on one node: name -> id -> metadata."""
+    base = "/api/v2/tenants/default_tenant/databases/default_database.sc-parts/collections"
+    out: dict[str, dict[str, Any]] = {}
+    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as http:
+        listed = await http.get(base)
+        if listed.status_code == 404:
+            return out
+        listed.raise_for_status()
+        for col in listed.json():
+            got = await http.post(f"{base}/{col['id']}/get", json={"include": ["metadatas"]})
+            got.raise_for_status()
+            body = got.json()
+            out[col["name"]] = dict(zip(body["ids"], body["metadatas"], strict=True))
+    return out

@@ -35,6 +35,11 @@ __all__ = ["PartLayouts", "Target", "parts_database"]
 logger = logging.getLogger("sharded_chroma.parts")
 
 
+_TOMBSTONES = "tombstones"
+TOMBS_META = "_sc_tombs"
+"""On a delete-mark collection: the cluster id of the collection whose deletes it marks."""
+
+
 def parts_database(database: str) -> str:
     """The companion database holding a database's time buckets."""
     return f"{database}.sc-parts"
@@ -128,27 +133,62 @@ class PartLayouts:
         nodes = self._cluster.shards[shard].nodes
         if all(n.url in sub.physical for n in nodes):
             return
-        tenant_base = f"/tenants/{sub.tenant}/databases"
+        metadata = {ID_META: str(sub.id), PARENT_META: str(state.id), BUCKET_META: bucket}
+        await self._create_part(sub, metadata, state.configuration or None, nodes)
+
+    def tombstone_state(self, state: CollectionState) -> CollectionState:
+        """The hidden collection of a collection's delete marks (see ``ops._tombstones``), on
+        the catalog shard in the companion database; found by name, never listed as a bucket."""
+        if state.tombstones is None:
+            state.tombstones = CollectionState(
+                id=uuid.uuid5(state.id, _TOMBSTONES),
+                name=f"{state.id}-{_TOMBSTONES}",
+                tenant=state.tenant,
+                database=parts_database(state.database),
+                physical={},
+                policy=state.policy,
+                bucket=_TOMBSTONES,
+            )
+        return state.tombstones
+
+    async def ensure_tombstones(self, state: CollectionState) -> CollectionState:
+        """The delete-mark collection on every copy of the catalog shard (all must answer)."""
+        sub = self.tombstone_state(state)
+        nodes = self._cluster.shards[self._cluster.catalog_shard].nodes
+        if all(n.url in sub.physical for n in nodes):
+            return sub
+        metadata = {ID_META: str(sub.id), TOMBS_META: str(state.id)}
+        await self._create_part(sub, metadata, None, nodes)
+        return sub
+
+    async def _create_part(
+        self,
+        sub: CollectionState,
+        metadata: dict[str, Any],
+        configuration: Any,
+        nodes: list[Node],
+    ) -> None:
+        databases = f"/tenants/{sub.tenant}/databases"
         body = {
             "name": sub.name,
-            "metadata": {ID_META: str(sub.id), PARENT_META: str(state.id), BUCKET_META: bucket},
-            "configuration": state.configuration or None,
+            "metadata": metadata,
+            "configuration": configuration,
             "get_or_create": True,
         }
 
         async def create(node: Node) -> Any:
             try:
-                await node.transport.request("POST", tenant_base, body={"name": sub.database})
+                await node.transport.request("POST", databases, body={"name": sub.database})
             except ChromaError as exc:
-                # Already there (another bucket or process made it): the next call tells.
+                # Already there (another part or process made it): the next call tells.
                 logger.debug("database %s on %s: %s", sub.database, node.url, exc)
             raw = await node.transport.request(
-                "POST", f"{tenant_base}/{sub.database}/collections", body=body
+                "POST", f"{databases}/{sub.database}/collections", body=body
             )
             self._physical.record(sub, node, UUID(str(raw["id"])))
             return raw
 
-        await self._cluster.on_every_node("create_bucket", create, nodes)
+        await self._cluster.on_every_node("create_part", create, nodes)
 
     async def buckets_on(
         self, node: Node, tenant: str, database: str, cluster_id: UUID
@@ -192,13 +232,15 @@ class PartLayouts:
         return labels
 
     async def drop_all(self, tenant: str, database: str, cluster_id: UUID) -> None:
-        """Delete every bucket of a collection on every node (before the collection itself)."""
+        """Delete every bucket (and the delete marks) of a collection on every node, before
+        the collection itself."""
         base = f"/tenants/{tenant}/databases/{parts_database(database)}/collections"
 
         async def drop(node: Node) -> None:
-            for _, bucket in await self.buckets_on(node, tenant, database, cluster_id):
+            names = [b for _, b in await self.buckets_on(node, tenant, database, cluster_id)]
+            for name in [*names, f"{cluster_id}-{_TOMBSTONES}"]:
                 with contextlib.suppress(NotFoundError):
-                    await node.transport.request("DELETE", f"{base}/{bucket}")
+                    await node.transport.request("DELETE", f"{base}/{name}")
 
         await self._cluster.on_every_node("delete_collection", drop)
 

@@ -66,6 +66,8 @@ class CollectionState:
     """Set on the state of one time bucket's physical collection (see ``PartLayouts``)."""
     buckets: dict[str, CollectionState] = field(default_factory=dict)
     """States of this collection's time buckets by label, as this client has met them."""
+    tombstones: CollectionState | None = None
+    """State of the collection's delete marks, once addressed (see ``PartLayouts``)."""
 
     @property
     def base(self) -> str:

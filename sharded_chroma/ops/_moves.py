@@ -30,6 +30,7 @@ from ._locator import Locator, Stamp
 from ._removal import Remover
 from ._router import Router
 from ._sender import RecordSender
+from ._tombstones import Tombstones
 
 __all__ = ["Mover", "merged_metadata", "routing_fields"]
 
@@ -107,12 +108,14 @@ class Mover:
         locator: Locator,
         sender: RecordSender,
         remover: Remover,
+        tombstones: Tombstones,
     ) -> None:
         self._router = router
         self._layouts = layouts
         self._locator = locator
         self._sender = sender
         self._remover = remover
+        self._tombstones = tombstones
 
     async def update_moves(
         self,
@@ -230,13 +233,17 @@ class Mover:
         )
         if not undo_if_gone or not short:
             return
-        # The copy this update read was deleted, moved or rewritten by another process since.
-        # An update never creates a record, so the copy it wrote is taken back (only while it
-        # is still the one it wrote): the update then reads as ordered next to that other
-        # write (after a delete: a no-op; before a rewrite: overwritten), as one server can.
+        # The copy this update read went or changed since. Only if another process deleted
+        # the record is the copy this update wrote taken back (an update never creates a
+        # record; only while it is still the one it wrote); after a move or a rewrite the
+        # record lives on, and taking the copy back could lose that writer's data.
+        gone = [i for i in order if pick[i] != dest[i] and ids[i] in short.get(pick[i], ())]
+        deleted = await self._tombstones.deleted_after(
+            state, [ids[i] for i in gone], [old[i]["stamp"][0] for i in gone]
+        )
         undo: dict[str, list[str]] = {}
-        for i in order:
-            if pick[i] != dest[i] and ids[i] in short.get(pick[i], ()):
+        for i in gone:
+            if ids[i] in deleted:
                 undo.setdefault(dest[i], []).append(ids[i])
         if undo:
             n = sum(len(v) for v in undo.values())

@@ -39,6 +39,7 @@ from ._reader import Reader
 from ._removal import Remover
 from ._router import Router
 from ._sender import RecordSender
+from ._tombstones import Tombstones
 
 __all__ = ["WritePath"]
 
@@ -75,6 +76,7 @@ class WritePath:
         sender: RecordSender,
         mover: Mover,
         remover: Remover,
+        tombstones: Tombstones,
         reader: Reader,
         ordering: IdOrdering,
     ) -> None:
@@ -85,6 +87,7 @@ class WritePath:
         self._sender = sender
         self._mover = mover
         self._remover = remover
+        self._tombstones = tombstones
         self._reader = reader
         self._ordering = ordering
 
@@ -283,6 +286,11 @@ class WritePath:
         todo = list(ids)
         for _ in range(_DELETE_ROUNDS):
             found = await self._locator.locate(state, todo, where, where_document)
+            if found.stamps:
+                # Marked before any copy goes, so a move under way elsewhere that finds its
+                # source gone knows it was deleted (see ``Tombstones``).
+                located = sorted({todo[i] for pos in found.groups.values() for i in pos})
+                await self._tombstones.mark(state, located)
             targets = {
                 k: replace(self._layouts.part_of_key(state, k), ids=[todo[i] for i in pos])
                 for k, pos in found.groups.items()
