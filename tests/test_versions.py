@@ -172,3 +172,21 @@ async def companion(url: str) -> dict[str, dict[str, Any]]:
             body = got.json()
             out[col["name"]] = dict(zip(body["ids"], body["metadatas"], strict=True))
     return out
+
+
+async def test_delete_by_ids_and_filter_asks_once_under_hash(shard_urls: list[str]) -> None:
+    """Ids that do not match the filter are not a race: no second round of requests."""
+    async with await sharded_chroma.AsyncHttpClient(shards=shard_urls) as client:
+        col = await client.create_collection("plain", embedding_function=None)
+        ids = [f"h{i}" for i in range(12)]
+        await col.add(
+            ids=ids,
+            embeddings=[[float(i), 0.0, 1.0] for i in range(12)],
+            metadatas=[{"even": i % 2 == 0} for i in range(12)],
+        )
+        before = {u: s.requests for u, s in client.node_stats().items()}
+        await col.delete(ids=ids, where={"even": True})
+        after = {u: s.requests for u, s in client.node_stats().items()}
+        assert sorted((await col.get())["ids"]) == sorted(ids[1::2])
+        # One delete per shard owning some of the ids (and no look-up under hash of the id).
+        assert sum(after.values()) - sum(before.values()) <= len(shard_urls)
