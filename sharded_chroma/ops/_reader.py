@@ -28,7 +28,7 @@ from .._merge import merge_get, merge_query, visible_metadatas
 from .._scan import merged_rows
 from ..catalog._layouts import Target
 from ..catalog._reserved import escape_where
-from ..catalog._state import SEQ_KEY, VERSION_KEY, CollectionState
+from ..catalog._state import SEQ_KEY, CollectionState
 from ..cluster._cluster import Cluster
 from ._checks import check_embeddings
 from ._partio import PartIO
@@ -162,7 +162,7 @@ class Reader:
 
         asked, responses, coverage = await self._gather("get", plan, body, on_shard_error)
         if not self._router.ids_routed(state):
-            responses, losers = settle_get(responses, VERSION_KEY, SEQ_KEY)
+            responses, losers = settle_get(responses)
             if losers:
                 await self._repair.remove_older(state, asked, losers)
         merged = merge_get(responses, seq_key=SEQ_KEY, offset=start, limit=limit, fields=fields)
@@ -230,7 +230,7 @@ class Reader:
 
             asked, responses, coverage = await self._gather("query", plan, body, on_shard_error)
             if settle:
-                responses, losers = settle_query(responses, VERSION_KEY, SEQ_KEY)
+                responses, losers = settle_query(responses)
                 if losers:
                     await self._repair.remove_older(state, asked, losers)
             merged = merge_query(responses, n_results, fields)

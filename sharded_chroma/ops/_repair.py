@@ -21,6 +21,7 @@ from .._fanout import fan_out
 from ..catalog._layouts import Target
 from ..catalog._state import SEQ_KEY, VERSION_KEY, CollectionState
 from ._clock import HybridClock
+from ._locator import stamp_of
 from ._partio import PartIO
 
 __all__ = ["Loser", "ReadRepair", "settle_get", "settle_query"]
@@ -43,19 +44,13 @@ class Loser:
     newer: int = 0
 
 
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _rank(meta: Mapping[str, Any] | None, version_key: str, seq_key: str) -> tuple[int, int]:
-    meta = meta or {}
-    return (_int(meta.get(version_key)) or 0, _int(meta.get(seq_key)) or 0)
+def _rank(meta: Mapping[str, Any] | None) -> tuple[int, int]:
+    version, seq = stamp_of(meta)
+    return (version, seq or 0)
 
 
 def _settle_rows(
     rows: Sequence[tuple[int, Sequence[str], Sequence[Any] | None]],
-    version_key: str,
-    seq_key: str,
 ) -> tuple[dict[int, set[int]], list[Loser]]:
     """For row lists ``(part, ids, metadatas)``: rows to drop per part, and the losers."""
     counts = Counter(chain.from_iterable(ids for _, ids, _ in rows))
@@ -68,7 +63,7 @@ def _settle_rows(
         for r, rid in enumerate(ids):
             if rid not in twice:
                 continue
-            rank = _rank(None if metas is None else metas[r], version_key, seq_key)
+            rank = _rank(None if metas is None else metas[r])
             seen.append((rid, rank, part, r))
             # Ties go to the earlier part, so every reader settles the same way.
             if rid not in best or rank > best[rid][0]:
@@ -92,20 +87,16 @@ def _without_rows(answer: Mapping[str, Any], rows: set[int], columns: Sequence[s
     return out
 
 
-def settle_get(
-    responses: Sequence[Mapping[str, Any]], version_key: str, seq_key: str
-) -> tuple[list[Any], list[Loser]]:
+def settle_get(responses: Sequence[Mapping[str, Any]]) -> tuple[list[Any], list[Loser]]:
     """Per-part ``/get`` answers with every id kept once, at its newest copy."""
     rows = [(p, r["ids"], r.get("metadatas")) for p, r in enumerate(responses)]
-    drop, losers = _settle_rows(rows, version_key, seq_key)
+    drop, losers = _settle_rows(rows)
     columns = ("ids", "embeddings", "metadatas", "documents", "uris")
     out = [_without_rows(r, drop[p], columns) if p in drop else r for p, r in enumerate(responses)]
     return out, losers
 
 
-def settle_query(
-    responses: Sequence[Mapping[str, Any]], version_key: str, seq_key: str
-) -> tuple[list[Any], list[Loser]]:
+def settle_query(responses: Sequence[Mapping[str, Any]]) -> tuple[list[Any], list[Loser]]:
     """Per-part ``/query`` answers with, in each query's rows, every id kept once at its
     newest copy."""
     columns = ("ids", "distances", "embeddings", "metadatas", "documents", "uris")
@@ -117,7 +108,7 @@ def settle_query(
         for p, r in enumerate(responses):
             metas = r.get("metadatas")
             rows.append((p, r["ids"][q], None if metas is None else metas[q]))
-        drop, found = _settle_rows(rows, version_key, seq_key)
+        drop, found = _settle_rows(rows)
         losers.extend(found)
         for p, dropped in drop.items():
             for c in columns:
