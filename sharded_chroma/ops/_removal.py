@@ -52,10 +52,10 @@ class Remover:
         ``stamps[(key, id)]`` (a copy without one unconditionally). ``where`` is the caller's
         own filter (already in stored terms), applied too.
 
-        Returns how many copies were removed, and per part key the ids of groups that removed
-        fewer copies than asked (some copy changed or went since it was read); with ``per_id``
-        every group is one id, so those are exactly the ids not removed here. Raises like a
-        write when a part fails."""
+        Returns how many copies were removed, and per part key the ids of stamped groups that
+        removed fewer copies than asked (some copy changed or went since it was read); with
+        ``per_id`` every group is one id, so those are exactly the ids not removed here.
+        Raises like a write when a part fails."""
         groups: dict[str, tuple[Target, dict[str, Any] | None, list[str] | None]] = {}
         for key, target in targets.items():
             if target.ids is None:  # everything the filters match
@@ -84,6 +84,8 @@ class Remover:
         short: dict[str, list[str]] = {}
         for label, n in counts.items():
             target, cond, ids = groups[label]
-            if ids is not None and (cond is not None or where is not None) and n < len(ids):
+            # Only a stamped group's count says a copy changed under it; without a stamp a
+            # short count may just be ids the caller's own filter did not match.
+            if ids is not None and cond is not None and n < len(ids):
                 short.setdefault(target.key, []).extend(ids)
         return sum(counts.values()), short

@@ -301,9 +301,7 @@ class WritePath:
             )
             deleted += n
             again = sorted({rid for rids in short.values() for rid in rids})
-            if not again or not found.stamps:
-                # Without stamps (hash of the id: records never move) a short count only
-                # means some ids did not match the caller's filter.
+            if not again:
                 return deleted
             todo = again
         logger.warning(
