@@ -1,12 +1,14 @@
-"""HintLog: a durable, bounded log of writes a replica missed, replayed in order when it is back.
+"""HintLog: a durable, bounded log of writes a replica missed, replayed in order when it is back,
+and the durable state of every node (see ``_hintdb`` for the file).
 
 A hint stands for a write the cluster already acknowledged to the caller, so losing one silently
 would leave a replica diverged with nobody knowing. Hence SQLite with ``synchronous=FULL``: every
-``append`` is on disk when it returns, at the price of one fsync per hint.
+``append`` is on disk when it returns, at the price of one fsync per hint. Whatever drops a hint
+without replaying it (expiry, quarantine) marks its node needs-repair in the same transaction.
 
-Every method is blocking and thread-safe; the async client calls them through
+Every method is blocking and thread-safe; the async client calls the slow ones through
 ``anyio.to_thread.run_sync``. Several processes may open the same file: SQLite serialises their
-writes, and the in-memory counters are reloaded whenever another connection changed the file.
+writes, and every count is read from the file, never from a copy in memory.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 from ._errors import ClientClosedError, HintLogFullError
+from ._hintdb import add_counts, connect, mark_repair, transaction
 from ._topology import _redact
 
 __all__ = ["OPS", "Hint", "HintLog"]
@@ -31,34 +33,10 @@ logger = logging.getLogger("sharded_chroma.hints")
 
 OPS = frozenset({"add", "upsert", "update", "delete"})
 
-_SCHEMA_VERSION = 1
-# Another process may hold the write lock for one fsync-ed commit at a time; seconds of waiting
-# only happen when the disk is stalled, and then failing loudly is better than hanging forever.
-_BUSY_TIMEOUT_S = 10.0
-_COLUMNS = "id, node, tenant, database, collection_id, collection_name, op, body, created_at"
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS hints (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    node TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    database TEXT NOT NULL,
-    collection_id TEXT NOT NULL,
-    collection_name TEXT NOT NULL,
-    op TEXT NOT NULL,
-    body BLOB NOT NULL,
-    size INTEGER NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS hints_node_id ON hints (node, id);
--- Lets expire() touch only the expired rows instead of scanning up to max_bytes of bodies.
-CREATE INDEX IF NOT EXISTS hints_created_at ON hints (created_at);
--- One replayer per node across every process sharing this file (see HintLog.lease).
-CREATE TABLE IF NOT EXISTS leases (
-    node TEXT PRIMARY KEY,
-    owner TEXT NOT NULL,
-    until REAL NOT NULL
-);
-"""
+_COLUMNS = (
+    "id, node, tenant, database, collection_id, collection_name, op, body, created_at,"
+    " version, attempts"
+)
 
 
 @dataclass(frozen=True)
@@ -75,6 +53,10 @@ class Hint:
     # Bodies carry user documents and metadata: keep them out of reprs that end up in logs.
     body: bytes = field(repr=False)
     created_at: float
+    version: int | None = None
+    """The write's version, for deletes (records carry their own in their metadata)."""
+    attempts: int = 0
+    """Times the node refused this hint with a Chroma error."""
 
 
 def _non_empty(name: str, value: object) -> str:
@@ -90,11 +72,11 @@ def _positive_int(name: str, value: object) -> int:
 
 
 class HintLog:
-    """Durable per-node queues of missed writes, in one SQLite file.
+    """Durable per-node queues of missed writes and per-node state, in one SQLite file.
 
     Bounds: ``max_hints`` pending hints and ``max_bytes`` of bodies in total (over all nodes);
     ``append`` raises :class:`HintLogFullError` rather than exceed them. ``expire`` drops hints
-    older than ``max_age`` seconds, measured with ``clock``.
+    and tombstones older than ``max_age`` seconds, measured with ``clock``.
     """
 
     def __init__(
@@ -114,77 +96,16 @@ class HintLog:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
-        self._bytes: dict[str, int] = {}
-        self._data_version = -1
         self._full = False
-        self._conn: sqlite3.Connection | None = self._open()
-
-    def _open(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Bodies hold user data: create the file owner-only; SQLite gives -wal/-shm the same mode.
-        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
-        conn = sqlite3.connect(
-            self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            with self._transaction(conn):
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version not in (0, _SCHEMA_VERSION):
-                    raise ValueError(
-                        f"hint log {self.path.name} has schema version {version}, "
-                        f"this code reads version {_SCHEMA_VERSION}"
-                    )
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-                self._reload(conn)
-        except BaseException:
-            conn.close()
-            raise
-        logger.debug("hint log %s opened with %d pending hint(s)", self.path, self._total())
-        return conn
-
-    # -- counters -------------------------------------------------------------------------------
-
-    def _total(self) -> int:
-        return sum(self._counts.values())
-
-    def _reload(self, conn: sqlite3.Connection) -> None:
-        self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
-        rows = conn.execute("SELECT node, COUNT(*), SUM(size) FROM hints GROUP BY node").fetchall()
-        self._counts = {node: n for node, n, _ in rows}
-        self._bytes = {node: b for node, _, b in rows}
-
-    def _refresh(self, conn: sqlite3.Connection) -> None:
-        # data_version changes only for commits by *other* connections, which is exactly when
-        # the in-memory counters may be stale; our own writes adjust them directly.
-        if conn.execute("PRAGMA data_version").fetchone()[0] != self._data_version:
-            self._reload(conn)
-
-    @contextmanager
-    def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT``; on any failure roll back and reload the counters
-        next time, since what the file holds is then uncertain."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            conn.execute("COMMIT")
-        except BaseException:
-            self._data_version = -1
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        self._conn: sqlite3.Connection | None = connect(self.path, migrate=True)
+        logger.debug("hint log %s opened with %d pending hint(s)", self.path, self.count())
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             raise ClientClosedError("hint log used after close()")
         return self._conn
 
-    # -- public API -----------------------------------------------------------------------------
+    # -- hints ----------------------------------------------------------------------------------
 
     def append(
         self,
@@ -195,11 +116,15 @@ class HintLog:
         collection_name: str,
         op: str,
         body: bytes,
+        *,
+        version: int | None = None,
+        deleted_ids: Sequence[str] = (),
     ) -> Hint:
         """Durably record that ``node`` missed a write; return the stored hint.
 
-        Raises :class:`HintLogFullError` (nothing stored) if the hint would exceed ``max_hints``
-        or ``max_bytes``.
+        A delete names its ``version`` and the ``deleted_ids`` it removes, which are kept as
+        tombstones as long as hints are. Raises :class:`HintLogFullError` (nothing stored) if
+        the hint would exceed ``max_hints`` or ``max_bytes``.
         """
         for name, value in (
             ("node", node),
@@ -213,17 +138,17 @@ class HintLog:
             raise ValueError(f"op must be one of {sorted(OPS)}, got {op!r}")
         if not isinstance(body, (bytes, bytearray, memoryview)):
             raise ValueError(f"body must be bytes, got {type(body).__name__}")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise ValueError(f"version must be an integer, got {version!r}")
         data = bytes(body)
         size = len(data)
         hint: Hint | None = None
         with self._lock:
             conn = self._connection()
-            # IMMEDIATE takes the write lock up front, so the bound check and the insert see the
-            # same state even with another process appending to the same file.
-            with self._transaction(conn):
-                self._refresh(conn)
-                total = self._total()
-                total_bytes = sum(self._bytes.values())
+            with transaction(conn):
+                total, total_bytes = conn.execute(
+                    "SELECT COALESCE(SUM(pending), 0), COALESCE(SUM(bytes), 0) FROM node_state"
+                ).fetchone()
                 if total + 1 > self.max_hints:
                     bound = f"max_hints={self.max_hints} reached ({total} hints pending)"
                 elif total_bytes + size > self.max_bytes:
@@ -236,15 +161,22 @@ class HintLog:
                     created_at = float(self._clock())
                     cur = conn.execute(
                         "INSERT INTO hints (node, tenant, database, collection_id,"
-                        " collection_name, op, body, created_at, size)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (*fields, created_at, size),
+                        " collection_name, op, body, created_at, size, version)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (*fields, created_at, size, version),
                     )
                     assert cur.lastrowid is not None
-                    hint = Hint(cur.lastrowid, *fields, created_at)
+                    add_counts(conn, node, 1, size)
+                    if version is not None and deleted_ids:
+                        conn.executemany(
+                            "INSERT INTO tombstones (collection_id, record_id, version,"
+                            " created_at) VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
+                            " version = MAX(version, excluded.version),"
+                            " created_at = excluded.created_at",
+                            [(collection_id, i, version, created_at) for i in deleted_ids],
+                        )
+                    hint = Hint(cur.lastrowid, *fields, created_at, version)
             if hint is not None:
-                self._counts[node] = self._counts.get(node, 0) + 1
-                self._bytes[node] = self._bytes.get(node, 0) + size
                 self._full = False
                 return hint
             # A full log rejects every missed write until replays drain it: warn once per
@@ -279,55 +211,89 @@ class HintLog:
             raise ValueError(f"upto_id must be an integer, got {upto_id!r}")
         return self._delete("node = ? AND id <= ?", (node, upto_id)).get(node, 0)
 
+    def refused(self, hint: Hint, error: str, *, quarantine: bool) -> int:
+        """Count one refusal of ``hint`` by its node; with ``quarantine`` move it out of the
+        queue (kept, with ``error``) and mark the node needs-repair. Returns its attempts."""
+        with self._lock:
+            conn = self._connection()
+            with transaction(conn):
+                row = conn.execute(
+                    "UPDATE hints SET attempts = attempts + 1 WHERE id = ? RETURNING attempts",
+                    (hint.id,),
+                ).fetchone()
+                if row is None:  # acknowledged or dropped meanwhile
+                    return hint.attempts
+                if quarantine:
+                    now = float(self._clock())
+                    conn.execute(
+                        "INSERT INTO quarantine SELECT id, node, tenant, database,"
+                        " collection_id, collection_name, op, body, size, created_at, version,"
+                        " ?, ? FROM hints WHERE id = ?",
+                        (error[:500], now, hint.id),
+                    )
+                    size = conn.execute(
+                        "DELETE FROM hints WHERE id = ? RETURNING size", (hint.id,)
+                    ).fetchone()[0]
+                    add_counts(conn, hint.node, -1, -size)
+                    conn.execute(
+                        "UPDATE node_state SET quarantined = quarantined + 1 WHERE node = ?",
+                        (hint.node,),
+                    )
+                    mark_repair(conn, hint.node, f"hint {hint.id} refused: {error[:200]}", now)
+                return int(row[0])
+
     def count(self, node: str | None = None) -> int:
         """Pending hints of ``node``, or of every node when ``node`` is None."""
         if node is not None:
             _non_empty("node", node)
-        with self._lock:
-            self._refresh(self._connection())
-            return self._total() if node is None else self._counts.get(node, 0)
+        counts = self.nodes()
+        return sum(counts.values()) if node is None else counts.get(node, 0)
 
     def nodes(self) -> dict[str, int]:
         """Pending hint count per node, for nodes that have any."""
         with self._lock:
-            self._refresh(self._connection())
-            return dict(self._counts)
+            rows = (
+                self._connection()
+                .execute("SELECT node, pending FROM node_state WHERE pending > 0")
+                .fetchall()
+            )
+        return dict(rows)
 
     def expire(self) -> dict[str, int]:
-        """Drop hints older than ``max_age``; return how many were dropped per node.
-
-        A node that lost hints has missed writes nobody will replay: the caller must mark it for
-        repair.
-        """
+        """Drop hints and tombstones older than ``max_age``; return how many hints were dropped
+        per node. A node that lost hints missed writes nobody will replay: it is marked
+        needs-repair in the same transaction."""
         cutoff = float(self._clock()) - self.max_age
-        return self._delete("created_at < ?", (cutoff,))
+        return self._delete("created_at < ?", (cutoff,), lost="hints expired before replay")
 
     def drop_node(self, node: str) -> int:
         """Forget every hint of ``node`` (after a full repair made them moot); return how many."""
         _non_empty("node", node)
         return self._delete("node = ?", (node,)).get(node, 0)
 
-    def _delete(self, where: str, params: tuple[str | int | float, ...]) -> dict[str, int]:
-        """Delete the rows matching ``where``; return how many per node."""
+    def _delete(
+        self, where: str, params: tuple[str | int | float, ...], *, lost: str | None = None
+    ) -> dict[str, int]:
+        """Delete the hints matching ``where``; return how many per node. With ``lost``, the
+        nodes concerned are marked needs-repair (their missed writes are gone)."""
         with self._lock:
             conn = self._connection()
-            with self._transaction(conn):
-                self._refresh(conn)
+            with transaction(conn):
                 rows = conn.execute(
                     f"SELECT node, COUNT(*), SUM(size) FROM hints WHERE {where} GROUP BY node",
                     params,
                 ).fetchall()
                 if rows:
                     conn.execute(f"DELETE FROM hints WHERE {where}", params)
-            for node, n, size in rows:
-                left = self._counts.get(node, 0) - n
-                if left > 0:
-                    self._counts[node] = left
-                    self._bytes[node] -= size
-                else:
-                    self._counts.pop(node, None)
-                    self._bytes.pop(node, None)
+                for node, n, size in rows:
+                    add_counts(conn, node, -n, -size)
+                    if lost is not None:
+                        mark_repair(conn, node, f"{n} {lost}", float(self._clock()))
+                if lost is not None:
+                    conn.execute(f"DELETE FROM tombstones WHERE {where}", params)
         return {node: n for node, n, _ in rows}
+
+    # -- leases ---------------------------------------------------------------------------------
 
     def lease(self, node: str, owner: str, ttl: float) -> bool:
         """Take (or renew) the right to replay ``node``'s hints for ``ttl`` seconds.
@@ -342,7 +308,7 @@ class HintLog:
             raise ValueError(f"ttl must be positive, got {ttl}")
         with self._lock:
             conn = self._connection()
-            with self._transaction(conn):
+            with transaction(conn):
                 now = self._clock()
                 row = conn.execute(
                     "SELECT owner, until FROM leases WHERE node = ?", (node,)
@@ -359,7 +325,7 @@ class HintLog:
         """Give up a lease taken with :meth:`lease` (no-op if another owner holds it)."""
         with self._lock:
             conn = self._connection()
-            with self._transaction(conn):
+            with transaction(conn):
                 conn.execute("DELETE FROM leases WHERE node = ? AND owner = ?", (node, owner))
 
     def close(self) -> None:

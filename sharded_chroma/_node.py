@@ -7,6 +7,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+from ._nodestate import NodeStates
 from ._topology import ReplicationConfig
 from ._transport import NodeStats, NodeTransport
 
@@ -22,32 +23,52 @@ class HintTarget:
     collection_id: str
     collection_name: str
     op: str
+    version: int | None = None
+    """A delete's version: replay removes only copies no newer than it."""
+    deleted_ids: tuple[str, ...] = ()
+    """The ids a delete names, kept as tombstones while the hint may be pending."""
 
 
 class Node:
     """One copy of a shard: its transport, health and catch-up state."""
 
-    def __init__(self, transport: NodeTransport, *, primary: bool, config: ReplicationConfig):
+    def __init__(
+        self,
+        transport: NodeTransport,
+        *,
+        primary: bool,
+        config: ReplicationConfig,
+        states: NodeStates,
+    ):
         self.transport = transport
         self._primary = primary
         self._config = config
+        self._states = states
         self.failures = 0
         self.retry_at = 0.0
-        self.stale = False
         self.hedges_sent = 0
         self.hedges_won = 0
         # A try-lock shared by every thread and task: one replay per node at a time, and a
         # caller that finds it taken moves on instead of waiting (the node stays stale).
         self.replay_lock = threading.Lock()
-        self.hint_epoch = 0
-        """Bumped whenever a write to this node goes to the hint log."""
-        self.needs_repair = False
-        """A missed write could not be kept (full hint log): only a repair brings it back."""
         self.latencies: deque[float] = deque(maxlen=256)
 
     @property
     def url(self) -> str:
         return self.transport.url
+
+    @property
+    def stale(self) -> bool:
+        """Behind: writes it missed wait in the hint log, or were lost (needs repair). As
+        this host's node state says now (see ``NodeStates``)."""
+        self._states.refresh()
+        return self._states.behind(self.url)
+
+    @property
+    def needs_repair(self) -> bool:
+        """It lost writes nobody will replay: only a repair brings them back."""
+        self._states.refresh()
+        return self._states.get(self.url).needs_repair
 
     @property
     def is_primary(self) -> bool:

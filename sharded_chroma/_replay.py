@@ -1,5 +1,12 @@
-"""Replaying a node's missed writes from the hint log, in order, exclusive per node across
-tasks, threads and processes (a lease row in the log)."""
+"""Replaying a node's missed writes from the hint log: in order, exclusive per node across
+tasks, threads and processes (a lease row in the log, renewed before every batch and given up
+the moment it cannot be), and never older over newer (versions decide).
+
+Two processes of a host write the same ids in their own order, so a hint may be older than what
+the node already holds (written directly by a process that had not yet seen the node behind, or
+by an earlier hint of another process). A record write is therefore sent only for records the
+node holds no newer version of, and a delete removes only copies no newer than the delete.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +15,16 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import anyio
-from chromadb.errors import NotFoundError
+import orjson
+from chromadb.errors import ChromaError, NotFoundError
 
 from ._errors import NodeUnavailableError
 from ._hints import Hint, HintLog
 from ._node import HintTarget, Node
+from .catalog._state import VERSION_KEY
 
 __all__ = ["HintReplayer", "ReplayTarget"]
 
@@ -23,8 +33,27 @@ logger = logging.getLogger("sharded_chroma.replicas")
 ReplayTarget = Callable[[Node, HintTarget], Awaitable[str]]
 """Resolves the request path of a hinted write on a node (the physical ids' owner does)."""
 
-# Long enough for one batch of hints on a slow node; renewed after every batch.
-_LEASE_TTL = 60.0
+# A batch stops well within its lease, so a replayer never writes on a lease it may have lost.
+_LEASE_TTL = 30.0
+_BATCH = 200
+# Server errors on one hint: after this many, it is set aside rather than block the node.
+_MAX_ATTEMPTS = 3
+_COLUMNS = ("embeddings", "metadatas", "documents", "uris")
+
+
+def _version(meta: Any) -> int | None:
+    value = meta.get(VERSION_KEY) if isinstance(meta, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _keep_rows(body: dict[str, Any], keep: Sequence[int]) -> dict[str, Any]:
+    out = dict(body)
+    out["ids"] = [body["ids"][i] for i in keep]
+    for name in _COLUMNS:
+        values = body.get(name)
+        if isinstance(values, list):
+            out[name] = [values[i] for i in keep]
+    return out
 
 
 class HintReplayer:
@@ -43,46 +72,49 @@ class HintReplayer:
         self._clock = clock
         self._owner = f"{os.getpid()}-{uuid.uuid4().hex}"
 
-    async def replay(self, node: Node) -> int:
-        """Apply a node's hints in order; the node serves reads again once none are left.
+    async def replay(self, node: Node, *, rate: float | None = None, wait: bool = False) -> int:
+        """Apply a node's hints in order, at most ``rate`` per second if given; the node
+        serves reads again once none are left (and it needs no repair).
 
-        Returns how many hints were applied; 0 without waiting when another task or thread
-        is already replaying this node.
+        Returns how many hints were applied; 0 at once when another process is replaying
+        this node, or another task or thread of this one (unless ``wait``: then after it).
+        A replay cut short (lease lost, the node failing, a deadline of the caller) keeps
+        what it applied: it is progress, not a failure.
         """
         log = self._hints
         if not node.replay_lock.acquire(blocking=False):
-            return 0
+            if not wait:
+                return 0
+            await anyio.to_thread.run_sync(node.replay_lock.acquire)
         replayed = 0
         leased = False
         try:
-            # Exclusive across processes sharing the log too: two interleaved replays could
-            # leave an older write last.
-            leased = await anyio.to_thread.run_sync(log.lease, node.url, self._owner, _LEASE_TTL)
-            if not leased:
-                return 0
             expired = await anyio.to_thread.run_sync(log.expire)
-            if expired.get(node.url):
+            for url, n in expired.items():
                 logger.error(
                     "shard %s node %s: %d hint(s) expired before they could be replayed; "
-                    "run `sharded-chroma repair`",
+                    "the node is marked for `sharded-chroma repair`",
                     self.name,
-                    node.url,
-                    expired[node.url],
+                    url,
+                    n,
                 )
             while True:
-                epoch = node.hint_epoch
-                batch = await anyio.to_thread.run_sync(log.pending, node.url, 200)
+                # Fenced: the lease is renewed before each batch, and a replayer that lost it
+                # to another (after a stall longer than the lease) stops here.
+                leased = await anyio.to_thread.run_sync(
+                    log.lease, node.url, self._owner, _LEASE_TTL
+                )
+                if not leased:
+                    break
+                batch = await anyio.to_thread.run_sync(log.pending, node.url, _BATCH)
                 if not batch:
-                    # A write hinted while this replay ran keeps the node stale, and so does
-                    # a write that never reached the log.
-                    if node.hint_epoch == epoch and not node.needs_repair:
-                        node.stale = False
                     break
-                applied = await self._apply(node, batch, log)
+                applied, finished = 0, False
+                with anyio.move_on_after(_LEASE_TTL / 2):
+                    applied, finished = await self._apply(node, batch, log, rate)
                 replayed += applied
-                if applied < len(batch):
+                if not finished:
                     break
-                await anyio.to_thread.run_sync(log.lease, node.url, self._owner, _LEASE_TTL)
         finally:
             if leased:
                 with anyio.CancelScope(shield=True):
@@ -93,27 +125,102 @@ class HintReplayer:
             node.succeeded()
         return replayed
 
-    async def _apply(self, node: Node, batch: Sequence[Hint], log: HintLog) -> int:
+    async def _apply(
+        self, node: Node, batch: Sequence[Hint], log: HintLog, rate: float | None
+    ) -> tuple[int, bool]:
+        """Apply ``batch`` in order; (how many were applied or set aside, whether all were)."""
         done_upto = None
         applied = 0
+        started = time.perf_counter()
         try:
             for hint in batch:
-                target = HintTarget(
-                    hint.tenant, hint.database, hint.collection_id, hint.collection_name, hint.op
-                )
                 try:
-                    path = await self._replay_target(node, target)
-                    await node.transport.request("POST", path, content=hint.body)
+                    await self._apply_one(node, hint)
                 except NotFoundError:
                     # The collection was deleted since: the write has nothing to apply to.
                     logger.info("hint %d for a deleted collection skipped", hint.id)
+                except ChromaError as exc:
+                    if not await self._refused(node, hint, exc, log):
+                        node.failed(self._clock())
+                        return applied, False
                 done_upto = hint.id
                 applied += 1
+                if rate:
+                    ahead = applied / rate - (time.perf_counter() - started)
+                    if ahead > 0:
+                        await anyio.sleep(ahead)
         except NodeUnavailableError:
             node.failed(self._clock())
+            return applied, False
         finally:
             if done_upto is not None:
                 # Shielded: an applied hint that is not acknowledged would be applied again.
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(log.ack, node.url, done_upto)
-        return applied
+        return applied, True
+
+    async def _refused(self, node: Node, hint: Hint, exc: ChromaError, log: HintLog) -> bool:
+        """Count a refusal; True when the hint was set aside (quarantined) and replay goes on.
+        A client error will never succeed; a server error gets a few tries first."""
+        server = exc.code() >= 500
+        final = not server or hint.attempts + 1 >= _MAX_ATTEMPTS
+        error = f"{type(exc).__name__}: {exc}"
+        await anyio.to_thread.run_sync(lambda: log.refused(hint, error, quarantine=final))
+        if final:
+            logger.error(
+                "shard %s node %s refused hint %d (%s); kept aside, node marked for repair",
+                self.name,
+                node.url,
+                hint.id,
+                error,
+            )
+        return final
+
+    async def _apply_one(self, node: Node, hint: Hint) -> None:
+        target = HintTarget(
+            hint.tenant, hint.database, hint.collection_id, hint.collection_name, hint.op
+        )
+        path = await self._replay_target(node, target)
+        content: bytes | None = hint.body
+        if hint.op == "delete":
+            content = self._bounded_delete(hint)
+        else:
+            content = await self._not_older(node, path, hint)
+        if content is not None:
+            await node.transport.request("POST", path, content=content)
+
+    @staticmethod
+    def _bounded_delete(hint: Hint) -> bytes:
+        if hint.version is None:
+            return hint.body
+        body = orjson.loads(hint.body)
+        cond = {VERSION_KEY: {"$lte": hint.version}}
+        where = body.get("where")
+        body["where"] = {"$and": [where, cond]} if where else cond
+        return orjson.dumps(body)
+
+    async def _not_older(self, node: Node, path: str, hint: Hint) -> bytes | None:
+        """The hint's records the node holds no newer version of (None: none left)."""
+        body = orjson.loads(hint.body)
+        ids = body.get("ids") or []
+        metas = body.get("metadatas")
+        ours = [_version(m) for m in metas] if isinstance(metas, list) else [None] * len(ids)
+        if not ids or all(v is None for v in ours):
+            return hint.body
+        base = path.rsplit("/", 1)[0]
+        got = await node.transport.request(
+            "POST", f"{base}/get", body={"ids": ids, "include": ["metadatas"]}
+        )
+        theirs = {
+            i: _version(m) for i, m in zip(got["ids"], got.get("metadatas") or [], strict=False)
+        }
+        keep = [
+            k
+            for k, record_id in enumerate(ids)
+            if ours[k] is None or (theirs.get(record_id) or 0) <= (ours[k] or 0)
+        ]
+        if len(keep) == len(ids):
+            return hint.body
+        if not keep:
+            return None
+        return orjson.dumps(_keep_rows(body, keep))

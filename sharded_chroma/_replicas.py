@@ -16,9 +16,10 @@ import anyio
 import numpy as np
 from chromadb.errors import ChromaError
 
-from ._errors import HintLogFullError, NodeUnavailableError, WriteConcernError
+from ._errors import NodeUnavailableError, WriteConcernError
 from ._hints import HintLog
 from ._node import HedgeBudget, HintTarget, Node, required_copies
+from ._nodestate import NodeStates
 from ._replay import HintReplayer, ReplayTarget
 from ._selection import Selector, make_selector
 from ._topology import ReplicationConfig, ShardConfig
@@ -31,6 +32,13 @@ logger = logging.getLogger("sharded_chroma.replicas")
 T = TypeVar("T")
 
 
+def node_fault(exc: ChromaError) -> bool:
+    """Whether a Chroma error answer is the node's fault rather than the request's: a server
+    error (500 ``InternalError``, such as a new collection's transient "Nothing found on
+    disk"), which another copy may not have. Client errors (4xx) are the request's."""
+    return exc.code() >= 500
+
+
 class ReplicaSet:
     """The nodes of one shard, primary first."""
 
@@ -39,6 +47,7 @@ class ReplicaSet:
         shard: ShardConfig,
         config: ReplicationConfig,
         hints: HintLog | None,
+        states: NodeStates,
         *,
         replay_target: ReplayTarget | None = None,
         selector: Selector | None = None,
@@ -46,8 +55,9 @@ class ReplicaSet:
     ) -> None:
         self.name = shard.name
         self.config = config
+        self._states = states
         self.nodes = [
-            Node(NodeTransport(n, shard.name), primary=(i == 0), config=config)
+            Node(NodeTransport(n, shard.name), primary=(i == 0), config=config, states=states)
             for i, n in enumerate(shard.nodes)
         ]
         self.selector = selector or make_selector(config.read_selection)
@@ -71,7 +81,7 @@ class ReplicaSet:
 
     def _candidates(self) -> list[Node]:
         now = self._clock()
-        fresh = [n for n in self.nodes if not n.stale]
+        fresh = [n for n in self.nodes if not self._states.behind(n.url)]
         healthy = [n for n in fresh if n.healthy(now)]
         ordered: list[Any] = self.selector.order(healthy)
         # Seed nodes are never forgotten: when every fresh copy is in backoff, try them anyway
@@ -83,10 +93,11 @@ class ReplicaSet:
     async def read(self, op: Callable[[Node], Awaitable[T]], *, prefer: Node | None = None) -> T:
         """Run ``op`` on one caught-up copy, failing over to the next on node failures.
 
-        Chroma errors (a bad filter, a missing collection) are answers, not failures: they are
-        raised at once. Copies that are stale (they missed writes) are never read.
+        Chroma client errors (a bad filter, a missing collection) are answers: raised at once.
+        A server error (see ``node_fault``) is tried on the other copies and raised only when
+        none answers otherwise. Copies behind (missed writes) are never read.
         """
-        await self.catch_up()
+        self._states.refresh()
         candidates = self._candidates()
         if prefer is not None and prefer in candidates:
             candidates = [prefer, *(n for n in candidates if n is not prefer)]
@@ -94,23 +105,45 @@ class ReplicaSet:
             raise NodeUnavailableError(
                 shard=self.name,
                 node=self.primary.url,
-                attempts=["every copy is stale (missed writes are still being replayed)"],
+                attempts=[
+                    "every copy is behind (missed writes wait in the hint log, or need a repair)"
+                ],
             )
         attempts: list[str] = []
         last: NodeUnavailableError | None = None
+        refused: dict[Node, ChromaError] = {}
         self._budget.count_read()
-        for attempt in range(1 + self.config.retries):
-            node = candidates[attempt % len(candidates)]
-            if attempt >= len(candidates):
+        tries = 0
+        while tries < 1 + self.config.retries:
+            pool = [n for n in candidates if n not in refused]
+            if not pool:
+                break
+            node = pool[tries % len(pool)]
+            if tries >= len(pool):
                 self.primary.stats.retries += 1
-                await anyio.sleep(self.config.backoff * 2 ** (attempt - len(candidates)))
-            others = [n for n in candidates if n is not node]
+                await anyio.sleep(self.config.backoff * 2 ** (tries - len(pool)))
+            others = [n for n in pool if n is not node]
             try:
                 return await self._hedged(op, node, others)
             except NodeUnavailableError as exc:
                 node.failed(self._clock())
                 attempts.extend(exc.attempts)
                 last = exc
+                tries += 1
+            except ChromaError as exc:
+                if not node_fault(exc):
+                    raise
+                refused[node] = exc
+                attempts.append(f"{node.url}: {type(exc).__name__}: {exc}")
+                logger.warning(
+                    "shard %s node %s answered %s; trying another copy",
+                    self.name,
+                    node.url,
+                    type(exc).__name__,
+                )
+        if refused:
+            # What a server answered is what a single server would have raised.
+            raise next(iter(refused.values()))
         assert last is not None
         raise NodeUnavailableError(
             shard=self.name, node=last.node, attempts=attempts
@@ -187,11 +220,13 @@ class ReplicaSet:
     ) -> Any:
         """Send one write to every copy; return the primary's answer (or the first copy's).
 
-        A copy that is stale or fails gets the write in the hint log instead. Raises
-        ``WriteConcernError`` when fewer copies stored it than ``concern`` requires (the
-        misses are hinted all the same), or the Chroma error a copy answered with.
+        A copy that is behind or fails gets the write in the hint log instead: unreachable,
+        timed out, cut off after the concern was met, or refusing with a Chroma error while
+        another copy stored the write. Raises ``WriteConcernError`` when fewer copies stored it
+        than ``concern`` requires (the misses are hinted all the same), or the Chroma error the
+        copies answered with when none stored it (the request's fault, as chromadb raises it).
         """
-        await self.catch_up()
+        self._states.refresh()
         answers: dict[str, Any] = {}
         misses: dict[str, BaseException] = {}
         refusals: dict[str, BaseException] = {}
@@ -208,9 +243,9 @@ class ReplicaSet:
                 settled.set()
 
         async def one(node: Node) -> None:
-            if node.stale:
+            if self._states.behind(node.url):
                 with anyio.CancelScope(shield=True):
-                    misses[node.url] = await self._hint(node, target, content, reason="stale")
+                    misses[node.url] = await self._hint(node, target, content, reason="behind")
                 check()
                 return
             try:
@@ -248,8 +283,15 @@ class ReplicaSet:
                 with anyio.move_on_after(self.config.write_grace):
                     await finished.wait()
                 tg.cancel_scope.cancel()
-        if refusals:
+        if refusals and not answers:
             raise next(iter(refusals.values()))
+        for url, refusal in refusals.items():
+            # Another copy stored it: this copy's refusal is its own fault, and it would
+            # otherwise serve reads without the write.
+            with anyio.CancelScope(shield=True):
+                misses[url] = await self._hint(
+                    self.node(url), target, content, reason=f"refused ({type(refusal).__name__})"
+                )
         if len(answers) < needed:
             if len(self.nodes) == 1:
                 raise next(iter(misses.values()))
@@ -281,62 +323,50 @@ class ReplicaSet:
                     target.collection_name,
                     target.op,
                     content,
+                    version=target.version,
+                    deleted_ids=target.deleted_ids,
                 )
             )
-        except HintLogFullError as exc:
+        except Exception as exc:  # full, or the disk failed: the write is lost for this copy
             logger.error(
-                "shard %s node %s: %s; the node serves no reads until `sharded-chroma repair`",
+                "shard %s node %s: missed %s not kept (%s); the node serves no reads until "
+                "`sharded-chroma repair`",
                 self.name,
                 node.url,
+                target.op,
                 exc,
             )
-            node.stale = True
-            node.needs_repair = True
-            node.hint_epoch += 1
+            await anyio.to_thread.run_sync(
+                self._states.mark_needs_repair, node.url, f"missed {target.op} not kept: {exc}"
+            )
             return exc
-        node.stale = True
-        node.hint_epoch += 1
+        self._states.changed()
         return NodeUnavailableError(
             shard=self.name, node=node.url, attempts=[f"{reason}; write kept in the hint log"]
         )
 
     # -- catch-up ---------------------------------------------------------------------------
 
-    def mark_pending(self, counts: dict[str, int]) -> None:
-        """Mark copies with hints left by an earlier process as stale until replayed."""
-        for node in self.nodes:
-            if counts.get(node.url):
-                node.stale = True
-
     def mark_repaired(self, node: Node) -> None:
-        """A repair made the node equal to its primary: it may serve reads once its hints
-        (if any arrived meanwhile) are replayed."""
-        node.needs_repair = False
-        log = self._hints
-        if log is None or log.count(node.url) == 0:
-            node.stale = False
+        """A repair made the node equal to the other copies: clear its needs-repair mark and
+        quarantined hints for every process; it serves reads once no hint is pending."""
+        self._states.clear_repair(node.url)
 
-    async def catch_up(self, *, force: bool = False) -> None:
-        """Replay hints to stale copies whose retry time has come (or all, with ``force``).
-
-        Runs inline in reads and writes, so it is bounded: a copy that does not finish within
-        ``replay_inline_deadline`` is put in backoff and the call goes on without it."""
-        now = self._clock()
-        for node in self.nodes:
-            if node.stale and not node.needs_repair and (force or node.healthy(now)):
-                if force:
-                    await self.replay(node)
-                    continue
-                with anyio.move_on_after(self.config.replay_inline_deadline) as scope:
-                    await self.replay(node)
-                if scope.cancelled_caught:
-                    node.failed(self._clock())
-
-    async def replay(self, node: Node) -> int:
+    async def replay(self, node: Node, *, rate: float | None = None, wait: bool = False) -> int:
         """Apply a node's hints in order (see ``HintReplayer.replay``)."""
         if self._replayer is None:
             return 0
-        return await self._replayer.replay(node)
+        return await self._replayer.replay(node, rate=rate, wait=wait)
+
+    async def catch_up(self) -> int:
+        """Replay hints to every copy that has some (whatever process wrote them), after any
+        replay of this process already under way."""
+        self._states.refresh()
+        total = 0
+        for node in self.nodes:
+            if self._states.get(node.url).pending:
+                total += await self.replay(node, wait=True)
+        return total
 
     async def aclose(self) -> None:
         for node in self.nodes:

@@ -48,7 +48,7 @@ class Runtime:
         self.catalog = Catalog(self.cluster, self.physical, self.layouts, self.states)
         self.clock = HybridClock()
         self.router = Router(self.cluster.shard_names, self.layouts)
-        self.io = PartIO(self.cluster, self.physical)
+        self.io = PartIO(self.cluster, self.physical, self.clock)
         self.reader = Reader(
             self.cluster,
             self.router,

@@ -166,8 +166,16 @@ class ReplicationConfig(BaseModel):
     """Once a write met its concern, how long the other copies may still take before they are
     left to the hint log (a hung copy must not hold up an acknowledged write)."""
     replay_inline_deadline: float = Field(default=0.25, gt=0)
-    """How long a read or write may spend replaying missed writes to a recovered copy before
-    it goes on without it (the rest is replayed on later calls or by replay_hints())."""
+    """Unused since replay moved to the background (kept so existing topology files load)."""
+    replay_in_background: bool = True
+    """Replay missed writes from a background thread of each client. Off, only
+    ``replay_hints()`` (and ``sharded-chroma repair``) replay them."""
+    replay_interval: float = Field(default=0.1, gt=0)
+    """How often the background replayer looks for copies with missed writes to replay."""
+    replay_probe: float = Field(default=1.0, gt=0)
+    """How often it tries a copy that has missed writes but does not answer."""
+    replay_rate: float | None = Field(default=2000.0, gt=0)
+    """At most this many missed writes replayed per second per copy (None: unbounded)."""
     hints_dir: str | None = None
     """Folder of the durable hint log (default: ~/.local/state/sharded-chroma/hints)."""
     hint_max_count: int = Field(default=1_000_000, ge=1)

@@ -223,6 +223,14 @@ class NodeTransport:
             shard=self.shard, node=self.node.url, attempts=[text]
         ) from failure
 
+    async def close_loop_session(self) -> None:
+        """Close the pool of the running loop (a loop that is about to end), if any."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            entry = self._sessions.pop(id(loop), None)
+        if entry is not None and entry[0] is loop:
+            await entry[1].close()
+
     async def aclose(self) -> None:
         """Close every pool this transport opened. Further requests raise ClientClosedError."""
         self._closed = True

@@ -303,9 +303,16 @@ async def test_hints_are_replayed_before_repair(cluster: Cluster) -> None:
             assert not down.clean and "NOT COMPARED" in render_verify(down)
         finally:
             replica.restart()
-    # A fresh client on this host finds the hints and repair replays them first. Built without
-    # AsyncHttpClient's connect round, which would replay them itself, as the CLI builds it.
-    async with ShardedClient(cluster.topology) as client:
+    # A fresh client on this host finds the hints and repair replays them first. Without the
+    # background replayer, which would otherwise often drain them before repair starts.
+    quiet = cluster.topology.model_copy(
+        update={
+            "replication": cluster.topology.replication.model_copy(
+                update={"replay_in_background": False}
+            )
+        }
+    )
+    async with ShardedClient(quiet) as client:
         fixed = await repair(client, collections=[name])
         assert fixed.hints_replayed.get(cluster.replicas["s1"], 0) > 0
         assert fixed.clean and not any(p.copied for p in fixed.pairs)

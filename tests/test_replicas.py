@@ -33,6 +33,7 @@ from sharded_chroma import (
 )
 from sharded_chroma._hints import HintLog
 from sharded_chroma._node import HintTarget, Node, required_copies
+from sharded_chroma._nodestate import NodeState, NodeStates, SqliteNodeStore
 from sharded_chroma._replicas import ReplicaSet
 from sharded_chroma._topology import ReplicationConfig, ShardConfig
 from sharded_chroma.testing import LocalChromaServer, LocalCluster
@@ -178,7 +179,39 @@ class FakeClock:
         return self.now
 
 
-def fake_set(n: int = 3, clock: FakeClock | None = None, **replication: Any) -> ReplicaSet:
+class MemoryStore:
+    """Node state held in a dict: what another process would have written to the file."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, NodeState] = {}
+        self.changes = 0
+
+    def set(self, url: str, **fields: Any) -> None:
+        self.held[url] = NodeState(**fields)
+        self.changes += 1
+
+    def version(self) -> int:
+        return self.changes
+
+    def states(self) -> dict[str, NodeState]:
+        return dict(self.held)
+
+    def mark_needs_repair(self, node: str, reason: str) -> None:
+        self.set(node, needs_repair=True, reason=reason)
+
+    def clear_repair(self, node: str) -> None:
+        self.set(node)
+
+    def tombstones(self, collection_id: str, ids: Any) -> dict[str, int]:
+        return {}
+
+
+def fake_set(
+    n: int = 3,
+    clock: FakeClock | None = None,
+    store: MemoryStore | None = None,
+    **replication: Any,
+) -> ReplicaSet:
     shard = ShardConfig.model_validate(
         {
             "name": "s0",
@@ -190,6 +223,7 @@ def fake_set(n: int = 3, clock: FakeClock | None = None, **replication: Any) -> 
         shard,
         ReplicationConfig(**replication),
         None,
+        NodeStates(store or MemoryStore()),
         clock=clock or FakeClock(),
     )
 
@@ -222,7 +256,10 @@ async def test_read_fails_over_and_skips_stale_and_backed_off_copies() -> None:
         await rs.read(op)
     assert set(tried) == {p.url}
 
-    rs = fake_set(3, clock, read_selection="least_outstanding", retries=2, node_retry_after=5.0)
+    store = MemoryStore()
+    rs = fake_set(
+        3, clock, store, read_selection="least_outstanding", retries=2, node_retry_after=5.0
+    )
     p, r1, r2 = rs.nodes
     dead = {p.url}
     tried.clear()
@@ -232,8 +269,9 @@ async def test_read_fails_over_and_skips_stale_and_backed_off_copies() -> None:
     # While backed off, the primary is not asked at all.
     tried.clear()
     assert await rs.read(op) == r1.url and tried == [r1.url]
-    # A stale copy is never read, even when it is the only healthy-looking one.
-    r1.stale = True
+    # A copy behind (hints pending, written by any process) is never read, even when it is
+    # the only healthy-looking one.
+    store.set(r1.url, pending=1)
     tried.clear()
     assert await rs.read(op) == r2.url and tried == [r2.url]
     # Backoff over: the primary is asked again.
@@ -242,11 +280,11 @@ async def test_read_fails_over_and_skips_stale_and_backed_off_copies() -> None:
     tried.clear()
     assert await rs.read(op) == p.url and tried == [p.url]
     assert p.failures == 0
-    # Every copy stale: no read at all, a clear error.
+    # Every copy behind: no read at all, a clear error.
     for n in rs.nodes:
-        n.stale = True
+        store.set(n.url, needs_repair=True)
     tried.clear()
-    with pytest.raises(NodeUnavailableError, match="stale"):
+    with pytest.raises(NodeUnavailableError, match="behind"):
         await rs.read(op)
     assert tried == []
 
@@ -333,7 +371,8 @@ async def test_write_concern_counts_acknowledgements(tmp_path: Path) -> None:
                 "replicas": [{"url": "http://127.0.0.1:2"}, {"url": "http://127.0.0.1:3"}],
             }
         )
-        rs = ReplicaSet(shard, ReplicationConfig(), log)
+        store = SqliteNodeStore(log.path)
+        rs = ReplicaSet(shard, ReplicationConfig(), log, NodeStates(store))
         p, r1, r2 = rs.nodes
         failing = {r2.url}
         posted: list[str] = []
@@ -889,6 +928,7 @@ async def test_a_stale_copy_serves_no_reads_until_replayed(
             read_selection="round_robin",
             node_retry_after=60.0,
             node_retry_cap=60.0,
+            replay_in_background=False,
         )
         async with client_for(topology) as client:
             col = await client.create_collection("stale", embedding_function=None)
@@ -1007,7 +1047,9 @@ async def test_two_clients_sharing_a_hint_log_never_replay_old_writes_over_new_o
     servers: list[LocalChromaServer], tmp_path: Path
 ) -> None:
     with proxy_for(servers[3]) as proxy:
-        topology = make_topology([[servers[2].url, proxy.url]], tmp_path / "hints")
+        topology = make_topology(
+            [[servers[2].url, proxy.url]], tmp_path / "hints", replay_in_background=False
+        )
         async with client_for(topology) as a:
             col = await a.create_collection("two-replayers", embedding_function=None)
             proxy.cut()

@@ -13,10 +13,12 @@ from typing import Any, TypeVar
 
 import anyio
 
+from .._catchup import CatchUp
 from .._errors import ClientClosedError
 from .._fanout import fan_out, raise_for_failures
 from .._hints import HintLog
 from .._node import Node
+from .._nodestate import NodeStates, SqliteNodeStore
 from .._replay import ReplayTarget
 from .._replicas import ReplicaSet
 from .._topology import Topology
@@ -40,17 +42,34 @@ class Cluster:
         self.catalog_shard = self.shard_names[0]
         self.replication = topology.replication
         self.hints: HintLog | None = None
+        self._store: SqliteNodeStore | None = None
         if any(s.replicas for s in topology.shards):
             self.hints = _open_hint_log(topology)
+            self._store = SqliteNodeStore(self.hints.path)
+        self.node_states = NodeStates(self._store)
+        self.node_states.refresh()
         self.shards: dict[str, ReplicaSet] = {}
-        pending = self.hints.nodes() if self.hints is not None else {}
         for shard in topology.shards:
-            rs = ReplicaSet(shard, topology.replication, self.hints, replay_target=replay_target)
-            if pending:
-                rs.mark_pending(pending)
-            self.shards[shard.name] = rs
+            self.shards[shard.name] = ReplicaSet(
+                shard,
+                topology.replication,
+                self.hints,
+                self.node_states,
+                replay_target=replay_target,
+            )
         self._preflight: dict[str, dict[str, Any]] = {}
         self.closed = False
+        self.catch_up: CatchUp | None = None
+        if self.hints is not None and topology.replication.replay_in_background:
+            cfg = topology.replication
+            self.catch_up = CatchUp(
+                [rs for rs in self.shards.values() if len(rs.nodes) > 1],
+                self.node_states,
+                interval=cfg.replay_interval,
+                probe=cfg.replay_probe,
+                rate=cfg.replay_rate,
+            )
+            self.catch_up.start()
 
     @property
     def catalog_node(self) -> Node:
@@ -143,7 +162,7 @@ class Cluster:
         if self.hints is not None:
             for node in self.all_nodes():
                 await anyio.to_thread.run_sync(self.hints.drop_node, node.url)
-                node.stale = False
+                await anyio.to_thread.run_sync(self.node_states.clear_repair, node.url)
 
     async def pending_hints(self) -> dict[str, int]:
         """Pending hint count per node URL (empty without replicas)."""
@@ -152,20 +171,23 @@ class Cluster:
         return await anyio.to_thread.run_sync(self.hints.nodes)
 
     async def replay_hints(self) -> int:
-        """Replay every pending hint to every node that answers now; the number replayed."""
+        """Replay every pending hint (any process's) to every node that answers now; the
+        number replayed by this call (0 for a node another replayer is draining)."""
         total = 0
         for rs in self.shards.values():
-            for node in rs.nodes:
-                if node.stale:
-                    total += await rs.replay(node)
+            total += await rs.catch_up()
         return total
 
     async def aclose(self) -> None:
         self.closed = True
+        if self.catch_up is not None:
+            await anyio.to_thread.run_sync(self.catch_up.close)
         for rs in self.shards.values():
             await rs.aclose()
         if self.hints is not None:
             self.hints.close()
+        if self._store is not None:
+            self._store.close()
 
 
 def _smallest_limit(preflights: Iterable[Mapping[str, Any]]) -> int:

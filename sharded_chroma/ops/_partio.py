@@ -17,6 +17,7 @@ from .._options import current_options
 from ..catalog._layouts import Target
 from ..catalog._physical import PhysicalIds
 from ..cluster._cluster import Cluster
+from ._clock import HybridClock
 
 __all__ = ["GET_PAGE", "PartIO"]
 
@@ -29,9 +30,10 @@ GET_PAGE = 10_000
 class PartIO:
     """Reads and writes of one part (a physical collection on one shard)."""
 
-    def __init__(self, cluster: Cluster, physical: PhysicalIds) -> None:
+    def __init__(self, cluster: Cluster, physical: PhysicalIds, clock: HybridClock) -> None:
         self._cluster = cluster
         self._physical = physical
+        self._clock = clock
 
     async def read(self, target: Target, suffix: str, body: Any) -> Any:
         """POST a read to one caught-up copy of the part's shard (with failover)."""
@@ -97,7 +99,16 @@ class PartIO:
         """Send a write to every copy of the part's shard under the call's write concern."""
         state = target.state
         content = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
-        hint = HintTarget(state.tenant, state.database, str(state.id), state.name, op)
+        version: int | None = None
+        deleted: tuple[str, ...] = ()
+        if op == "delete":
+            # A copy that misses this delete gets it replayed later: it must then remove only
+            # what is no newer than the delete, and the ids stay known as deleted meanwhile.
+            version = self._clock.reserve()
+            deleted = tuple(body.get("ids") or ())
+        hint = HintTarget(
+            state.tenant, state.database, str(state.id), state.name, op, version, deleted
+        )
         concern = current_options().write_concern or self._cluster.replication.write_concern
         return await self._cluster.shards[target.shard].write(
             lambda node: self._physical.node_path(state, node, f"/{op}"), content, hint, concern

@@ -1,0 +1,156 @@
+"""The hint log's SQLite file: schema, migrations and transactions.
+
+One file per cluster per host holds the missed writes (``hints``), the durable state of every
+node (``node_state``: pending counts, needs-repair marks), hints a node kept refusing
+(``quarantine``), the ids deleted by hinted deletes (``tombstones``) and replay leases. Every
+process of the host opens the same file, which is what makes the node state shared.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["SCHEMA_VERSION", "add_counts", "connect", "mark_repair", "transaction"]
+
+SCHEMA_VERSION = 2
+# Another process may hold the write lock for one fsync-ed commit at a time; seconds of waiting
+# only happen when the disk is stalled, and then failing loudly is better than hanging forever.
+_BUSY_TIMEOUT_S = 10.0
+
+_V1 = """
+CREATE TABLE IF NOT EXISTS hints (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    node TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    database TEXT NOT NULL,
+    collection_id TEXT NOT NULL,
+    collection_name TEXT NOT NULL,
+    op TEXT NOT NULL,
+    body BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS hints_node_id ON hints (node, id);
+CREATE INDEX IF NOT EXISTS hints_created_at ON hints (created_at);
+CREATE TABLE IF NOT EXISTS leases (
+    node TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    until REAL NOT NULL
+)
+"""
+
+_V2 = """
+ALTER TABLE hints ADD COLUMN version INTEGER;
+ALTER TABLE hints ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+-- Counters kept in the same transactions as the hints they count, so reading every node's
+-- state is one small table however many hints are pending.
+CREATE TABLE node_state (
+    node TEXT PRIMARY KEY,
+    pending INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    quarantined INTEGER NOT NULL DEFAULT 0,
+    needs_repair INTEGER NOT NULL DEFAULT 0,
+    reason TEXT,
+    since REAL
+);
+INSERT INTO node_state (node, pending, bytes)
+    SELECT node, COUNT(*), SUM(size) FROM hints GROUP BY node;
+CREATE TABLE quarantine (
+    id INTEGER PRIMARY KEY,
+    node TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    database TEXT NOT NULL,
+    collection_id TEXT NOT NULL,
+    collection_name TEXT NOT NULL,
+    op TEXT NOT NULL,
+    body BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    version INTEGER,
+    error TEXT NOT NULL,
+    quarantined_at REAL NOT NULL
+);
+CREATE TABLE tombstones (
+    collection_id TEXT NOT NULL,
+    record_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (collection_id, record_id)
+);
+CREATE INDEX tombstones_created_at ON tombstones (created_at)
+"""
+
+
+def _statements(script: str) -> Iterator[str]:
+    for statement in script.split(";"):
+        if statement.strip():
+            yield statement
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any failure. IMMEDIATE takes the write
+    lock up front, so checks and the changes they guard see one state across processes."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def connect(path: Path, *, migrate: bool) -> sqlite3.Connection:
+    """Open the file (created owner-only: bodies hold user data); with ``migrate``, bring the
+    schema to :data:`SCHEMA_VERSION` in one transaction."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    conn = sqlite3.connect(
+        path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+    )
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        if migrate:
+            with transaction(conn):
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version not in (0, 1, SCHEMA_VERSION):
+                    raise ValueError(
+                        f"hint log {path.name} has schema version {version}, "
+                        f"this code reads versions up to {SCHEMA_VERSION}"
+                    )
+                if version < 1:
+                    for statement in _statements(_V1):
+                        conn.execute(statement)
+                if version < 2:
+                    for statement in _statements(_V2):
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def add_counts(conn: sqlite3.Connection, node: str, pending: int, size: int) -> None:
+    """Add to ``node``'s pending counters (negative to subtract), in the caller's transaction."""
+    conn.execute(
+        "INSERT INTO node_state (node, pending, bytes) VALUES (?, ?, ?) ON CONFLICT(node)"
+        " DO UPDATE SET pending = pending + excluded.pending, bytes = bytes + excluded.bytes",
+        (node, pending, size),
+    )
+
+
+def mark_repair(conn: sqlite3.Connection, node: str, reason: str, now: float) -> None:
+    """Mark ``node`` needs-repair, keeping the first reason and time of an open mark."""
+    conn.execute(
+        "INSERT INTO node_state (node, needs_repair, reason, since) VALUES (?, 1, ?, ?)"
+        " ON CONFLICT(node) DO UPDATE SET needs_repair = 1,"
+        " reason = COALESCE(reason, excluded.reason), since = COALESCE(since, excluded.since)",
+        (node, reason, now),
+    )

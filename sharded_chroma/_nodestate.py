@@ -1,0 +1,200 @@
+"""The durable, shared state of every node: how many missed writes wait for it, and whether it
+lost some (needs repair). A copy is *behind* while either holds; a behind copy serves no reads.
+
+``NodeStateStore`` is the narrow interface; ``SqliteNodeStore`` keeps the state in the host's
+hint-log file, so every process of the host sees what any of them wrote, and it survives
+restarts. A cluster-wide store (the control store) can implement the same interface.
+``NodeStates`` is one process's view: it re-reads the store whenever the store changed, which
+costs one ``PRAGMA data_version`` per call when nothing did.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ._errors import ClientClosedError
+from ._hintdb import connect, mark_repair, transaction
+
+__all__ = ["NodeState", "NodeStateStore", "NodeStates", "SqliteNodeStore"]
+
+logger = logging.getLogger("sharded_chroma.replicas")
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """What this host knows about one node."""
+
+    pending: int = 0
+    """Missed writes waiting in the hint log."""
+    needs_repair: bool = False
+    """It lost writes nobody will replay (a full log, an expired or quarantined hint)."""
+    reason: str | None = None
+    quarantined: int = 0
+    """Hints it kept refusing, kept aside until a repair."""
+
+    @property
+    def behind(self) -> bool:
+        return self.pending > 0 or self.needs_repair
+
+
+class NodeStateStore(Protocol):
+    """Where node state lives. Every method is blocking and thread-safe."""
+
+    def version(self) -> int:
+        """A value that changes whenever the stored state may have changed."""
+
+    def states(self) -> dict[str, NodeState]:
+        """Every node with a non-default state."""
+
+    def mark_needs_repair(self, node: str, reason: str) -> None: ...
+
+    def clear_repair(self, node: str) -> None: ...
+
+    def tombstones(self, collection_id: str, ids: Iterable[str]) -> dict[str, int]:
+        """Delete versions of those ``ids`` a hinted delete removed (kept as long as hints)."""
+
+
+class SqliteNodeStore:
+    """Node state in the hint-log file (see ``_hintdb``)."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = connect(path, migrate=True)
+
+    def _c(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise ClientClosedError("node state used after close()")
+        return self._conn
+
+    def version(self) -> int:
+        with self._lock:
+            # Changes on commits of *other* connections; this store's own writes bump it via
+            # the reload NodeStates forces after each of them.
+            return int(self._c().execute("PRAGMA data_version").fetchone()[0])
+
+    def states(self) -> dict[str, NodeState]:
+        with self._lock:
+            rows = (
+                self._c()
+                .execute("SELECT node, pending, quarantined, needs_repair, reason FROM node_state")
+                .fetchall()
+            )
+        return {
+            node: NodeState(pending, bool(repair), reason, quarantined)
+            for node, pending, quarantined, repair, reason in rows
+            if pending or quarantined or repair
+        }
+
+    def mark_needs_repair(self, node: str, reason: str) -> None:
+        with self._lock:
+            conn = self._c()
+            with transaction(conn):
+                mark_repair(conn, node, reason, float(self._clock()))
+
+    def clear_repair(self, node: str) -> None:
+        with self._lock:
+            conn = self._c()
+            with transaction(conn):
+                conn.execute("DELETE FROM quarantine WHERE node = ?", (node,))
+                conn.execute(
+                    "UPDATE node_state SET needs_repair = 0, reason = NULL, since = NULL,"
+                    " quarantined = 0 WHERE node = ?",
+                    (node,),
+                )
+
+    def tombstones(self, collection_id: str, ids: Iterable[str]) -> dict[str, int]:
+        wanted = list(ids)
+        found: dict[str, int] = {}
+        with self._lock:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    self._c()
+                    .execute(
+                        "SELECT record_id, version FROM tombstones WHERE collection_id = ?"
+                        f" AND record_id IN ({marks})",
+                        (collection_id, *chunk),
+                    )
+                    .fetchall()
+                )
+        return found
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class NodeStates:
+    """This process's view of the store, plus marks it could not store (the store failing is
+    no reason to read from a copy known to be behind)."""
+
+    def __init__(self, store: NodeStateStore | None) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._seen: int | None = None
+        self._states: Mapping[str, NodeState] = {}
+        self._local: dict[str, str] = {}
+
+    @property
+    def durable(self) -> bool:
+        return self._store is not None
+
+    def refresh(self) -> None:
+        """Re-read the store if it changed since the last read."""
+        store = self._store
+        if store is None:
+            return
+        with self._lock:
+            version = store.version()
+            if version != self._seen:
+                self._states = store.states()
+                self._seen = version
+
+    def changed(self) -> None:
+        """This process wrote to the store (a hint, a mark): read it again on next refresh."""
+        with self._lock:
+            self._seen = None
+        self.refresh()
+
+    def get(self, node: str) -> NodeState:
+        state = self._states.get(node, NodeState())
+        reason = self._local.get(node)
+        if reason is not None and not state.needs_repair:
+            return NodeState(state.pending, True, reason, state.quarantined)
+        return state
+
+    def behind(self, node: str) -> bool:
+        return node in self._local or self.get(node).behind
+
+    def mark_needs_repair(self, node: str, reason: str) -> None:
+        """Durably if possible; otherwise in this process, loudly."""
+        try:
+            if self._store is None:
+                raise RuntimeError("no node-state store (a shard without replicas)")
+            self._store.mark_needs_repair(node, reason)
+        except Exception as exc:  # kept in memory: never read from this copy again here
+            logger.error(
+                "node %s needs repair (%s) but the mark was not stored: %s", node, reason, exc
+            )
+            self._local[node] = reason
+        self.changed()
+
+    def clear_repair(self, node: str) -> None:
+        if self._store is not None:
+            self._store.clear_repair(node)
+        self._local.pop(node, None)
+        self.changed()
+
+    def tombstones(self, collection_id: str, ids: Iterable[str]) -> dict[str, int]:
+        return {} if self._store is None else self._store.tombstones(collection_id, ids)
