@@ -2,7 +2,7 @@
 
 Copies drift when a missed write's hint is lost (another host's hint log, a full log), a node
 is restored from an old backup or written to directly. ``verify`` finds such drift and
-``repair`` removes it, the primary being the truth.
+``repair`` removes it, the newest version of each record winning.
 
 Comparison is by content digest, not by record: a copy's records are read page by page and each
 record is reduced to ``id -> 16-byte digest`` at once. The primary and the replica are read in

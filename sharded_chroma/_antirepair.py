@@ -1,5 +1,6 @@
-"""Anti-entropy repair: make every replica equal to its primary where ``verify`` (see
-``_antientropy``) finds them apart, re-checking the ids it touched to settle races with
+"""Anti-entropy repair: make the copies of each shard equal where ``verify`` (see
+``_antientropy``) finds them apart, the newest version of each record winning (a tombstone of
+a missed delete counts as a version), re-checking the ids it touched to settle races with
 concurrent writes."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from chromadb.errors import ChromaError
 
 from ._antientropy import (
@@ -24,8 +26,9 @@ from ._antientropy import (
 )
 from ._digest import page_digests
 from ._errors import ShardedChromaError
+from ._node import Node
 from ._reports import PairRepair, PairReport, RepairReport
-from .catalog._state import CollectionState
+from .catalog._state import VERSION_KEY, CollectionState
 
 if TYPE_CHECKING:
     from ._client import ShardedClient
@@ -55,20 +58,30 @@ def _patch_metadata(primary: Mapping[str, Any] | None, replica: Mapping[str, Any
     return patch or None
 
 
-async def _fix_batch(
-    backend: Runtime, pair: Pair, state: CollectionState, batch: list[str], round_no: int
-) -> tuple[list[str], list[str]]:
-    """Make ``batch`` on the replica equal to the primary; returns the ids (copied, deleted).
-    Round -1 only finds what differs."""
-    rs, replica = pair.rs, pair.replica
-    truth, copy = await read_both(backend, pair, state, batch)
-    want, have = dict(page_digests(truth)), dict(page_digests(copy))
-    extra = [i for i in batch if i in have and i not in want]
-    absent = [i for i in batch if i in want and i not in have]
-    differing = [i for i in batch if i in want and i in have and want[i] != have[i]]
-    if round_no < 0:
-        return absent + differing, extra
-    # Upsert fixes a differing record in place, so the replica never lacks it while serving
+def _version(page: Mapping[str, Any]) -> dict[str, int]:
+    """Each record's version (0 for a record written before versions existed)."""
+    metas = page.get("metadatas") or [None] * len(page["ids"])
+    out: dict[str, int] = {}
+    for record_id, meta in zip(page["ids"], metas, strict=True):
+        value = meta.get(VERSION_KEY) if isinstance(meta, dict) else None
+        out[record_id] = value if isinstance(value, int) and not isinstance(value, bool) else 0
+    return out
+
+
+async def _write_side(
+    backend: Runtime,
+    pair: Pair,
+    state: CollectionState,
+    node: Node,
+    pages: tuple[Mapping[str, Any], Mapping[str, Any]],
+    fix: tuple[list[str], list[str], list[str]],
+    round_no: int,
+) -> None:
+    """Make ``node``'s records equal to the source page (``pages[0]``; ``pages[1]`` is the
+    node's own): ``absent`` added, ``differing`` fixed in place, ``delete`` removed."""
+    truth, copy = pages
+    absent, differing, delete = fix
+    # Upsert fixes a differing record in place, so the copy never lacks it while serving
     # reads; it cannot clear a document or uri (None there means "keep"), so those records, and
     # any still different in a later round, are deleted and added instead.
     upsert: list[str] = []
@@ -84,18 +97,63 @@ async def _fix_batch(
         }
         upsert = [i for i in differing if i not in clearing]
         swap = [i for i in differing if i in clearing]
-    path = await backend.physical.node_path(state, replica, "")
-    if extra or swap:
-        await call_node(rs, replica, f"{path}/delete", {"ids": extra + swap})
+    rs = pair.rs
+    path = await backend.physical.node_path(state, node, "")
+    if delete or swap:
+        await call_node(rs, node, f"{path}/delete", {"ids": delete + swap})
     if absent or swap:
-        await call_node(rs, replica, f"{path}/add", _columns(truth, absent + swap))
+        await call_node(rs, node, f"{path}/add", _columns(truth, absent + swap))
     if upsert:
         body = _columns(truth, upsert)
         old = _columns(copy, upsert)["metadatas"] or [None] * len(upsert)
         new = body["metadatas"] or [None] * len(upsert)
         body["metadatas"] = [_patch_metadata(p, r) for p, r in zip(new, old, strict=True)]
-        await call_node(rs, replica, f"{path}/upsert", body)
-    return absent + differing, extra
+        await call_node(rs, node, f"{path}/upsert", body)
+
+
+async def _fix_batch(
+    backend: Runtime, pair: Pair, state: CollectionState, batch: list[str], round_no: int
+) -> tuple[list[str], list[str]]:
+    """Make ``batch`` equal on both copies, the newest version of each id winning (ties: the
+    primary's); returns the ids (written, deleted) anywhere. Round -1 only finds them.
+
+    An id on one copy only was either added to it or deleted from the other: a tombstone of
+    this host's hint log (a delete some copy missed) at least as new as the record says
+    deleted; otherwise the record is copied over."""
+    truth, copy = await read_both(backend, pair, state, batch)
+    pages = (truth, copy)
+    digests = (dict(page_digests(truth)), dict(page_digests(copy)))
+    versions = (_version(truth), _version(copy))
+    lonely = [i for i in batch if (i in digests[0]) != (i in digests[1])]
+    tombs = await anyio.to_thread.run_sync(
+        backend.cluster.node_states.tombstones, str(state.id), lonely
+    )
+    # Per side: (absent, differing, delete) to apply to that side.
+    todo: tuple[tuple[list[str], list[str], list[str]], ...] = (([], [], []), ([], [], []))
+    for i in batch:
+        on = [i in d for d in digests]
+        if on[0] and on[1]:
+            if digests[0][i] != digests[1][i]:
+                loser = 1 if versions[0][i] >= versions[1][i] else 0
+                todo[loser][1].append(i)
+            continue
+        if not (on[0] or on[1]):
+            continue
+        holder = 0 if on[0] else 1
+        if i in tombs and tombs[i] >= versions[holder][i]:
+            todo[holder][2].append(i)
+        else:
+            todo[1 - holder][0].append(i)
+    written = sorted({*todo[0][0], *todo[0][1], *todo[1][0], *todo[1][1]})
+    deleted = sorted({*todo[0][2], *todo[1][2]})
+    if round_no < 0:
+        return written, deleted
+    nodes = (pair.rs.primary, pair.replica)
+    for side in (0, 1):
+        if any(todo[side]):
+            source = (pages[1 - side], pages[side])
+            await _write_side(backend, pair, state, nodes[side], source, todo[side], round_no)
+    return written, deleted
 
 
 async def _repair_pair(
@@ -108,12 +166,15 @@ async def _repair_pair(
     suspects = sorted({*found.missing, *found.extra, *found.differing})
     done_rounds = 0
     error = found.error if state is not None else (found.error or "collection not loaded")
-    if rs.primary.stale:
-        # A primary that missed writes is not the truth: copying it would undo acknowledged
-        # writes that only the replicas hold.
+    behind = [
+        n.url for n in (rs.primary, replica) if backend.cluster.node_states.get(n.url).pending
+    ]
+    if behind:
+        # Hints still waiting would land after the repair and fight it; they are replayed
+        # first (see repair()), so this only happens while a copy does not answer.
         error = (
-            "the primary has missed writes still in the hint log; it is not the truth until "
-            "they are replayed (repair again once it answers)"
+            f"missed writes of {', '.join(behind)} are still in the hint log; repair again "
+            "once the node answers and they are replayed"
         )
     try:
         limit = int((await backend.cluster.preflight(rs.name)).get("max_batch_size", -1))
@@ -183,11 +244,13 @@ async def repair(
     progress: Progress | None = None,
     rounds: int = 3,
 ) -> RepairReport:
-    """Make every replica equal to its primary, for every (or the named) collection.
+    """Make every replica and its primary equal, for every (or the named) collection.
 
-    Pending hints are replayed first; then ``verify`` finds the differences, and each replica
-    is fixed from its primary: missing and differing records are copied (embedding, document,
-    uri and metadata exactly, hidden sequence included), extra records deleted. The touched ids
+    Pending hints are replayed first; then ``verify`` finds the differences, and for each id
+    the newest version wins, whichever copy holds it: it is copied to the other (embedding,
+    document, uri and metadata exactly, hidden sequence and version included). An id on one
+    copy only is copied to the other unless this host's hint log holds a tombstone for it at
+    least as new (a delete the copy missed): then it is deleted. The touched ids
     are then read again from both copies and fixed again, up to ``rounds`` passes, so writes
     that raced with the repair are settled; what still differs is reported in ``remaining``.
     Safe while traffic continues. ``progress(done, total)`` counts records read, then fixed.
@@ -205,14 +268,15 @@ async def repair(
         [
             functools.partial(_repair_pair, backend, p, r, page_size, rounds, ticker)
             for p, r in zip(pairs, before.pairs, strict=True)
-            if not r.clean or p.rs.primary.stale
+            if not r.clean or p.rs.primary.stale or p.replica.stale
         ]
     )
     if collections is None:
         # Every collection was compared: a copy whose every pair is clean again may serve
-        # reads even if it once lost a write (a full hint log).
-        settled = {p.replica.url for p in pairs}
-        settled -= {r.replica for r in fixed if not r.clean}
+        # reads even if it once lost a write (a full log, an expired or refused hint).
+        settled = {n.url for p in pairs for n in (p.rs.primary, p.replica)}
+        unsettled = [r for r in fixed if not r.clean]
+        settled -= {r.replica for r in unsettled} | {r.primary for r in unsettled}
         for rs in backend.cluster.shards.values():
             for node in rs.nodes:
                 if node.needs_repair and node.url in settled:

@@ -372,3 +372,36 @@ async def test_a_copy_that_comes_back_catches_up_in_the_background_under_load(
         held = await node_records(proxy.url, "drain")
         primary = await node_records(servers[0].url, "drain")
         assert held == primary
+
+
+async def test_repair_keeps_the_newest_version_even_when_the_primary_missed_it(
+    servers: list[LocalChromaServer], tmp_path: Path
+) -> None:
+    from sharded_chroma._antirepair import repair
+
+    with FaultProxy(servers[0].host, servers[0].port) as proxy:
+        topology = pair(proxy.url, servers[1].url, tmp_path, replay_in_background=False)
+        async with client_for(topology) as client:
+            col = await client.create_collection("newest", embedding_function=None)
+            await col.add(ids=["x", "y", "z"], documents=["x1", "y1", "z1"], embeddings=emb(1) * 3)
+            proxy.cut()
+            with sharded_chroma.options(write_concern="one"):
+                await col.upsert(ids=["x", "new"], documents=["x2", "n1"], embeddings=emb(2) * 2)
+                await col.delete(ids=["y"])
+            proxy.restore()
+            # The hints are lost (another host's log, or expired): only the replica has the
+            # acknowledged writes, and only this host's tombstone says y was deleted.
+            log = client._runtime.cluster.hints
+            assert log is not None
+            assert log.drop_node(proxy.url) == 2
+            client._runtime.cluster.node_states.mark_needs_repair(proxy.url, "hints lost")
+            # Every collection: only a repair of all of them clears a node's mark.
+            fixed = await repair(client)
+            assert fixed.clean, fixed
+            ours = next(p for p in fixed.pairs if p.collection == "newest")
+            assert set(ours.copied) == {"x", "new"}
+            assert ours.deleted == ("y",)
+            assert not node_of(client, proxy.url).stale, "a clean repair clears the mark"
+        for url in (servers[0].url, servers[1].url):
+            held = await node_records(url, "newest")
+            assert {i: r[0] for i, r in held.items()} == {"x": "x2", "new": "n1", "z": "z1"}, url
