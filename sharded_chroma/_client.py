@@ -88,15 +88,19 @@ class ShardedClient:
 
     async def status(self, *, node_deadline: float = 10.0) -> tuple[ShardStatus, ...]:
         """One entry per node (primary first within each shard): role, health, version,
-        latency, whether it is catching up (stale) with how many hints pending, and record
-        counts per collection. Unreachable nodes are reported (``healthy=False``), never raised.
+        latency, whether it is behind (stale) with how many hints pending, whether it needs
+        repair (and why) with how many hints are quarantined, and record counts per collection.
+        The node state is the host's durable one, re-read now, so it shows what any process
+        found. Unreachable nodes are reported (``healthy=False``), never raised.
         """
         cluster = self._live().cluster
         nodes = cluster.all_nodes()
-        pending = await cluster.pending_hints()
+        states = cluster.node_states
+        await anyio.to_thread.run_sync(states.refresh)
         out: dict[str, ShardStatus] = {}
 
         async def one(shard: str, node: Node) -> None:
+            state = states.get(node.url)
             out[node.url] = await shard_status(
                 shard,
                 node.transport,
@@ -104,8 +108,9 @@ class ShardedClient:
                 self.database,
                 node_deadline,
                 role=node.role,
-                stale=node.stale,
-                pending_hints=pending.get(node.url, 0),
+                stale=state.behind,
+                pending_hints=state.pending,
+                state=state,
             )
 
         async with anyio.create_task_group() as tg:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from dataclasses import dataclass, field
 
 import anyio
 from chromadb.errors import NotFoundError
 
+from ._nodestate import NodeState
+from ._topology import _redact
 from ._transport import NodeTransport, iter_collections
 from .catalog._layouts import parts_database
 from .catalog._state import BUCKET_META as _BUCKET_META
@@ -55,12 +58,21 @@ class ShardStatus:
     healthy: bool
     role: str = "primary"
     stale: bool = False
-    """The node missed writes that are not replayed yet; it serves no reads until then."""
+    """Behind: the node missed writes that are not replayed yet, or lost some (needs repair);
+    it serves no reads until then."""
     pending_hints: int = 0
     version: str | None = None
     latency_ms: float | None = None
     error: str | None = None
     collections: tuple[CollectionStatus, ...] = field(default_factory=tuple)
+    needs_repair: bool = False
+    """It lost writes nobody will replay (a full log, an expired or refused hint): only a
+    repair (``sharded-chroma repair``) brings them back. As the host's durable node state says,
+    whichever process found it."""
+    repair_reason: str | None = None
+    """Why it needs repair (the first cause recorded), with any credentials in URLs masked."""
+    quarantined_hints: int = 0
+    """Hints the node kept refusing, set aside until a repair."""
 
     @property
     def records(self) -> int:
@@ -99,6 +111,15 @@ async def _collections(
     return cols
 
 
+# Any user:password part of a URL inside free text (an error a server or library gave).
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def _masked(text: str | None) -> str | None:
+    """``text`` with every URL in it passed through the topology's redaction."""
+    return None if text is None else _URL_IN_TEXT.sub(lambda m: _redact(m.group(0)), text)
+
+
 async def shard_status(
     shard: str,
     transport: NodeTransport,
@@ -109,9 +130,13 @@ async def shard_status(
     role: str = "primary",
     stale: bool = False,
     pending_hints: int = 0,
+    state: NodeState | None = None,
 ) -> ShardStatus:
     """Ask one node for its health, version and per-collection counts; never raises for an
-    unreachable node (that is what status is for)."""
+    unreachable node (that is what status is for). ``state`` is the node's durable state
+    (needs repair, quarantined hints), read by the caller."""
+    known = state or NodeState()
+    reason = _masked(known.reason) if known.needs_repair else None
     try:
         with anyio.fail_after(deadline):
             started = time.perf_counter()
@@ -127,7 +152,10 @@ async def shard_status(
             role,
             stale,
             pending_hints,
-            error=f"{type(exc).__name__}: {exc}",
+            error=_masked(f"{type(exc).__name__}: {exc}"),
+            needs_repair=known.needs_repair,
+            repair_reason=reason,
+            quarantined_hints=known.quarantined,
         )
     return ShardStatus(
         shard,
@@ -139,4 +167,7 @@ async def shard_status(
         version=str(version),
         latency_ms=latency,
         collections=tuple(cols),
+        needs_repair=known.needs_repair,
+        repair_reason=reason,
+        quarantined_hints=known.quarantined,
     )

@@ -15,10 +15,30 @@ def _mib(n: int) -> str:
 
 
 def _sync(s: ShardStatus) -> str:
-    # A stale node serves no reads until its missed writes (hints) are replayed.
+    # A stale node serves no reads until its missed writes (hints) are replayed, or, if it
+    # lost some, until a repair.
+    if s.needs_repair:
+        return f"repair, {s.pending_hints:,} hints" if s.pending_hints else "needs repair"
     if s.stale:
         return f"stale, {s.pending_hints:,} hints"
     return f"{s.pending_hints:,} hints" if s.pending_hints else "current"
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _durable(s: ShardStatus) -> list[str]:
+    """Lines under a node's row for what its durable state says beyond the sync column (the
+    reason is already masked by ``shard_status``)."""
+    lines = []
+    if s.needs_repair:
+        reason = _one_line(s.repair_reason) if s.repair_reason else "no reason recorded"
+        lines.append(f"{'':<20}needs repair: {reason} (run `sharded-chroma repair`)")
+    if s.quarantined_hints:
+        lines.append(f"{'':<20}{s.quarantined_hints:,} hints quarantined until a repair")
+    return lines
 
 
 def render_status(shards: Sequence[ShardStatus]) -> str:
@@ -30,11 +50,13 @@ def render_status(shards: Sequence[ShardStatus]) -> str:
         head = f"{s.shard:<8} {s.role:<8} {s.url:<28}"
         if not s.healthy:
             lines.append(f"{head} {'DOWN':<7} {_sync(s):<18} {s.error}")
+            lines.extend(_durable(s))
             continue
         lines.append(
             f"{head} {'ok':<7} {_sync(s):<18} {s.version or '?':<8} "
             f"{s.latency_ms or 0:>7.1f}ms {s.records:>10,} {_mib(s.estimated_memory_bytes):>12}"
         )
+        lines.extend(_durable(s))
         for c in s.collections:
             lines.append(f"{'':<20}{c.name:<72} {c.records:>10,}")
     # The cluster's records are one copy per shard: the primary's count, or a healthy replica's
