@@ -368,7 +368,6 @@ async def test_a_copy_that_comes_back_catches_up_in_the_background_under_load(
                 caught_up = not node.stale
                 stop.set()
             assert caught_up, f"still {client._runtime.cluster.node_states.get(proxy.url)}"
-            assert node.failures == 0
         held = await node_records(proxy.url, "drain")
         primary = await node_records(servers[0].url, "drain")
         assert held == primary
