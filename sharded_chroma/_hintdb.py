@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS leases (
 _V2 = """
 ALTER TABLE hints ADD COLUMN version INTEGER;
 ALTER TABLE hints ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+-- The request path the write was meant for, physical collection id included, when known: a
+-- collection (or time bucket) dropped and made again has a new id, so an old hint never
+-- lands in the new one.
+ALTER TABLE hints ADD COLUMN path TEXT;
 -- Counters kept in the same transactions as the hints they count, so reading every node's
 -- state is one small table however many hints are pending.
 CREATE TABLE node_state (
@@ -71,6 +75,7 @@ CREATE TABLE quarantine (
     size INTEGER NOT NULL,
     created_at REAL NOT NULL,
     version INTEGER,
+    path TEXT,
     error TEXT NOT NULL,
     quarantined_at REAL NOT NULL
 );

@@ -35,7 +35,7 @@ OPS = frozenset({"add", "upsert", "update", "delete"})
 
 _COLUMNS = (
     "id, node, tenant, database, collection_id, collection_name, op, body, created_at,"
-    " version, attempts"
+    " version, attempts, path"
 )
 
 
@@ -57,6 +57,8 @@ class Hint:
     """The write's version, for deletes (records carry their own in their metadata)."""
     attempts: int = 0
     """Times the node refused this hint with a Chroma error."""
+    path: str | None = None
+    """The request path on the node (its physical collection id in it), when it was known."""
 
 
 def _non_empty(name: str, value: object) -> str:
@@ -119,6 +121,7 @@ class HintLog:
         *,
         version: int | None = None,
         deleted_ids: Sequence[str] = (),
+        path: str | None = None,
     ) -> Hint:
         """Durably record that ``node`` missed a write; return the stored hint.
 
@@ -161,9 +164,9 @@ class HintLog:
                     created_at = float(self._clock())
                     cur = conn.execute(
                         "INSERT INTO hints (node, tenant, database, collection_id,"
-                        " collection_name, op, body, created_at, size, version)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (*fields, created_at, size, version),
+                        " collection_name, op, body, created_at, size, version, path)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (*fields, created_at, size, version, path),
                     )
                     assert cur.lastrowid is not None
                     add_counts(conn, node, 1, size)
@@ -175,7 +178,7 @@ class HintLog:
                             " created_at = excluded.created_at",
                             [(collection_id, i, version, created_at) for i in deleted_ids],
                         )
-                    hint = Hint(cur.lastrowid, *fields, created_at, version)
+                    hint = Hint(cur.lastrowid, *fields, created_at, version, 0, path)
             if hint is not None:
                 self._full = False
                 return hint
@@ -228,7 +231,7 @@ class HintLog:
                     conn.execute(
                         "INSERT INTO quarantine SELECT id, node, tenant, database,"
                         " collection_id, collection_name, op, body, size, created_at, version,"
-                        " ?, ? FROM hints WHERE id = ?",
+                        " path, ?, ? FROM hints WHERE id = ?",
                         (error[:500], now, hint.id),
                     )
                     size = conn.execute(

@@ -180,7 +180,9 @@ class HintReplayer:
         target = HintTarget(
             hint.tenant, hint.database, hint.collection_id, hint.collection_name, hint.op
         )
-        path = await self._replay_target(node, target)
+        # The path the write was meant for, if known: a collection made again since has
+        # another physical id there, and the hint then has nothing to apply to (NotFound).
+        path = hint.path or await self._replay_target(node, target)
         content: bytes | None = hint.body
         if hint.op == "delete":
             content = self._bounded_delete(hint)

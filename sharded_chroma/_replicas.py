@@ -217,6 +217,8 @@ class ReplicaSet:
         content: bytes,
         target: HintTarget,
         concern: str,
+        *,
+        known_path: Callable[[Node], str | None] | None = None,
     ) -> Any:
         """Send one write to every copy; return the primary's answer (or the first copy's).
 
@@ -230,6 +232,7 @@ class ReplicaSet:
         answers: dict[str, Any] = {}
         misses: dict[str, BaseException] = {}
         refusals: dict[str, BaseException] = {}
+        paths: dict[str, str] = {}
 
         needed = required_copies(concern, len(self.nodes))
         settled = anyio.Event()
@@ -244,12 +247,16 @@ class ReplicaSet:
 
         async def one(node: Node) -> None:
             if self._states.behind(node.url):
+                path = None if known_path is None else known_path(node)
                 with anyio.CancelScope(shield=True):
-                    misses[node.url] = await self._hint(node, target, content, reason="behind")
+                    misses[node.url] = await self._hint(
+                        node, target, content, reason="behind", path=path
+                    )
                 check()
                 return
+            path = None
             try:
-                path = await path_for(node)
+                path = paths[node.url] = await path_for(node)
                 answers[node.url] = await self._timed(
                     lambda n: n.transport.request("POST", path, content=content), node
                 )
@@ -258,7 +265,7 @@ class ReplicaSet:
                 misses[node.url] = exc
                 # Shielded: a write cut off while being hinted would be lost for this copy.
                 with anyio.CancelScope(shield=True):
-                    await self._hint(node, target, content, reason="unreachable")
+                    await self._hint(node, target, content, reason="unreachable", path=path)
             except ChromaError as exc:
                 refusals[node.url] = exc
             except anyio.get_cancelled_exc_class():
@@ -266,7 +273,9 @@ class ReplicaSet:
                 # it, so it is hinted (replaying a write is idempotent) and stops serving
                 # reads until the replay.
                 with anyio.CancelScope(shield=True):
-                    misses[node.url] = await self._hint(node, target, content, reason="slow")
+                    misses[node.url] = await self._hint(
+                        node, target, content, reason="slow", path=path
+                    )
                 raise
             check()
 
@@ -290,7 +299,11 @@ class ReplicaSet:
             # otherwise serve reads without the write.
             with anyio.CancelScope(shield=True):
                 misses[url] = await self._hint(
-                    self.node(url), target, content, reason=f"refused ({type(refusal).__name__})"
+                    self.node(url),
+                    target,
+                    content,
+                    reason=f"refused ({type(refusal).__name__})",
+                    path=paths.get(url),
                 )
         if len(answers) < needed:
             if len(self.nodes) == 1:
@@ -307,7 +320,13 @@ class ReplicaSet:
         return next(iter(answers.values()))
 
     async def _hint(
-        self, node: Node, target: HintTarget, content: bytes, *, reason: str
+        self,
+        node: Node,
+        target: HintTarget,
+        content: bytes,
+        *,
+        reason: str,
+        path: str | None = None,
     ) -> BaseException:
         log = self._hints
         if log is None or len(self.nodes) == 1:
@@ -325,6 +344,7 @@ class ReplicaSet:
                     content,
                     version=target.version,
                     deleted_ids=target.deleted_ids,
+                    path=path,
                 )
             )
         except Exception as exc:  # full, or the disk failed: the write is lost for this copy

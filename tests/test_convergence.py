@@ -404,3 +404,77 @@ async def test_repair_keeps_the_newest_version_even_when_the_primary_missed_it(
         for url in (servers[0].url, servers[1].url):
             held = await node_records(url, "newest")
             assert {i: r[0] for i, r in held.items()} == {"x": "x2", "new": "n1", "z": "z1"}, url
+
+
+async def test_hints_for_a_dropped_time_bucket_never_land_in_the_one_made_again(
+    servers: list[LocalChromaServer], tmp_path: Path
+) -> None:
+    day0 = 1_764_115_200  # 2025-11-26T00:00:00Z
+    with FaultProxy(servers[1].host, servers[1].port) as proxy:
+        topology = pair(servers[0].url, proxy.url, tmp_path, replay_in_background=False)
+        async with client_for(topology) as client:
+            policy = sharded_chroma.TimePolicy(field="ts", granularity="day", hot="s0")
+            col = await client.create_collection(
+                "generations", embedding_function=None, policy=policy
+            )
+            await col.add(ids=["a"], metadatas=[{"ts": day0 + 10}], embeddings=emb(1))
+            proxy.cut()
+            with sharded_chroma.options(write_concern="one"):
+                await col.upsert(ids=["old"], metadatas=[{"ts": day0 + 20}], embeddings=emb(2))
+            proxy.restore()
+            # Retention drops the bucket on every copy; a late write makes it again.
+            assert await col.drop_partitions(day0 + 86400) == [("s0", "2025-11-26")]
+            with sharded_chroma.options(write_concern="one"):  # the copy is still behind
+                await col.add(ids=["new"], metadatas=[{"ts": day0 + 30}], embeddings=emb(3))
+            await client.replay_hints()
+            assert await client._runtime.cluster.pending_hints() == {}
+            assert sorted((await col.get())["ids"]) == ["new"]
+        bucket = f"{col.id}-2025-11-26"
+        for url in (servers[0].url, servers[1].url):
+            official = await chromadb_client(url)
+            parts = await official.get_collection(bucket, embedding_function=None)
+            held = (await parts.get())["ids"]
+            assert held == ["new"], f"{url} holds {held}: a hint of the dropped bucket landed"
+
+
+async def chromadb_client(url: str) -> Any:
+    from urllib.parse import urlsplit
+
+    import chromadb
+
+    parts = urlsplit(url)
+    return await chromadb.AsyncHttpClient(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 8000,
+        database="default_database.sc-parts",
+    )
+
+
+async def test_a_replayer_that_lost_its_lease_stops_before_its_next_batch(tmp_path: Path) -> None:
+    from sharded_chroma._replay import HintReplayer
+
+    clock = FakeClock()
+    with fake_set(tmp_path, n=2) as (rs, _):
+        node = rs.nodes[1]
+    with HintLog(tmp_path / "fenced.sqlite3", clock=clock) as log:
+        for k in range(250):
+            log.append(node.url, "t", "d", CID, "c", "upsert", b'{"ids":["%d"]}' % k)
+        posted: list[str] = []
+
+        async def request(method: str, path: str, **kw: Any) -> Any:
+            posted.append(path)
+            if len(posted) == 200:
+                # A stall longer than the lease: another process took it over meanwhile.
+                clock.now += 120.0
+                assert log.lease(node.url, "another-process", 60.0)
+            return {}
+
+        node.transport.request = request  # type: ignore[method-assign]
+
+        async def target(n: Node, t: HintTarget) -> str:
+            return "/c/upsert"
+
+        replayer = HintReplayer("s0", log, target, clock)
+        assert await replayer.replay(node) == 200
+        assert len(posted) == 200, "kept writing on a lease another process holds"
+        assert log.count(node.url) == 50

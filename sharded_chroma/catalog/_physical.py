@@ -41,6 +41,11 @@ class PhysicalIds:
             state.physical[node.url] = pid
         return f"{state.base}/{pid}{suffix}"
 
+    def known_path(self, state: CollectionState, node: Node, suffix: str = "") -> str | None:
+        """``node_path`` if the id is already known, without asking anyone."""
+        pid = state.physical.get(node.url)
+        return None if pid is None else f"{state.base}/{pid}{suffix}"
+
     def record(self, state: CollectionState, node: Node, physical_id: UUID) -> None:
         """A physical id learnt from a create answer."""
         state.physical[node.url] = physical_id

@@ -111,7 +111,11 @@ class PartIO:
         )
         concern = current_options().write_concern or self._cluster.replication.write_concern
         return await self._cluster.shards[target.shard].write(
-            lambda node: self._physical.node_path(state, node, f"/{op}"), content, hint, concern
+            lambda node: self._physical.node_path(state, node, f"/{op}"),
+            content,
+            hint,
+            concern,
+            known_path=lambda node: self._physical.known_path(state, node, f"/{op}"),
         )
 
     async def guarded(self, target: Target, read: Callable[[], Awaitable[T]]) -> T | None:
