@@ -146,9 +146,10 @@ class ShardedCollection(AsyncCollection):
         """Iterate over the whole collection in pages of at most ``batch_size`` records, in
         ``get()`` order, holding at most one page per shard in memory.
 
-        Pages are read with per-shard offsets, so records deleted by others while a scan runs
-        can shift a shard's pages; scan a collection that is not being deleted from for an
-        exact snapshot.
+        Each part is paged by ranges of its records' hidden sequence values, not by offset:
+        every record present for the whole scan is yielded exactly once, whichever copy
+        answers each page and whatever is deleted meanwhile (a record deleted or written
+        during the scan appears at most once).
         """
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")

@@ -1,9 +1,9 @@
-"""Lazy merge of per-shard paged streams, for scanning a whole collection in bounded memory."""
+"""Lazy merge of per-part paged streams, for scanning a whole collection in bounded memory."""
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -16,8 +16,7 @@ _COLUMNS = ("embeddings", "metadatas", "documents", "uris")
 
 
 async def merged_rows(
-    shards: Sequence[str],
-    fetch: Callable[[str, int], Awaitable[Mapping[str, Any]]],
+    streams: Mapping[str, AsyncIterator[Mapping[str, Any]]],
     batch_size: int,
     seq_key: str,
     fields: Sequence[str],
@@ -25,23 +24,27 @@ async def merged_rows(
 ) -> AsyncIterator[dict[str, Any]]:
     """Yield pages (column dicts like a get() result) in the same order ``merge_get`` gives.
 
-    Each step takes the smallest head among the shard streams, so every non-exhausted stream
-    must have a head before a pick; a stream is refilled (one page of ``batch_size``) only when
-    its buffer runs dry, which bounds memory by shards x batch_size records.
+    Each stream is one part's pages, each part in order (see ``PartIO.pages``). Each step
+    takes the smallest head among the streams, so every non-exhausted stream must have a head
+    before a pick; a stream is refilled (its next page) only when its buffer runs dry, which
+    bounds memory by parts x page size records.
 
     With ``dedupe`` (collections whose records can be caught between two parts) an id is
     yielded once, at its first place; that costs the set of ids yielded so far.
     """
+    shards = tuple(streams)
     buffers: dict[str, deque[tuple[Any, ...]]] = {s: deque() for s in shards}
-    offsets = dict.fromkeys(shards, 0)
     exhausted: set[str] = set()
 
     async def refill(shard: str) -> None:
-        page = await fetch(shard, offsets[shard])
+        page: Mapping[str, Any] = {"ids": []}
+        while not page["ids"]:  # a stream may yield an empty page; only its end is dry
+            try:
+                page = await anext(streams[shard])
+            except StopAsyncIteration:
+                exhausted.add(shard)
+                return
         ids = page["ids"]
-        offsets[shard] += len(ids)
-        if len(ids) < batch_size:
-            exhausted.add(shard)
         cols = [page.get(c) for c in _COLUMNS]
         metas = page.get("metadatas") or [None] * len(ids)
         for i, record_id in enumerate(ids):

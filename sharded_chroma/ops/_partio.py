@@ -6,7 +6,7 @@ caller."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import orjson
@@ -18,6 +18,7 @@ from ..catalog._layouts import Target
 from ..catalog._physical import PhysicalIds
 from ..cluster._cluster import Cluster
 from ._clock import HybridClock
+from ._seqpages import seq_pages
 
 __all__ = ["GET_PAGE", "PartIO"]
 
@@ -74,26 +75,26 @@ class PartIO:
 
     async def pages(
         self, target: Target, body: Mapping[str, Any], page_size: int | None = None
-    ) -> AsyncIterator[dict[str, Any]]:
-        """One part's get() as pages of at most ``page_size`` records, all from one copy
-        while it answers; ``body["limit"]``, if set, bounds the total.
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """One part's get() as pages of at most ``page_size`` records in (seq, id) order,
+        keyed by sequence ranges, so any copy may answer any page and concurrent deletes
+        shift nothing (see ``_seqpages``); ``body["limit"]``, if set, bounds the total.
 
         A Chroma 1.5.9 server refuses a get matching more than 32,766 records ("too many SQL
         variables"), which a whole-collection get() of a large shard would hit. Results that
         fit one page are a single request.
         """
         size = GET_PAGE if page_size is None else page_size
-        want = body.get("limit")
-        sticky: dict[str, Node] = {}
-        got = 0
-        while True:
-            take = size if want is None else min(size, want - got)
-            page = await self.page(target, {**body, "limit": take, "offset": got}, sticky)
+
+        async def read(b: Mapping[str, Any]) -> Mapping[str, Any]:
+            answer: Mapping[str, Any] = await self.read(target, "/get", b)
+            return answer
+
+        async def sticky_read(b: Mapping[str, Any], sticky: dict[str, Any]) -> Mapping[str, Any]:
+            return await self.page(target, b, sticky)
+
+        async for page in seq_pages(read, sticky_read, body, size):
             yield page
-            n = len(page["ids"])
-            got += n
-            if n < take or (want is not None and got >= want):
-                return
 
     async def write(self, target: Target, op: str, body: Any) -> Any:
         """Send a write to every copy of the part's shard under the call's write concern."""

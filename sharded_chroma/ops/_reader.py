@@ -267,20 +267,14 @@ class Reader:
         plan = await self._router.plan(state, None, where)
         raise_for_failures("scan", plan.failed)
         targets = plan.targets
-        # Offsets are positions in one node's stored order, so each part's pages come from
-        # the same copy for the whole scan while it answers.
-        sticky: dict[str, Any] = {}
-
-        async def fetch(key: str, offset: int) -> Mapping[str, Any]:
-            body = {
-                "where": stored_where,
-                "where_document": where_document,
-                "limit": batch_size,
-                "offset": offset,
-                "include": wire_include,
-            }
-            return await self._io.page(targets[key], body, sticky)
-
+        body = {"where": stored_where, "where_document": where_document, "include": wire_include}
+        # Each part is paged by sequence ranges (``PartIO.pages``): pages are sorted, any copy
+        # may answer any of them, and deletes meanwhile shift no later page.
+        streams = {k: self._io.pages(t, body, batch_size) for k, t in targets.items()}
         dedupe = not self._router.ids_routed(state)
-        async for page in merged_rows(tuple(targets), fetch, batch_size, SEQ_KEY, fields, dedupe):
-            yield _get_result(page, include)
+        try:
+            async for page in merged_rows(streams, batch_size, SEQ_KEY, fields, dedupe):
+                yield _get_result(page, include)
+        finally:
+            for stream in streams.values():
+                await stream.aclose()
