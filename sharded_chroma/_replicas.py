@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
-import numpy as np
 from chromadb.errors import ChromaError
 
 from ._errors import NodeUnavailableError, WriteConcernError
+from ._hedging import Hedger, timed
 from ._hints import HintLog
-from ._node import HedgeBudget, HintTarget, Node, required_copies
+from ._node import HintTarget, Node, required_copies
 from ._nodestate import NodeStates
 from ._replay import HintReplayer, ReplayTarget
 from ._selection import Selector, make_selector
@@ -63,7 +63,7 @@ class ReplicaSet:
         self.selector = selector or make_selector(config.read_selection)
         self._hints = hints
         self._clock = clock
-        self._budget = HedgeBudget(config.hedge_budget)
+        self._hedger = Hedger(config, self._clock)
         self._replayer = (
             None
             if hints is None or replay_target is None
@@ -79,9 +79,9 @@ class ReplicaSet:
 
     # -- reads ------------------------------------------------------------------------------
 
-    def _candidates(self) -> list[Node]:
+    def _candidates(self, current: bool = True) -> list[Node]:
         now = self._clock()
-        fresh = [n for n in self.nodes if not self._states.behind(n.url)]
+        fresh = [n for n in self.nodes if not (current and self._states.behind(n.url))]
         healthy = [n for n in fresh if n.healthy(now)]
         ordered: list[Any] = self.selector.order(healthy)
         # Seed nodes are never forgotten: when every fresh copy is in backoff, try them anyway
@@ -90,15 +90,26 @@ class ReplicaSet:
             ordered = self.selector.order(fresh) or fresh
         return list(ordered)
 
-    async def read(self, op: Callable[[Node], Awaitable[T]], *, prefer: Node | None = None) -> T:
+    async def read(
+        self,
+        op: Callable[[Node], Awaitable[T]],
+        *,
+        prefer: Node | None = None,
+        current: bool = True,
+    ) -> T:
         """Run ``op`` on one caught-up copy, failing over to the next on node failures.
 
         Chroma client errors (a bad filter, a missing collection) are answers: raised at once.
         A server error (see ``node_fault``) is tried on the other copies and raised only when
-        none answers otherwise. Copies behind (missed writes) are never read.
+        none answers otherwise. Copies behind (missed writes) are never read for records
+        (``current``); when every copy is behind (each missed writes the other has), the read
+        waits up to ``replay_inline_deadline`` for one to catch up. Facts every copy shares
+        (heartbeat, version, limits) pass ``current=False`` and may come from any copy.
         """
         self._states.refresh()
-        candidates = self._candidates()
+        candidates = self._candidates(current)
+        if not candidates and current:
+            candidates = await self._wait_for_one()
         if prefer is not None and prefer in candidates:
             candidates = [prefer, *(n for n in candidates if n is not prefer)]
         if not candidates:
@@ -112,7 +123,7 @@ class ReplicaSet:
         attempts: list[str] = []
         last: NodeUnavailableError | None = None
         refused: dict[Node, ChromaError] = {}
-        self._budget.count_read()
+        self._hedger.count_read()
         tries = 0
         while tries < 1 + self.config.retries:
             pool = [n for n in candidates if n not in refused]
@@ -124,7 +135,7 @@ class ReplicaSet:
                 await anyio.sleep(self.config.backoff * 2 ** (tries - len(pool)))
             others = [n for n in pool if n is not node]
             try:
-                return await self._hedged(op, node, others)
+                return await self._hedger.run(op, node, others)
             except NodeUnavailableError as exc:
                 node.failed(self._clock())
                 attempts.extend(exc.attempts)
@@ -149,65 +160,18 @@ class ReplicaSet:
             shard=self.name, node=last.node, attempts=attempts
         ) from last.__cause__
 
-    def _hedge_delay(self, node: Node) -> float | None:
-        cfg = self.config
-        if cfg.hedge_percentile is not None and len(node.latencies) >= 20:
-            return float(np.percentile(np.fromiter(node.latencies, float), cfg.hedge_percentile))
-        if cfg.hedge_after is not None:
-            return cfg.hedge_after
-        if cfg.hedge_percentile is not None:
-            return 0.05
-        return None
-
-    async def _timed(self, op: Callable[[Node], Awaitable[T]], node: Node) -> T:
-        started = time.perf_counter()
-        result = await op(node)
-        node.succeeded(time.perf_counter() - started)
-        return result
-
-    async def _hedged(
-        self, op: Callable[[Node], Awaitable[T]], first: Node, others: Sequence[Node]
-    ) -> T:
-        delay = self._hedge_delay(first) if others else None
-        if delay is None:
-            return await self._timed(op, first)
-        done = anyio.Event()
-        results: list[tuple[Node, T]] = []
-        errors: list[BaseException] = []
-        launched: list[Node] = []
-
-        async def run(node: Node) -> None:
-            try:
-                result = await self._timed(op, node)
-            except Exception as exc:  # kept; raised if no copy answers
-                errors.append(exc)
-                if isinstance(exc, NodeUnavailableError) and node is not first:
-                    node.failed(self._clock())
-                if len(errors) == len(launched):
-                    done.set()
-            else:
-                results.append((node, result))
-                done.set()
-
-        async with anyio.create_task_group() as tg:
-            launched.append(first)
-            tg.start_soon(run, first)
-            with anyio.move_on_after(delay):
-                await done.wait()
-            if not done.is_set() and self._budget.allow():
-                hedge = others[0]
-                self._budget.spend()
-                first.hedges_sent += 1
-                launched.append(hedge)
-                tg.start_soon(run, hedge)
-            await done.wait()
-            tg.cancel_scope.cancel()
-        if results:
-            winner, result = results[0]
-            if winner is not first:
-                first.hedges_won += 1
-            return result
-        raise errors[0]
+    async def _wait_for_one(self) -> list[Node]:
+        """Replay to the copy with the fewest missed writes until one is caught up, within
+        the inline deadline; the copies that may then be read."""
+        with anyio.move_on_after(self.config.replay_inline_deadline):
+            for node in sorted(self.nodes, key=lambda n: self._states.get(n.url).pending):
+                if self._states.get(node.url).needs_repair:
+                    continue
+                await self.replay(node, wait=True)
+                self._states.refresh()
+                if not self._states.behind(node.url):
+                    break
+        return self._candidates()
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -257,7 +221,7 @@ class ReplicaSet:
             path = None
             try:
                 path = paths[node.url] = await path_for(node)
-                answers[node.url] = await self._timed(
+                answers[node.url] = await timed(
                     lambda n: n.transport.request("POST", path, content=content), node
                 )
             except NodeUnavailableError as exc:

@@ -165,8 +165,9 @@ class ReplicationConfig(BaseModel):
     write_grace: float = Field(default=2.0, ge=0)
     """Once a write met its concern, how long the other copies may still take before they are
     left to the hint log (a hung copy must not hold up an acknowledged write)."""
-    replay_inline_deadline: float = Field(default=0.25, gt=0)
-    """Unused since replay moved to the background (kept so existing topology files load)."""
+    replay_inline_deadline: float = Field(default=2.0, gt=0)
+    """How long a read waits for a copy to catch up when every copy of its shard is behind
+    (each missed writes another has); otherwise replay runs in the background."""
     replay_in_background: bool = True
     """Replay missed writes from a background thread of each client. Off, only
     ``replay_hints()`` (and ``sharded-chroma repair``) replay them."""

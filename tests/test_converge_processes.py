@@ -1,6 +1,8 @@
-"""Two processes on one host, sharing its hint log, write overlapping ids under write concern
-``one`` while a replica is killed by its pid and restarted: the README's multi-worker
-deployment, with a node dying under it.
+"""Two processes on one host, sharing its hint log, write and delete overlapping ids under write
+concern ``one`` while a seeded random schedule kills copies by their pid (a primary as well as a
+replica, never both copies of a shard), restarts them, and cuts and restores another shard's
+replica through the loopback fault proxy: the README's multi-worker deployment, with nodes
+dying under it.
 
 Checked afterwards with the history checker (DESIGN section 12): no read during the run saw a
 value older than an acknowledged write that had finished before the read began (so no read came
@@ -9,8 +11,8 @@ background replayers, nobody calls ``replay_hints``) and ``repair`` has run, eve
 shard holds exactly the same records, which are the newest acknowledged version of every id;
 deleted ids stay deleted.
 
-The default run is bounded (about 10 s of writes); ``-m slow`` (or ``SHARDED_CHROMA_SLOW=1``)
-runs a longer schedule with two kills.
+The default run is bounded (one seed, about 10 s of writes); ``-m slow`` (or
+``SHARDED_CHROMA_SLOW=1``) runs more seeds with minute-long schedules.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import pickle
+import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +33,7 @@ from sharded_chroma._antirepair import repair
 from sharded_chroma.testing import LocalChromaServer, LocalCluster
 from tests._history import Op
 from tests._nodes import node_records
+from tests._proxy import FaultProxy
 from tests._servers import all_running, crash, own_cluster
 from tests.test_concurrent_writes import (
     NAME,
@@ -54,12 +58,13 @@ def servers(cluster: LocalCluster) -> list[LocalChromaServer]:
     return all_running(cluster)
 
 
-def topology_spec(servers: list[LocalChromaServer], hints: Path) -> dict[str, Any]:
-    """s0 = servers 0 (primary) and 1, s1 = servers 2 (primary) and 3."""
+def topology_spec(servers: list[LocalChromaServer], cut: str, hints: Path) -> dict[str, Any]:
+    """s0 = servers 0 (primary) and 1, s1 = servers 2 (primary) and 3 behind ``cut`` (a
+    proxy's URL)."""
     return {
         "shards": [
             {"name": "s0", "primary": servers[0].url, "replicas": [servers[1].url]},
-            {"name": "s1", "primary": servers[2].url, "replicas": [servers[3].url]},
+            {"name": "s1", "primary": servers[2].url, "replicas": [cut]},
         ],
         "repair_after": REPAIR_AFTER,
         "replication": {
@@ -87,8 +92,41 @@ def writer_process(spec: dict[str, Any], prefix: str, seconds: float, out: str, 
     Path(out).write_bytes(pickle.dumps(asyncio.run(run())))
 
 
-def run(servers: list[LocalChromaServer], tmp_path: Path, seconds: float, kills: int) -> None:
-    spec = topology_spec(servers, tmp_path / "hints")
+def chaos(rng: random.Random, s0: list[LocalChromaServer], proxy: FaultProxy, until: float) -> int:
+    """Random faults until the monotonic clock passes ``until``; the number of faults."""
+    faults = 0
+    while True:
+        time.sleep(rng.uniform(0.6, 1.4))
+        if time.monotonic() >= until:
+            return faults
+        dead = [s for s in s0 if not s.running]
+        if dead:
+            dead[0].restart()
+        elif rng.random() < 0.6:
+            crash(rng.choice(s0))  # the primary or the replica; never both
+            faults += 1
+        if rng.random() < 0.5:
+            if proxy.mode == "forward":
+                proxy.cut()
+                faults += 1
+            else:
+                proxy.restore()
+
+
+def run(servers: list[LocalChromaServer], tmp_path: Path, seconds: float, seed: int) -> None:
+    with FaultProxy(servers[3].host, servers[3].port) as proxy:
+        spec = topology_spec(servers, proxy.url, tmp_path / "hints")
+        _run(servers, proxy, spec, tmp_path, seconds, seed)
+
+
+def _run(
+    servers: list[LocalChromaServer],
+    proxy: FaultProxy,
+    spec: dict[str, Any],
+    tmp_path: Path,
+    seconds: float,
+    seed: int,
+) -> None:
     topology = sharded_chroma.Topology.build(spec)
 
     async def create() -> None:
@@ -105,22 +143,18 @@ def run(servers: list[LocalChromaServer], tmp_path: Path, seconds: float, kills:
     ]
     for proc in procs:
         proc.start()
-    victims = [servers[1], servers[3]][:kills]
+    s0 = servers[:2]
     try:
         gate.wait(180)
-        started = time.monotonic()
-        slot = seconds / (kills + 1)
-        for k, victim in enumerate(victims):
-            time.sleep(max(0.0, started + slot * (k + 0.4) - time.monotonic()))
-            crash(victim)
-            time.sleep(min(3.0, slot * 0.4))
-            victim.restart()
+        faults = chaos(random.Random(seed), s0, proxy, time.monotonic() + seconds - 1.0)
+        assert faults > 0, "the schedule injected no fault"
         for proc in procs:
             proc.join(timeout=seconds + 180)
     finally:
-        for victim in victims:
-            if not victim.running:
-                victim.restart()
+        proxy.restore()
+        for server in s0:
+            if not server.running:
+                server.restart()
         for proc in procs:
             if proc.is_alive():  # hung: stop our own child rather than leave it running
                 proc.kill()
@@ -169,15 +203,16 @@ async def differences(a: str, b: str) -> int:
     return sum(left.get(i) != right.get(i) for i in set(left) | set(right))
 
 
-def test_two_processes_converge_through_a_replica_kill(
+def test_two_processes_converge_through_random_kills_and_cuts(
     servers: list[LocalChromaServer], tmp_path: Path
 ) -> None:
-    run(servers, tmp_path, seconds=10.0, kills=1)
+    run(servers, tmp_path, seconds=10.0, seed=1)
 
 
 @pytest.mark.slow
-def test_two_processes_converge_through_replica_kills_long(
-    request: pytest.FixtureRequest, servers: list[LocalChromaServer], tmp_path: Path
+@pytest.mark.parametrize("seed", [2, 3, 4])
+def test_two_processes_converge_through_random_kills_and_cuts_long(
+    request: pytest.FixtureRequest, servers: list[LocalChromaServer], tmp_path: Path, seed: int
 ) -> None:
     skip_unless_slow(request.config)
-    run(servers, tmp_path, seconds=60.0, kills=2)
+    run(servers, tmp_path, seconds=60.0, seed=seed)

@@ -337,7 +337,7 @@ async def test_hedge_covers_a_copy_that_fails_after_the_hedge_was_sent() -> None
         await anyio.sleep(0.1)
         return node.url
 
-    rs._budget.tokens = rs._budget.cap  # room for a hedge on the first read
+    rs._hedger.budget.tokens = rs._hedger.budget.cap  # room for a hedge on the first read
     assert await rs.read(op) == r.url
     assert p.hedges_sent == 1 and p.hedges_won == 1
 
@@ -835,10 +835,10 @@ async def test_hedged_reads_cut_the_tail_within_their_budget(
             baseline = await _timed_reads(col, ids)
 
             proxy.set_latency(0, jitter=HEDGE_JITTER, seed=HEDGE_SEED)
-            reads_before = rs._budget.reads
+            reads_before = rs._hedger.budget.reads
             requests_before = sum(n.stats.requests for n in rs.nodes)
             with_hedges = await _timed_reads(hcol, ids)
-            reads = rs._budget.reads - reads_before
+            reads = rs._hedger.budget.reads - reads_before
             extra = sum(n.stats.requests for n in rs.nodes) - requests_before - reads
 
             p99_plain = float(np.percentile(baseline, 99))
@@ -850,7 +850,7 @@ async def test_hedged_reads_cut_the_tail_within_their_budget(
             assert reads == HEDGE_READS
             assert extra == sent, "every extra request is a hedge"
             # The budget counts every read of the replica set since the client started.
-            assert sent <= 0.5 * rs._budget.reads
+            assert sent <= 0.5 * rs._hedger.budget.reads
             assert sent <= 0.5 * reads + 0.5 * reads_before
             # The plain client never hedges.
             assert all(n.hedges_sent == 0 for n in plain_client._runtime.cluster.all_nodes())

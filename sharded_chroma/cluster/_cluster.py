@@ -88,12 +88,13 @@ class Cluster:
         make: Callable[[str, Node], Awaitable[T]],
         shards: Sequence[str] | None = None,
     ) -> dict[str, T]:
-        """Read from one copy of every (or the named) shard; raise if any shard failed."""
+        """Read facts (not records) from one copy of every (or the named) shard, caught up
+        or not; raise if any shard failed."""
         self.check_open()
         names = self.shard_names if shards is None else shards
 
         def call(name: str) -> Callable[[], Awaitable[T]]:
-            return lambda: self.shards[name].read(functools.partial(make, name))
+            return lambda: self.shards[name].read(functools.partial(make, name), current=False)
 
         results, failures = await fan_out({n: call(n) for n in names})
         raise_for_failures(operation, failures)
@@ -121,7 +122,7 @@ class Cluster:
         cached = self._preflight.get(shard)
         if cached is None:
             answer = await self.shards[shard].read(
-                lambda node: node.transport.request("GET", "/pre-flight-checks")
+                lambda node: node.transport.request("GET", "/pre-flight-checks"), current=False
             )
             cached = self._preflight[shard] = dict(answer)
         return cached
