@@ -20,6 +20,7 @@ from ..catalog._reserved import escape_metadata
 from ..catalog._state import SEQ_KEY, VERSION_KEY, CollectionState
 from ..cluster._cluster import Cluster
 from ._clock import HybridClock
+from ._locator import stamp_of
 from ._ordering import KeyedLocks
 from ._partio import PartIO
 
@@ -69,7 +70,7 @@ class RecordSender:
         uris: URIs | None,
         *,
         sequence: Sequencing,
-        existing: set[int] | None = None,
+        existing: Mapping[int, int | None] | None = None,
     ) -> int:
         """Send each part its records, parts concurrently, each part's chunks in order;
         returns the version this write stamped.
@@ -79,7 +80,9 @@ class RecordSender:
         fresh hidden sequence value: all (add, move), only those not stored yet (upsert: an
         existing record keeps its place in get() order, as on one server), or none (update).
         For ``"new"`` each part is asked which of its ids it holds, unless ``existing`` (input
-        positions) is known already; a part that cannot answer fails like its write would.
+        positions held, with the sequence value found) is known already; a part that cannot
+        answer fails like its write would. An existing record is sent the sequence value it
+        was found with, so one deleted meanwhile (by another process) comes back with one.
         """
         max_batch = await self._cluster.batch_limit()
         matrix = None if embeddings is None else np.asarray(embeddings)
@@ -89,9 +92,13 @@ class RecordSender:
         def column(values: Sequence[Any] | None, pos: list[int]) -> list[Any] | None:
             return None if values is None else [values[i] for i in pos]
 
-        def meta(i: int, fresh: bool) -> Any:
+        def meta(i: int, fresh: bool, seq: int | None) -> Any:
             user = escape_metadata(metadatas[i]) if metadatas is not None else None
-            hidden = {SEQ_KEY: base + i, VERSION_KEY: version} if fresh else {VERSION_KEY: version}
+            hidden: dict[str, int] = {VERSION_KEY: version}
+            if fresh:
+                hidden[SEQ_KEY] = base + i
+            elif seq is not None:
+                hidden[SEQ_KEY] = seq
             return {**(user or {}), **hidden}
 
         async def send_part(key: str) -> None:
@@ -121,18 +128,20 @@ class RecordSender:
         async def unlocked(key: str) -> None:
             pos = groups[key]
             target = parts[key]
+            held: Mapping[int, int | None] = existing or {}
             if sequence == "new" and existing is None:
                 found = await self._io.read(
-                    target, "/get", {"ids": [ids[i] for i in pos], "include": []}
+                    target, "/get", {"ids": [ids[i] for i in pos], "include": ["metadatas"]}
                 )
-                present = set(found["ids"])
-                fresh = [ids[i] not in present for i in pos]
-            else:
-                fresh = [
-                    sequence == "all" or (sequence == "new" and i not in (existing or ()))
-                    for i in pos
-                ]
-            metas = [serialize_metadata(meta(i, f)) for i, f in zip(pos, fresh, strict=True)]
+                seqs = {
+                    rid: stamp_of(m)[1]
+                    for rid, m in zip(found["ids"], found.get("metadatas") or [], strict=False)
+                }
+                held = {i: seqs[ids[i]] for i in pos if ids[i] in seqs}
+            fresh = [sequence == "all" or (sequence == "new" and i not in held) for i in pos]
+            metas = [
+                serialize_metadata(meta(i, f, held.get(i))) for i, f in zip(pos, fresh, strict=True)
+            ]
             preflight = await self._cluster.preflight(target.shard)
             supports_b64 = bool(preflight.get("supports_base64_encoding"))
             step = max_batch if max_batch > 0 else len(pos)

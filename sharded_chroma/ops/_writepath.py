@@ -159,12 +159,16 @@ class WritePath:
         placements = router.place_records(state, ids, metadatas)
         groups, parts = router.group_placements(state, placements)
         async with self._ordering.hold(state.id, ids):
-            known: set[int] | None = None
+            known: dict[int, int | None] | None = None
             if not router.ids_routed(state):
                 # A record may live anywhere its routing value sent it: every part must answer
                 # before anything is written, and records whose value changed are moved.
                 found = await self._locator.locate(state, ids)
-                known = {i for pos in found.groups.values() for i in pos}
+                known = {
+                    i: found.stamps.get((key, i), (0, None))[1]
+                    for key, pos in found.groups.items()
+                    for i in pos
+                }
                 moving = _moving(found.groups, groups)
                 if moving:
                     await self._mover.move(
