@@ -190,3 +190,36 @@ async def test_delete_by_ids_and_filter_asks_once_under_hash(shard_urls: list[st
         assert sorted((await col.get())["ids"]) == sorted(ids[1::2])
         # One delete per shard owning some of the ids (and no look-up under hash of the id).
         assert sum(after.values()) - sum(before.values()) <= len(shard_urls)
+
+
+async def test_an_upsert_racing_a_delete_brings_the_record_back_with_its_sequence(
+    shard_urls: list[str],
+) -> None:
+    """Another process deletes the record between this upsert's look-up and its write: the
+    upsert recreates it, with the sequence it was found with, so sequence-range pages see it."""
+    client = await sharded_chroma.AsyncHttpClient(shards=shard_urls[:1])
+    other = await sharded_chroma.AsyncHttpClient(shards=shard_urls[:1])
+    try:
+        col = await client.create_collection("upsert-race", embedding_function=None)
+        await col.add(ids=["r"], embeddings=[[1.0, 0.0, 0.0]], documents=["v1"])
+        seq = (await stored_meta(shard_urls[0], "upsert-race", "r") or {})["_sc_seq"]
+        col_other = await other.get_collection("upsert-race", embedding_function=None)
+        io = client._runtime.io
+        looked_up = io.read
+
+        async def read_then_race(target: Any, suffix: str, body: Any) -> Any:
+            answer = await looked_up(target, suffix, body)
+            if suffix == "/get" and body.get("ids") == ["r"]:
+                await col_other.delete(ids=["r"])
+            return answer
+
+        io.read = read_then_race  # type: ignore[method-assign]
+        await col.upsert(ids=["r"], embeddings=[[0.0, 1.0, 0.0]], documents=["v2"])
+        io.read = looked_up  # type: ignore[method-assign]
+        meta = await stored_meta(shard_urls[0], "upsert-race", "r")
+        assert meta is not None and meta.get("_sc_seq") == seq
+        pages = [p async for p in col.scan(batch_size=10)]
+        assert [i for p in pages for i in p["ids"]] == ["r"]
+    finally:
+        await client.aclose()
+        await other.aclose()
