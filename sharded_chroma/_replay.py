@@ -22,6 +22,7 @@ import orjson
 from chromadb.errors import ChromaError, NotFoundError
 
 from ._errors import NodeUnavailableError
+from ._hintruns import COLUMNS, Run, coalesce
 from ._hints import Hint, HintLog
 from ._node import HintTarget, Node
 from .catalog._state import VERSION_KEY
@@ -38,7 +39,8 @@ _LEASE_TTL = 30.0
 _BATCH = 200
 # Server errors on one hint: after this many, it is set aside rather than block the node.
 _MAX_ATTEMPTS = 3
-_COLUMNS = ("embeddings", "metadatas", "documents", "uris")
+# Records per merged replay request: well under any server's batch limit.
+_RUN_RECORDS = 500
 
 
 def _version(meta: Any) -> int | None:
@@ -49,7 +51,7 @@ def _version(meta: Any) -> int | None:
 def _keep_rows(body: dict[str, Any], keep: Sequence[int]) -> dict[str, Any]:
     out = dict(body)
     out["ids"] = [body["ids"][i] for i in keep]
-    for name in _COLUMNS:
+    for name in COLUMNS:
         values = body.get(name)
         if isinstance(values, list):
             out[name] = [values[i] for i in keep]
@@ -128,23 +130,17 @@ class HintReplayer:
     async def _apply(
         self, node: Node, batch: Sequence[Hint], log: HintLog, rate: float | None
     ) -> tuple[int, bool]:
-        """Apply ``batch`` in order; (how many were applied or set aside, whether all were)."""
+        """Apply ``batch`` in order, runs of record writes as one request each; (how many
+        were applied or set aside, whether all were)."""
         done_upto = None
         applied = 0
         started = time.perf_counter()
         try:
-            for hint in batch:
-                try:
-                    await self._apply_one(node, hint)
-                except NotFoundError:
-                    # The collection was deleted since: the write has nothing to apply to.
-                    logger.info("hint %d for a deleted collection skipped", hint.id)
-                except ChromaError as exc:
-                    if not await self._refused(node, hint, exc, log):
-                        node.failed(self._clock())
-                        return applied, False
-                done_upto = hint.id
-                applied += 1
+            for run in await self._runs(node, batch):
+                if not await self._apply_run(node, run, log):
+                    return applied, False
+                done_upto = run.hints[-1].id
+                applied += len(run.hints)
                 if rate:
                     ahead = applied / rate - (time.perf_counter() - started)
                     if ahead > 0:
@@ -158,6 +154,46 @@ class HintReplayer:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(log.ack, node.url, done_upto)
         return applied, True
+
+    async def _runs(self, node: Node, batch: Sequence[Hint]) -> list[Run]:
+        items: list[tuple[Hint, str, dict[str, Any]]] = []
+        for hint in batch:
+            target = HintTarget(
+                hint.tenant, hint.database, hint.collection_id, hint.collection_name, hint.op
+            )
+            # The path the write was meant for, if known: a collection made again since has
+            # another physical id there, and the hint then has nothing to apply to.
+            try:
+                path = hint.path or await self._replay_target(node, target)
+            except NotFoundError:
+                path = ""  # the collection was deleted since: nothing to apply to
+            items.append((hint, path, orjson.loads(hint.body)))
+        return coalesce(items, _RUN_RECORDS)
+
+    async def _apply_run(self, node: Node, run: Run, log: HintLog) -> bool:
+        """Apply one run; False when the node failed (the run is left for later)."""
+        if len(run.hints) > 1:
+            try:
+                await self._send(node, run.op, run.path, run.body(), None)
+                return True
+            except NotFoundError:
+                logger.info("%d hint(s) for a deleted collection skipped", len(run.hints))
+                return True
+            except ChromaError:
+                pass  # one of them is refused: apply them one by one to find which
+        for hint, body in zip(run.hints, run.bodies, strict=True):
+            try:
+                if run.path:
+                    await self._send(node, hint.op, run.path, body, hint.version)
+                else:
+                    logger.info("hint %d for a deleted collection skipped", hint.id)
+            except NotFoundError:
+                logger.info("hint %d for a deleted collection skipped", hint.id)
+            except ChromaError as exc:
+                if not await self._refused(node, hint, exc, log):
+                    node.failed(self._clock())
+                    return False
+        return True
 
     async def _refused(self, node: Node, hint: Hint, exc: ChromaError, log: HintLog) -> bool:
         """Count a refusal; True when the hint was set aside (quarantined) and replay goes on.
@@ -176,39 +212,31 @@ class HintReplayer:
             )
         return final
 
-    async def _apply_one(self, node: Node, hint: Hint) -> None:
-        target = HintTarget(
-            hint.tenant, hint.database, hint.collection_id, hint.collection_name, hint.op
-        )
-        # The path the write was meant for, if known: a collection made again since has
-        # another physical id there, and the hint then has nothing to apply to (NotFound).
-        path = hint.path or await self._replay_target(node, target)
-        content: bytes | None = hint.body
-        if hint.op == "delete":
-            content = self._bounded_delete(hint)
+    async def _send(
+        self, node: Node, op: str, path: str, body: dict[str, Any], version: int | None
+    ) -> None:
+        if op == "delete":
+            content: bytes | None = self._bounded_delete(body, version)
         else:
-            content = await self._not_older(node, path, hint)
+            content = await self._not_older(node, path, body)
         if content is not None:
             await node.transport.request("POST", path, content=content)
 
     @staticmethod
-    def _bounded_delete(hint: Hint) -> bytes:
-        if hint.version is None:
-            return hint.body
-        body = orjson.loads(hint.body)
-        cond = {VERSION_KEY: {"$lte": hint.version}}
-        where = body.get("where")
-        body["where"] = {"$and": [where, cond]} if where else cond
+    def _bounded_delete(body: dict[str, Any], version: int | None) -> bytes:
+        if version is not None:
+            cond = {VERSION_KEY: {"$lte": version}}
+            where = body.get("where")
+            body = {**body, "where": {"$and": [where, cond]} if where else cond}
         return orjson.dumps(body)
 
-    async def _not_older(self, node: Node, path: str, hint: Hint) -> bytes | None:
-        """The hint's records the node holds no newer version of (None: none left)."""
-        body = orjson.loads(hint.body)
+    async def _not_older(self, node: Node, path: str, body: dict[str, Any]) -> bytes | None:
+        """The body's records the node holds no newer version of (None: none left)."""
         ids = body.get("ids") or []
         metas = body.get("metadatas")
         ours = [_version(m) for m in metas] if isinstance(metas, list) else [None] * len(ids)
         if not ids or all(v is None for v in ours):
-            return hint.body
+            return orjson.dumps(body)
         base = path.rsplit("/", 1)[0]
         got = await node.transport.request(
             "POST", f"{base}/get", body={"ids": ids, "include": ["metadatas"]}
@@ -221,8 +249,6 @@ class HintReplayer:
             for k, record_id in enumerate(ids)
             if ours[k] is None or (theirs.get(record_id) or 0) <= (ours[k] or 0)
         ]
-        if len(keep) == len(ids):
-            return hint.body
         if not keep:
             return None
-        return orjson.dumps(_keep_rows(body, keep))
+        return orjson.dumps(body if len(keep) == len(ids) else _keep_rows(body, keep))

@@ -24,7 +24,7 @@ from chromadb.errors import InternalError, InvalidArgumentError
 
 import sharded_chroma
 from sharded_chroma import ShardedClient, Topology
-from sharded_chroma._hints import HintLog
+from sharded_chroma._hints import Hint, HintLog
 from sharded_chroma._node import HintTarget, Node
 from sharded_chroma._nodestate import NodeStates, SqliteNodeStore
 from sharded_chroma._replicas import ReplicaSet
@@ -463,10 +463,9 @@ async def test_a_replayer_that_lost_its_lease_stops_before_its_next_batch(tmp_pa
 
         async def request(method: str, path: str, **kw: Any) -> Any:
             posted.append(path)
-            if len(posted) == 200:
-                # A stall longer than the lease: another process took it over meanwhile.
-                clock.now += 120.0
-                assert log.lease(node.url, "another-process", 60.0)
+            # A stall longer than the lease: another process took it over meanwhile.
+            clock.now += 120.0
+            assert log.lease(node.url, "another-process", 60.0)
             return {}
 
         node.transport.request = request  # type: ignore[method-assign]
@@ -475,6 +474,38 @@ async def test_a_replayer_that_lost_its_lease_stops_before_its_next_batch(tmp_pa
             return "/c/upsert"
 
         replayer = HintReplayer("s0", log, target, clock)
+        # The first batch (200 hints, disjoint ids: one merged request) was applied.
         assert await replayer.replay(node) == 200
-        assert len(posted) == 200, "kept writing on a lease another process holds"
+        assert len(posted) == 1, "kept writing on a lease another process holds"
         assert log.count(node.url) == 50
+
+
+def test_hints_merge_into_one_request_only_where_that_changes_nothing() -> None:
+    from sharded_chroma._hintruns import coalesce
+
+    def hint(k: int, op: str = "upsert") -> Hint:
+        return Hint(k, "http://n:1", "t", "d", CID, "c", op, b"", 0.0)
+
+    def body(*ids: str, docs: bool = True) -> dict[str, Any]:
+        return {
+            "ids": list(ids),
+            "embeddings": [[1.0]] * len(ids),
+            "documents": list(ids) if docs else None,
+        }
+
+    items = [
+        (hint(1), "/p/upsert", body("a", "b")),
+        (hint(2), "/p/upsert", body("c")),  # joins: same op, path and columns, new ids
+        (hint(3), "/p/upsert", body("a")),  # a again: a new run, so a's two writes keep order
+        (hint(4), "/q/upsert", body("d")),  # another collection
+        (hint(5), "/q/upsert", body("e", docs=False)),  # other columns
+        (hint(6, "delete"), "/q/delete", {"ids": ["e"]}),
+        (hint(7), "/q/upsert", body("f")),
+        (hint(8), "/q/upsert", body("g", "h", "j")),  # over the bound of 3 records
+        (hint(9), "", body("i")),  # a collection deleted since: alone
+    ]
+    runs = coalesce(items, max_records=3)
+    assert [[h.id for h in r.hints] for r in runs] == [[1, 2], [3], [4], [5], [6], [7], [8], [9]]
+    merged = runs[0].body()
+    assert merged["ids"] == ["a", "b", "c"] and merged["documents"] == ["a", "b", "c"]
+    assert merged["embeddings"] == [[1.0]] * 3
