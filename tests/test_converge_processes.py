@@ -18,6 +18,7 @@ The default run is bounded (one seed, about 10 s of writes); ``-m slow`` (or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import pickle
 import random
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chromadb.errors import NotFoundError
 
 import sharded_chroma
 from sharded_chroma._antirepair import repair
@@ -131,6 +133,9 @@ def _run(
 
     async def create() -> None:
         async with await sharded_chroma.AsyncHttpClient(topology=topology) as client:
+            # The module's servers are shared by its runs: start from no collection.
+            with contextlib.suppress(NotFoundError):
+                await client.delete_collection(NAME)
             await client.create_collection(NAME, embedding_function=None)
 
     asyncio.run(create())
