@@ -6,15 +6,16 @@ is restored from an old backup or written to directly. ``verify`` finds such dri
 
 Comparison is by content digest, not by record: a copy's records are read page by page and each
 record is reduced to ``id -> 16-byte digest`` at once. The primary and the replica are read in
-lockstep and a record is dropped from memory as soon as its counterpart on the other copy has
-been seen; since every copy receives writes in about the same order (Chroma returns records in
-insertion order), what is held at any time is the records out of step between the two copies
-plus the differences, and at worst (copies in opposite orders) one digest map of a shard.
+lockstep, both by ranges of the hidden sequence (``ops._seqpages``, so in the same order and
+never shifted by a concurrent delete), and a record is dropped from memory as soon as its
+counterpart on the other copy has been seen: what is held at any time is the records out of step
+between the two copies plus the differences.
 
-Both are safe under live traffic: paging with offsets over a collection that changes may report
-records that do not really differ (and miss some that do), so ``repair`` never trusts the scan:
-it reads the suspect ids from both copies by id, fixes what still differs, and re-checks the
-ids it touched, up to ``rounds`` times, to settle races with concurrent writes.
+Both are safe under live traffic: a record written or deleted during the pass may be reported
+as different without really differing, so ``repair`` never trusts the scan: it reads the
+suspect ids from both copies by id, fixes what still differs, and re-checks the ids it touched,
+up to ``rounds`` times, to settle races with concurrent writes. A record present on both copies
+for the whole pass is always compared.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -37,6 +38,7 @@ from ._policies import TimePolicy
 from ._replicas import ReplicaSet
 from ._reports import PairReport, VerifyReport
 from .catalog._state import CollectionState
+from .ops._seqpages import seq_pages
 
 if TYPE_CHECKING:
     from ._client import ShardedClient
@@ -201,9 +203,15 @@ async def _count(backend: Runtime, state: CollectionState, node: Node) -> int:
 
 
 async def _compare(
-    backend: Runtime, pair: Pair, page_size: int, ticker: Ticker, pending: Mapping[str, int]
+    backend: Runtime,
+    pair: Pair,
+    page_size: int,
+    ticker: Ticker,
+    pending: Mapping[str, int],
+    counted: Mapping[tuple[str, str], int],
 ) -> PairReport:
     rs, replica = pair.rs, pair.replica
+    counts = {n.url: counted.get((pair.collection, n.url), 0) for n in (rs.primary, replica)}
     base = PairReport(
         pair.collection,
         rs.name,
@@ -216,25 +224,44 @@ async def _compare(
         return replace(base, error=pair.error or "collection not loaded")
     nodes = (rs.primary, replica)
     diff = _Diff()
-    offsets = [0, 0]
     live = [True, True]
+    streams: list[AsyncGenerator[dict[str, Any], None]] = []
 
-    async def pull(side: int, path: str) -> None:
-        body = {"limit": page_size, "offset": offsets[side], "include": _INCLUDE}
-        digests = page_digests(await call_node(rs, nodes[side], path, body))
-        offsets[side] += len(digests)
-        live[side] = len(digests) == page_size
+    def stream(node: Node, path: str) -> AsyncGenerator[dict[str, Any], None]:
+        async def read(body: Mapping[str, Any]) -> Mapping[str, Any]:
+            answer: Mapping[str, Any] = await call_node(rs, node, path, body)
+            return answer
+
+        async def same_node(body: Mapping[str, Any], _sticky: dict[str, Any]) -> Any:
+            return await read(body)
+
+        return seq_pages(
+            read, same_node, {"include": _INCLUDE}, page_size, sweep_below=counts.get(node.url)
+        )
+
+    async def pull(side: int) -> None:
+        try:
+            page = await anext(streams[side])
+        except StopAsyncIteration:
+            live[side] = False
+            return
+        digests = page_digests(page)
         diff.feed(side, digests)
         ticker(done=len(digests))
 
     try:
         paths = [await backend.physical.node_path(pair.state, node, "/get") for node in nodes]
-        # Lockstep: both copies advance a page at a time, so records in step are matched and
-        # dropped at once and memory holds only what is out of step.
+        streams.extend(stream(node, path) for node, path in zip(nodes, paths, strict=True))
+        # Lockstep by sequence ranges (``ops._seqpages``): both copies advance a page at a
+        # time in the same order, so records in step are matched and dropped at once, and a
+        # concurrent delete never shifts a page past a record.
         while any(live):
-            await each_limited([functools.partial(pull, i, paths[i]) for i in (0, 1) if live[i]])
+            await each_limited([functools.partial(pull, i) for i in (0, 1) if live[i]])
     except (ChromaError, ShardedChromaError) as exc:
         return replace(base, error=reason_of(exc))
+    finally:
+        for gen in streams:
+            await gen.aclose()
     report = replace(
         base,
         primary_records=diff.seen[0],
@@ -275,7 +302,10 @@ async def verify_pairs(
                 counted[key] = await _count(backend, pair.state, node)
             ticker(more=counted[key])
     reports = await each_limited(
-        [functools.partial(_compare, backend, p, page_size, ticker, pending) for p in pairs]
+        [
+            functools.partial(_compare, backend, p, page_size, ticker, pending, counted)
+            for p in pairs
+        ]
     )
     report = VerifyReport(
         collections=tuple(names),

@@ -509,3 +509,42 @@ def test_hints_merge_into_one_request_only_where_that_changes_nothing() -> None:
     merged = runs[0].body()
     assert merged["ids"] == ["a", "b", "c"] and merged["documents"] == ["a", "b", "c"]
     assert merged["embeddings"] == [[1.0]] * 3
+
+
+async def test_verify_finds_drift_while_records_are_deleted_under_it(
+    servers: list[LocalChromaServer], tmp_path: Path
+) -> None:
+    from sharded_chroma._antientropy import verify
+
+    topology = pair(servers[0].url, servers[1].url, tmp_path, replay_in_background=False)
+    async with client_for(topology) as client:
+        col = await client.create_collection("verify-deletes", embedding_function=None)
+        ids = [f"r-{k:03d}" for k in range(300)]
+        await col.add(ids=ids, embeddings=[[float(k), 0.0, 1.0] for k in range(300)])
+        # Drift: the replica lost one record (written to directly, say).
+        replica = node_of(client, servers[1].url)
+        state = await client._runtime.catalog.state(col.id, col.tenant, col.database)
+        path = await client._runtime.physical.node_path(state, replica, "/delete")
+        await replica.transport.request("POST", path, body={"ids": ["r-120"]})
+        # After the primary's first page, a hundred records before it are deleted (both
+        # copies, through the client): offset pages would then skip r-120 on both sides.
+        primary = node_of(client, servers[0].url)
+        request = primary.transport.request
+        fired = False
+
+        async def racing(method: str, path: str, **kw: Any) -> Any:
+            nonlocal fired
+            answer = await request(method, path, **kw)
+            body = kw.get("body") or {}
+            if path.endswith("/get") and body.get("include") and not fired:
+                fired = True
+                await col.delete(ids=ids[:100])
+            return answer
+
+        primary.transport.request = racing  # type: ignore[method-assign]
+        try:
+            found = await verify(client, collections=["verify-deletes"], page_size=64)
+        finally:
+            primary.transport.request = request  # type: ignore[method-assign]
+        assert fired
+        assert "r-120" in found.pairs[0].missing, found.pairs[0]

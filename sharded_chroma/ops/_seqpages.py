@@ -26,7 +26,7 @@ copy (Chroma cannot select records that lack a key) and read by id, sorted by id
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from .._merge import order_key
@@ -88,14 +88,21 @@ def _sorted(answer: Mapping[str, Any], rows: Sequence[int]) -> list[int]:
 
 
 async def seq_pages(
-    read: Read, sticky_read: StickyRead, body: Mapping[str, Any], bound: int
-) -> AsyncIterator[dict[str, Any]]:
+    read: Read,
+    sticky_read: StickyRead,
+    body: Mapping[str, Any],
+    bound: int,
+    *,
+    sweep_below: int | None = None,
+) -> AsyncGenerator[dict[str, Any], None]:
     """A part's get ``body`` as pages of at most ``bound`` records, in (seq, id) order, then
     records without a sequence by id; ``body["limit"]``, if set, bounds the total.
 
     ``read`` asks any copy that serves reads; ``sticky_read`` keeps to one copy (only the
     sweep for unsequenced records uses it). At least one page is yielded. One page can exceed
-    ``bound`` only when more than ``bound`` records share one sequence value."""
+    ``bound`` only when more than ``bound`` records share one sequence value. With
+    ``sweep_below`` (the records the part is known to hold), fewer sequenced records than that
+    also start the sweep: anti-entropy must find records written outside this library."""
     want = body.get("limit")
     user = body.get("where") or None
     base = {k: v for k, v in body.items() if k not in ("limit", "offset", "where")}
@@ -184,7 +191,8 @@ async def seq_pages(
         full = len(answer["ids"]) >= take
         unsequenced |= _floats(answer)
 
-    if unsequenced and (want is None or got < want):
+    short = sweep_below is not None and got < sweep_below
+    if (unsequenced or short) and (want is None or got < want):
         async for page in _unsequenced(read, sticky_read, base, user, bound, want, got):
             yielded = True
             yield page
