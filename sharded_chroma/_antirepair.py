@@ -124,10 +124,18 @@ async def _fix_batch(
     pages = (truth, copy)
     digests = (dict(page_digests(truth)), dict(page_digests(copy)))
     versions = (_version(truth), _version(copy))
-    lonely = [i for i in batch if (i in digests[0]) != (i in digests[1])]
-    tombs = await anyio.to_thread.run_sync(
-        backend.cluster.node_states.tombstones, str(state.id), lonely
-    )
+    nodes = (pair.rs.primary, pair.replica)
+    states = backend.cluster.node_states
+    # Tombstones of the copy that holds a lonely record: a delete *that copy* missed.
+    tombs = [
+        await anyio.to_thread.run_sync(
+            states.tombstones,
+            nodes[side].url,
+            str(state.id),
+            [i for i in batch if i in digests[side] and i not in digests[1 - side]],
+        )
+        for side in (0, 1)
+    ]
     # Per side: (absent, differing, delete) to apply to that side.
     todo: tuple[tuple[list[str], list[str], list[str]], ...] = (([], [], []), ([], [], []))
     for i in batch:
@@ -140,7 +148,7 @@ async def _fix_batch(
         if not (on[0] or on[1]):
             continue
         holder = 0 if on[0] else 1
-        if i in tombs and tombs[i] >= versions[holder][i]:
+        if i in tombs[holder] and tombs[holder][i] >= versions[holder][i]:
             todo[holder][2].append(i)
         else:
             todo[1 - holder][0].append(i)
@@ -148,7 +156,6 @@ async def _fix_batch(
     deleted = sorted({*todo[0][2], *todo[1][2]})
     if round_no < 0:
         return written, deleted
-    nodes = (pair.rs.primary, pair.replica)
     for side in (0, 1):
         if any(todo[side]):
             source = (pages[1 - side], pages[side])
@@ -227,7 +234,8 @@ async def _replay_stale(backend: Runtime) -> dict[str, int]:
         for node in rs.nodes:
             if node.stale:
                 try:
-                    count = await rs.replay(node)
+                    # After the background replayer's turn, if it holds the copy now.
+                    count = await rs.replay(node, wait=True)
                 except (ChromaError, ShardedChromaError) as exc:
                     logger.warning("replaying hints to %s failed: %s", node.url, exc)
                     continue
@@ -260,6 +268,11 @@ async def repair(
     started = time.perf_counter()
     backend = client._live()
     ticker = Ticker(progress)
+    states = backend.cluster.node_states
+    await anyio.to_thread.run_sync(states.refresh)
+    # The marks as they stand now: one added while the repair runs (a write missed meanwhile)
+    # is not cleared by it.
+    seen = {n.url: states.get(n.url) for n in backend.cluster.all_nodes()}
     replayed = await _replay_stale(backend)
     before, pairs = await verify_pairs(
         client, backend, collections, page_size, ticker, repairing=True
@@ -279,8 +292,8 @@ async def repair(
         settled -= {r.replica for r in unsettled} | {r.primary for r in unsettled}
         for rs in backend.cluster.shards.values():
             for node in rs.nodes:
-                if node.needs_repair and node.url in settled:
-                    rs.mark_repaired(node)
+                if seen[node.url].needs_repair and node.url in settled:
+                    rs.mark_repaired(node, seen[node.url])
     return RepairReport(
         before=before,
         pairs=tuple(fixed),

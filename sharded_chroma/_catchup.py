@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import anyio
 
+from ._node import Node
 from ._nodestate import NodeStates
 from ._replicas import ReplicaSet
 
@@ -81,24 +82,31 @@ class CatchUp:
 
     async def _sweep(self) -> None:
         self._states.refresh()
-        for rs in self._shards:
-            for node in rs.nodes:
-                url = node.url
-                if not self._states.get(url).pending or time.monotonic() < self._next_try.get(
-                    url, 0
-                ):
-                    continue
-                try:
-                    done = await rs.replay(node, rate=self._rate)
-                except Exception as exc:  # resolving the target failed: the node waits a probe
-                    logger.warning("replaying hints to %s failed: %s", url, exc)
-                    done = 0
-                self.replayed += done
-                self._states.refresh()
-                if done == 0 and self._states.get(url).pending:
-                    self._next_try[url] = time.monotonic() + self._probe
-                else:
-                    self._next_try.pop(url, None)
+        now = time.monotonic()
+        due = [
+            (rs, node)
+            for rs in self._shards
+            for node in rs.nodes
+            if self._states.get(node.url).pending and now >= self._next_try.get(node.url, 0)
+        ]
+        # Copies at once: one that accepts connections but hangs must not hold up the others.
+        async with anyio.create_task_group() as tg:
+            for rs, node in due:
+                tg.start_soon(self._drain, rs, node)
+
+    async def _drain(self, rs: ReplicaSet, node: Node) -> None:
+        url = node.url
+        try:
+            done = await rs.replay(node, rate=self._rate)
+        except Exception as exc:  # resolving the target failed: the node waits a probe
+            logger.warning("replaying hints to %s failed: %s", url, exc)
+            done = 0
+        self.replayed += done
+        self._states.refresh()
+        if done == 0 and self._states.get(url).pending:
+            self._next_try[url] = time.monotonic() + self._probe
+        else:
+            self._next_try.pop(url, None)
 
     async def _close_sessions(self) -> None:
         for rs in self._shards:

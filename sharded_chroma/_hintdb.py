@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["SCHEMA_VERSION", "add_counts", "connect", "mark_repair", "transaction"]
+__all__ = ["SCHEMA_VERSION", "connect", "mark_repair", "transaction"]
 
 SCHEMA_VERSION = 2
 # Another process may hold the write lock for one fsync-ed commit at a time; seconds of waiting
@@ -50,8 +50,9 @@ ALTER TABLE hints ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
 -- collection (or time bucket) dropped and made again has a new id, so an old hint never
 -- lands in the new one.
 ALTER TABLE hints ADD COLUMN path TEXT;
--- Counters kept in the same transactions as the hints they count, so reading every node's
--- state is one small table however many hints are pending.
+-- Counters of the hints per node, so reading every node's state is one small table however
+-- many hints are pending. Kept by triggers, in the same transaction as the change they count,
+-- so a process still running older code (which knows no counters) cannot make them drift.
 CREATE TABLE node_state (
     node TEXT PRIMARY KEY,
     pending INTEGER NOT NULL DEFAULT 0,
@@ -59,7 +60,9 @@ CREATE TABLE node_state (
     quarantined INTEGER NOT NULL DEFAULT 0,
     needs_repair INTEGER NOT NULL DEFAULT 0,
     reason TEXT,
-    since REAL
+    since REAL,
+    -- Bumped by every mark: a repair clears a mark only if none was added since it began.
+    mark_gen INTEGER NOT NULL DEFAULT 0
 );
 INSERT INTO node_state (node, pending, bytes)
     SELECT node, COUNT(*), SUM(size) FROM hints GROUP BY node;
@@ -79,15 +82,30 @@ CREATE TABLE quarantine (
     error TEXT NOT NULL,
     quarantined_at REAL NOT NULL
 );
+-- A delete a node missed: that node's copy of the record, at most that version, is deleted.
+-- Keyed by the node (a record moved to another shard is not the deleted one) and the part.
 CREATE TABLE tombstones (
+    node TEXT NOT NULL,
     collection_id TEXT NOT NULL,
     record_id TEXT NOT NULL,
     version INTEGER NOT NULL,
     created_at REAL NOT NULL,
-    PRIMARY KEY (collection_id, record_id)
+    PRIMARY KEY (node, collection_id, record_id)
 );
 CREATE INDEX tombstones_created_at ON tombstones (created_at)
 """
+
+# Trigger bodies hold semicolons: executed one by one, after _V2.
+_V2_TRIGGERS = (
+    """CREATE TRIGGER hints_counted AFTER INSERT ON hints BEGIN
+    INSERT INTO node_state (node, pending, bytes) VALUES (NEW.node, 1, NEW.size)
+        ON CONFLICT(node) DO UPDATE SET pending = pending + 1, bytes = bytes + NEW.size;
+END""",
+    """CREATE TRIGGER hints_uncounted AFTER DELETE ON hints BEGIN
+    UPDATE node_state SET pending = pending - 1, bytes = bytes - OLD.size
+        WHERE node = OLD.node;
+END""",
+)
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -133,7 +151,7 @@ def connect(path: Path, *, migrate: bool) -> sqlite3.Connection:
                     for statement in _statements(_V1):
                         conn.execute(statement)
                 if version < 2:
-                    for statement in _statements(_V2):
+                    for statement in (*_statements(_V2), *_V2_TRIGGERS):
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     except BaseException:
@@ -142,20 +160,12 @@ def connect(path: Path, *, migrate: bool) -> sqlite3.Connection:
     return conn
 
 
-def add_counts(conn: sqlite3.Connection, node: str, pending: int, size: int) -> None:
-    """Add to ``node``'s pending counters (negative to subtract), in the caller's transaction."""
-    conn.execute(
-        "INSERT INTO node_state (node, pending, bytes) VALUES (?, ?, ?) ON CONFLICT(node)"
-        " DO UPDATE SET pending = pending + excluded.pending, bytes = bytes + excluded.bytes",
-        (node, pending, size),
-    )
-
-
 def mark_repair(conn: sqlite3.Connection, node: str, reason: str, now: float) -> None:
     """Mark ``node`` needs-repair, keeping the first reason and time of an open mark."""
     conn.execute(
-        "INSERT INTO node_state (node, needs_repair, reason, since) VALUES (?, 1, ?, ?)"
-        " ON CONFLICT(node) DO UPDATE SET needs_repair = 1,"
-        " reason = COALESCE(reason, excluded.reason), since = COALESCE(since, excluded.since)",
+        "INSERT INTO node_state (node, needs_repair, reason, since, mark_gen)"
+        " VALUES (?, 1, ?, ?, 1) ON CONFLICT(node) DO UPDATE SET needs_repair = 1,"
+        " reason = COALESCE(reason, excluded.reason), since = COALESCE(since, excluded.since),"
+        " mark_gen = mark_gen + 1",
         (node, reason, now),
     )

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ._errors import ClientClosedError, HintLogFullError
-from ._hintdb import add_counts, connect, mark_repair, transaction
+from ._hintdb import connect, mark_repair, transaction
 from ._topology import _redact
 
 __all__ = ["OPS", "Hint", "HintLog"]
@@ -121,13 +121,15 @@ class HintLog:
         *,
         version: int | None = None,
         deleted_ids: Sequence[str] = (),
+        deleted_version: int | None = None,
         path: str | None = None,
     ) -> Hint:
         """Durably record that ``node`` missed a write; return the stored hint.
 
-        A delete names its ``version`` and the ``deleted_ids`` it removes, which are kept as
-        tombstones as long as hints are. Raises :class:`HintLogFullError` (nothing stored) if
-        the hint would exceed ``max_hints`` or ``max_bytes``.
+        A delete names its ``version`` and the ``deleted_ids`` it surely removes (up to
+        ``deleted_version``, default ``version``), kept as ``node``'s tombstones as long as
+        hints are, and while any node needs repair. Raises :class:`HintLogFullError` (no hint
+        stored; the tombstones are) if the hint would exceed ``max_hints`` or ``max_bytes``.
         """
         for name, value in (
             ("node", node),
@@ -169,16 +171,12 @@ class HintLog:
                         (*fields, created_at, size, version, path),
                     )
                     assert cur.lastrowid is not None
-                    add_counts(conn, node, 1, size)
-                    if version is not None and deleted_ids:
-                        conn.executemany(
-                            "INSERT INTO tombstones (collection_id, record_id, version,"
-                            " created_at) VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
-                            " version = MAX(version, excluded.version),"
-                            " created_at = excluded.created_at",
-                            [(collection_id, i, version, created_at) for i in deleted_ids],
-                        )
                     hint = Hint(cur.lastrowid, *fields, created_at, version, 0, path)
+                # Tombstones even when the hint does not fit (they are small and unbounded by
+                # the hint bounds): the copy is then marked for repair, which needs them.
+                upto = version if deleted_version is None else deleted_version
+                if upto is not None and deleted_ids:
+                    self._tombstones(conn, node, collection_id, deleted_ids, upto)
             if hint is not None:
                 self._full = False
                 return hint
@@ -190,6 +188,22 @@ class HintLog:
         raise HintLogFullError(
             f"hint log full, cannot record missed {op} for node {_redact(node)}: {bound}",
             node=node,
+        )
+
+    def _tombstones(
+        self,
+        conn: sqlite3.Connection,
+        node: str,
+        collection_id: str,
+        ids: Sequence[str],
+        version: int,
+    ) -> None:
+        now = float(self._clock())
+        conn.executemany(
+            "INSERT INTO tombstones (node, collection_id, record_id, version, created_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
+            " version = MAX(version, excluded.version), created_at = excluded.created_at",
+            [(node, collection_id, i, version, now) for i in ids],
         )
 
     def pending(self, node: str, limit: int = 500) -> list[Hint]:
@@ -234,10 +248,7 @@ class HintLog:
                         " path, ?, ? FROM hints WHERE id = ?",
                         (error[:500], now, hint.id),
                     )
-                    size = conn.execute(
-                        "DELETE FROM hints WHERE id = ? RETURNING size", (hint.id,)
-                    ).fetchone()[0]
-                    add_counts(conn, hint.node, -1, -size)
+                    conn.execute("DELETE FROM hints WHERE id = ?", (hint.id,))
                     conn.execute(
                         "UPDATE node_state SET quarantined = quarantined + 1 WHERE node = ?",
                         (hint.node,),
@@ -263,9 +274,10 @@ class HintLog:
         return dict(rows)
 
     def expire(self) -> dict[str, int]:
-        """Drop hints and tombstones older than ``max_age``; return how many hints were dropped
-        per node. A node that lost hints missed writes nobody will replay: it is marked
-        needs-repair in the same transaction."""
+        """Drop hints older than ``max_age``; return how many were dropped per node. A node
+        that lost hints missed writes nobody will replay: it is marked needs-repair in the same
+        transaction. Tombstones older than ``max_age`` go too, but none while any node needs
+        repair: the repair needs them to tell a missed delete from a missed add."""
         cutoff = float(self._clock()) - self.max_age
         return self._delete("created_at < ?", (cutoff,), lost="hints expired before replay")
 
@@ -288,12 +300,15 @@ class HintLog:
                 ).fetchall()
                 if rows:
                     conn.execute(f"DELETE FROM hints WHERE {where}", params)
-                for node, n, size in rows:
-                    add_counts(conn, node, -n, -size)
+                for node, n, _size in rows:
                     if lost is not None:
                         mark_repair(conn, node, f"{n} {lost}", float(self._clock()))
                 if lost is not None:
-                    conn.execute(f"DELETE FROM tombstones WHERE {where}", params)
+                    conn.execute(
+                        f"DELETE FROM tombstones WHERE {where} AND NOT EXISTS"
+                        " (SELECT 1 FROM node_state WHERE needs_repair = 1)",
+                        params,
+                    )
         return {node: n for node, n, _ in rows}
 
     # -- leases ---------------------------------------------------------------------------------

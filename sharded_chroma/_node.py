@@ -26,7 +26,9 @@ class HintTarget:
     version: int | None = None
     """A delete's version: replay removes only copies no newer than it."""
     deleted_ids: tuple[str, ...] = ()
-    """The ids a delete names, kept as tombstones while the hint may be pending."""
+    """The ids a delete surely removes, kept as tombstones of the copy that missed it."""
+    deleted_version: int | None = None
+    """The newest version of those ids the delete removes."""
 
 
 class Node:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ._errors import ClientClosedError
 from ._hintdb import connect, mark_repair, transaction
@@ -38,6 +38,10 @@ class NodeState:
     reason: str | None = None
     quarantined: int = 0
     """Hints it kept refusing, kept aside until a repair."""
+    mark_gen: int = 0
+    """Changes with every new mark; a repair clears only the marks it saw begin."""
+    last_quarantined: int = 0
+    """The newest quarantined hint's id (0: none)."""
 
     @property
     def behind(self) -> bool:
@@ -55,84 +59,109 @@ class NodeStateStore(Protocol):
 
     def mark_needs_repair(self, node: str, reason: str) -> None: ...
 
-    def clear_repair(self, node: str) -> None: ...
+    def clear_repair(self, node: str, seen: NodeState) -> None:
+        """Clear the mark and the quarantined hints ``seen`` (a state read before the repair
+        began); a mark or quarantine added since stays."""
 
-    def tombstones(self, collection_id: str, ids: Iterable[str]) -> dict[str, int]:
-        """Delete versions of those ``ids`` a hinted delete removed (kept as long as hints)."""
+    def tombstones(self, node: str, collection_id: str, ids: Iterable[str]) -> dict[str, int]:
+        """Delete versions of those ``ids`` that ``node`` missed a delete of."""
+
+
+_STATES = (
+    "SELECT node, pending, needs_repair, reason, quarantined, mark_gen,"
+    " (SELECT COALESCE(MAX(q.id), 0) FROM quarantine q WHERE q.node = node_state.node)"
+    " FROM node_state"
+)
 
 
 class SqliteNodeStore:
-    """Node state in the hint-log file (see ``_hintdb``)."""
+    """Node state in the hint-log file (see ``_hintdb``). Reads have their own connection
+    and lock, so a read on a caller's event loop never waits behind a write's file lock."""
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = connect(path, migrate=True)
+        self._read_lock = threading.Lock()
+        self._reader: sqlite3.Connection | None = connect(path, migrate=False)
 
-    def _c(self) -> sqlite3.Connection:
+    def _writer(self) -> sqlite3.Connection:
         if self._conn is None:
             raise ClientClosedError("node state used after close()")
         return self._conn
 
+    def _read(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._read_lock:
+            if self._reader is None:
+                raise ClientClosedError("node state used after close()")
+            return self._reader.execute(sql, params).fetchall()
+
     def version(self) -> int:
-        with self._lock:
-            # Changes on commits of *other* connections; this store's own writes bump it via
-            # the reload NodeStates forces after each of them.
-            return int(self._c().execute("PRAGMA data_version").fetchone()[0])
+        # Changes on commits of every other connection, this store's writer included.
+        return int(self._read("PRAGMA data_version")[0][0])
 
     def states(self) -> dict[str, NodeState]:
-        with self._lock:
-            rows = (
-                self._c()
-                .execute("SELECT node, pending, quarantined, needs_repair, reason FROM node_state")
-                .fetchall()
-            )
-        return {
-            node: NodeState(pending, bool(repair), reason, quarantined)
-            for node, pending, quarantined, repair, reason in rows
-            if pending or quarantined or repair
-        }
+        out: dict[str, NodeState] = {}
+        for node, pending, repair, reason, quarantined, gen, last in self._read(_STATES):
+            if pending or quarantined or repair:
+                out[str(node)] = NodeState(
+                    int(pending),
+                    bool(repair),
+                    None if reason is None else str(reason),
+                    int(quarantined),
+                    int(gen),
+                    int(last),
+                )
+        return out
 
     def mark_needs_repair(self, node: str, reason: str) -> None:
         with self._lock:
-            conn = self._c()
+            conn = self._writer()
             with transaction(conn):
                 mark_repair(conn, node, reason, float(self._clock()))
 
-    def clear_repair(self, node: str) -> None:
+    def clear_repair(self, node: str, seen: NodeState) -> None:
         with self._lock:
-            conn = self._c()
+            conn = self._writer()
             with transaction(conn):
-                conn.execute("DELETE FROM quarantine WHERE node = ?", (node,))
                 conn.execute(
-                    "UPDATE node_state SET needs_repair = 0, reason = NULL, since = NULL,"
-                    " quarantined = 0 WHERE node = ?",
+                    "DELETE FROM quarantine WHERE node = ? AND id <= ?",
+                    (node, seen.last_quarantined),
+                )
+                conn.execute(
+                    "UPDATE node_state SET quarantined ="
+                    " (SELECT COUNT(*) FROM quarantine q WHERE q.node = node_state.node)"
+                    " WHERE node = ?",
                     (node,),
                 )
+                conn.execute(
+                    "UPDATE node_state SET needs_repair = 0, reason = NULL, since = NULL"
+                    " WHERE node = ? AND mark_gen = ?",
+                    (node, seen.mark_gen),
+                )
 
-    def tombstones(self, collection_id: str, ids: Iterable[str]) -> dict[str, int]:
+    def tombstones(self, node: str, collection_id: str, ids: Iterable[str]) -> dict[str, int]:
         wanted = list(ids)
         found: dict[str, int] = {}
-        with self._lock:
-            for start in range(0, len(wanted), 500):
-                chunk = wanted[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                found.update(
-                    self._c()
-                    .execute(
-                        "SELECT record_id, version FROM tombstones WHERE collection_id = ?"
-                        f" AND record_id IN ({marks})",
-                        (collection_id, *chunk),
-                    )
-                    .fetchall()
-                )
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._read(
+                "SELECT record_id, version FROM tombstones WHERE node = ? AND collection_id = ?"
+                f" AND record_id IN ({marks})",
+                (node, collection_id, *chunk),
+            )
+            found.update({str(r): int(v) for r, v in rows})
         return found
 
     def close(self) -> None:
         with self._lock:
             conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
+        with self._read_lock:
+            reader, self._reader = self._reader, None
+        for c in (conn, reader):
+            if c is not None:
+                c.close()
 
 
 class NodeStates:
@@ -190,11 +219,17 @@ class NodeStates:
             self._local[node] = reason
         self.changed()
 
-    def clear_repair(self, node: str) -> None:
+    def clear_repair(self, node: str, seen: NodeState | None = None) -> None:
+        """Clear ``node``'s mark as ``seen`` before a repair began (None: whatever it is now,
+        for a reset that dropped everything)."""
         if self._store is not None:
-            self._store.clear_repair(node)
+            if seen is None:
+                seen = self._store.states().get(node, NodeState())
+            self._store.clear_repair(node, seen)
         self._local.pop(node, None)
         self.changed()
 
-    def tombstones(self, collection_id: str, ids: Iterable[str]) -> dict[str, int]:
-        return {} if self._store is None else self._store.tombstones(collection_id, ids)
+    def tombstones(self, node: str, collection_id: str, ids: Iterable[str]) -> dict[str, int]:
+        if self._store is None:
+            return {}
+        return self._store.tombstones(node, collection_id, ids)

@@ -83,11 +83,25 @@ class HintReplayer:
         A replay cut short (lease lost, the node failing, a deadline of the caller) keeps
         what it applied: it is progress, not a failure.
         """
-        log = self._hints
         if not node.replay_lock.acquire(blocking=False):
             if not wait:
                 return 0
-            await anyio.to_thread.run_sync(node.replay_lock.acquire)
+            # Polled, never a thread blocked on the lock: a blocked worker thread would hold
+            # one of the loop's thread tokens (the holder needs one to finish) and could take
+            # the lock after its caller was cancelled, leaving it taken for good.
+            while not node.replay_lock.acquire(blocking=False):  # noqa: ASYNC110 - a thread lock
+                await anyio.sleep(0.01)
+        try:
+            replayed = await self._replay_locked(node, rate)
+        finally:
+            node.replay_lock.release()
+        if replayed:
+            logger.info("shard %s node %s: replayed %d hint(s)", self.name, node.url, replayed)
+            node.succeeded()
+        return replayed
+
+    async def _replay_locked(self, node: Node, rate: float | None) -> int:
+        log = self._hints
         replayed = 0
         leased = False
         try:
@@ -120,11 +134,10 @@ class HintReplayer:
         finally:
             if leased:
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(log.release, node.url, self._owner)
-            node.replay_lock.release()
-        if replayed:
-            logger.info("shard %s node %s: replayed %d hint(s)", self.name, node.url, replayed)
-            node.succeeded()
+                    try:
+                        await anyio.to_thread.run_sync(log.release, node.url, self._owner)
+                    except Exception as exc:  # it expires on its own; another may then take it
+                        logger.warning("replay lease of %s not released: %s", node.url, exc)
         return replayed
 
     async def _apply(

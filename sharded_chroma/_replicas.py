@@ -8,6 +8,7 @@ This is the one layer that retries: it knows which other copies could answer.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -19,7 +20,7 @@ from ._errors import NodeUnavailableError, WriteConcernError
 from ._hedging import Hedger, timed
 from ._hints import HintLog
 from ._node import HintTarget, Node, required_copies
-from ._nodestate import NodeStates
+from ._nodestate import NodeState, NodeStates
 from ._replay import HintReplayer, ReplayTarget
 from ._selection import Selector, make_selector
 from ._topology import ReplicationConfig, ShardConfig
@@ -56,6 +57,9 @@ class ReplicaSet:
         self.name = shard.name
         self.config = config
         self._states = states
+        self.writes_in_flight = 0
+        self._count_lock = threading.Lock()
+        """Writes not finished (their hints not yet kept): closing waits for them."""
         self.nodes = [
             Node(NodeTransport(n, shard.name), primary=(i == 0), config=config, states=states)
             for i, n in enumerate(shard.nodes)
@@ -163,8 +167,13 @@ class ReplicaSet:
     async def _wait_for_one(self) -> list[Node]:
         """Replay to the copy with the fewest missed writes until one is caught up, within
         the inline deadline; the copies that may then be read."""
+        now = self._clock()
         with anyio.move_on_after(self.config.replay_inline_deadline):
-            for node in sorted(self.nodes, key=lambda n: self._states.get(n.url).pending):
+            # Copies that answer first, then the fewest missed writes.
+            order = sorted(
+                self.nodes, key=lambda n: (not n.healthy(now), self._states.get(n.url).pending)
+            )
+            for node in order:
                 if self._states.get(node.url).needs_repair:
                     continue
                 await self.replay(node, wait=True)
@@ -193,82 +202,85 @@ class ReplicaSet:
         copies answered with when none stored it (the request's fault, as chromadb raises it).
         """
         self._states.refresh()
+        with self._count_lock:  # writers may run on several threads' loops
+            self.writes_in_flight += 1
+        try:
+            return await self._write(path_for, content, target, concern, known_path)
+        finally:
+            with self._count_lock:
+                self.writes_in_flight -= 1
+
+    async def _write(
+        self,
+        path_for: Callable[[Node], Awaitable[str]],
+        content: bytes,
+        target: HintTarget,
+        concern: str,
+        known_path: Callable[[Node], str | None] | None,
+    ) -> Any:
         answers: dict[str, Any] = {}
         misses: dict[str, BaseException] = {}
-        refusals: dict[str, BaseException] = {}
-        paths: dict[str, str] = {}
+        refusals: dict[str, ChromaError] = {}
+        # Copies that did not store the write, with why and the path it was meant for: hinted
+        # once the outcome is known (see _owe).
+        owed: dict[str, tuple[str, str | None, BaseException | None]] = {}
 
         needed = required_copies(concern, len(self.nodes))
         settled = anyio.Event()
         finished = anyio.Event()
 
         def check() -> None:
-            done = len(answers) + len(misses) + len(refusals) == len(self.nodes)
+            done = len(answers) + len(owed) == len(self.nodes)
             if done:
                 finished.set()
             if done or len(answers) >= needed:
                 settled.set()
 
         async def one(node: Node) -> None:
+            path = None if known_path is None else known_path(node)
             if self._states.behind(node.url):
-                path = None if known_path is None else known_path(node)
-                with anyio.CancelScope(shield=True):
-                    misses[node.url] = await self._hint(
-                        node, target, content, reason="behind", path=path
-                    )
+                owed[node.url] = ("behind", path, None)
                 check()
                 return
-            path = None
             try:
-                path = paths[node.url] = await path_for(node)
+                path = await path_for(node)
                 answers[node.url] = await timed(
                     lambda n: n.transport.request("POST", path, content=content), node
                 )
             except NodeUnavailableError as exc:
                 node.failed(self._clock())
-                misses[node.url] = exc
-                # Shielded: a write cut off while being hinted would be lost for this copy.
-                with anyio.CancelScope(shield=True):
-                    await self._hint(node, target, content, reason="unreachable", path=path)
+                owed[node.url] = ("unreachable", path, exc)
             except ChromaError as exc:
                 refusals[node.url] = exc
+                owed[node.url] = (f"refused ({type(exc).__name__})", path, exc)
             except anyio.get_cancelled_exc_class():
-                # Cut off after the concern was met: the copy may or may not have stored
-                # it, so it is hinted (replaying a write is idempotent) and stops serving
-                # reads until the replay.
-                with anyio.CancelScope(shield=True):
-                    misses[node.url] = await self._hint(
-                        node, target, content, reason="slow", path=path
-                    )
+                # Cut off after the concern was met: the copy may or may not have stored it;
+                # replaying a write is idempotent and version-checked.
+                owed[node.url] = ("slow", path, None)
                 raise
             check()
 
-        if len(self.nodes) == 1:
-            await one(self.primary)
-        else:
-            async with anyio.create_task_group() as tg:
-                for node in self.nodes:
-                    tg.start_soon(one, node)
-                await settled.wait()
-                # The concern is met (or nothing is left to wait for): copies still writing
-                # get a grace period, then are left to the hint log, so a hung copy does not
-                # hold up a write acknowledged by others.
-                with anyio.move_on_after(self.config.write_grace):
-                    await finished.wait()
-                tg.cancel_scope.cancel()
+        try:
+            if len(self.nodes) == 1:
+                await one(self.primary)
+            else:
+                async with anyio.create_task_group() as tg:
+                    for node in self.nodes:
+                        tg.start_soon(one, node)
+                    await settled.wait()
+                    # The concern is met (or nothing is left to wait for): copies still
+                    # writing get a grace period, then are left to the hint log, so a hung
+                    # copy does not hold up a write acknowledged by others.
+                    with anyio.move_on_after(self.config.write_grace):
+                        await finished.wait()
+                    tg.cancel_scope.cancel()
+        finally:
+            # Shielded, and also when the caller is cancelled: a copy that missed a write
+            # another copy stored must get it, or it would serve reads without it.
+            with anyio.CancelScope(shield=True):
+                misses.update(await self._owe(owed, answers, refusals, target, content))
         if refusals and not answers:
             raise next(iter(refusals.values()))
-        for url, refusal in refusals.items():
-            # Another copy stored it: this copy's refusal is its own fault, and it would
-            # otherwise serve reads without the write.
-            with anyio.CancelScope(shield=True):
-                misses[url] = await self._hint(
-                    self.node(url),
-                    target,
-                    content,
-                    reason=f"refused ({type(refusal).__name__})",
-                    path=paths.get(url),
-                )
         if len(answers) < needed:
             if len(self.nodes) == 1:
                 raise next(iter(misses.values()))
@@ -283,6 +295,31 @@ class ReplicaSet:
             return answers[self.primary.url]
         return next(iter(answers.values()))
 
+    async def _owe(
+        self,
+        owed: dict[str, tuple[str, str | None, BaseException | None]],
+        answers: dict[str, Any],
+        refusals: dict[str, ChromaError],
+        target: HintTarget,
+        content: bytes,
+    ) -> dict[str, BaseException]:
+        """Hint the copies that did not store a write, by who is at fault: when some copy
+        stored it, every other copy is owed it; when copies only refused it with client errors
+        (4xx), the write itself is wrong and nobody is owed it; otherwise (server errors, no
+        answer) the outcome is unknown and the copies that did not refuse it as a client error
+        get it. Returns each missing copy's failure, for the caller's error."""
+        if not answers and refusals and not any(node_fault(e) for e in refusals.values()):
+            return {}
+        out: dict[str, BaseException] = {}
+        for url, (reason, path, cause) in owed.items():
+            refusal = refusals.get(url)
+            if not answers and refusal is not None and not node_fault(refusal):
+                continue
+            out[url] = await self._hint(
+                self.node(url), target, content, reason=reason, path=path, cause=cause
+            )
+        return out
+
     async def _hint(
         self,
         node: Node,
@@ -291,11 +328,12 @@ class ReplicaSet:
         *,
         reason: str,
         path: str | None = None,
+        cause: BaseException | None = None,
     ) -> BaseException:
         log = self._hints
         if log is None or len(self.nodes) == 1:
             # A lone node has no other copy to catch up from; the caller sees the failure.
-            return NodeUnavailableError(shard=self.name, node=node.url, attempts=[reason])
+            return cause or NodeUnavailableError(shard=self.name, node=node.url, attempts=[reason])
         try:
             await anyio.to_thread.run_sync(
                 lambda: log.append(
@@ -308,6 +346,7 @@ class ReplicaSet:
                     content,
                     version=target.version,
                     deleted_ids=target.deleted_ids,
+                    deleted_version=target.deleted_version,
                     path=path,
                 )
             )
@@ -331,10 +370,11 @@ class ReplicaSet:
 
     # -- catch-up ---------------------------------------------------------------------------
 
-    def mark_repaired(self, node: Node) -> None:
-        """A repair made the node equal to the other copies: clear its needs-repair mark and
-        quarantined hints for every process; it serves reads once no hint is pending."""
-        self._states.clear_repair(node.url)
+    def mark_repaired(self, node: Node, seen: NodeState) -> None:
+        """A repair that began when the node's state was ``seen`` made it equal to the other
+        copies: clear that mark and those quarantined hints for every process (a newer mark
+        stays); it serves reads once no hint is pending."""
+        self._states.clear_repair(node.url, seen)
 
     async def replay(self, node: Node, *, rate: float | None = None, wait: bool = False) -> int:
         """Apply a node's hints in order (see ``HintReplayer.replay``)."""

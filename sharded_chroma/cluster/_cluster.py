@@ -181,6 +181,11 @@ class Cluster:
 
     async def aclose(self) -> None:
         self.closed = True
+        # A write cut off after its concern was met is still keeping its hints: the log must
+        # outlive it, or the copy would lose the write with nothing on disk to say so.
+        with anyio.move_on_after(self.replication.write_grace + 10.0):
+            while any(rs.writes_in_flight for rs in self.shards.values()):  # noqa: ASYNC110
+                await anyio.sleep(0.01)
         if self.catch_up is not None:
             await anyio.to_thread.run_sync(self.catch_up.close)
         for rs in self.shards.values():

@@ -16,6 +16,7 @@ from .._node import HintTarget, Node
 from .._options import current_options
 from ..catalog._layouts import Target
 from ..catalog._physical import PhysicalIds
+from ..catalog._state import VERSION_KEY
 from ..cluster._cluster import Cluster
 from ._clock import HybridClock
 from ._seqpages import seq_pages
@@ -102,13 +103,27 @@ class PartIO:
         content = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
         version: int | None = None
         deleted: tuple[str, ...] = ()
+        deleted_version: int | None = None
         if op == "delete":
             # A copy that misses this delete gets it replayed later: it must then remove only
-            # what is no newer than the delete, and the ids stay known as deleted meanwhile.
+            # what is no newer than the delete.
             version = self._clock.reserve()
-            deleted = tuple(body.get("ids") or ())
+            # And its ids stay known as deleted (tombstones) when the delete surely removes
+            # them: no filter (up to this version), or only a stamp (exactly that version).
+            where = body.get("where")
+            stamp = where.get(VERSION_KEY) if isinstance(where, dict) and len(where) == 1 else None
+            if body.get("where_document") is None and (where is None or isinstance(stamp, int)):
+                deleted = tuple(body.get("ids") or ())
+                deleted_version = version if where is None else stamp
         hint = HintTarget(
-            state.tenant, state.database, str(state.id), state.name, op, version, deleted
+            state.tenant,
+            state.database,
+            str(state.id),
+            state.name,
+            op,
+            version,
+            deleted,
+            deleted_version,
         )
         concern = current_options().write_concern or self._cluster.replication.write_concern
         return await self._cluster.shards[target.shard].write(

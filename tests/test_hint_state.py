@@ -1,0 +1,211 @@
+"""The hint-log file's node state and tombstones, and the replay lock, without servers: races a
+review found (a repair clearing a mark added while it ran, counts drifting under a process
+running older code, tombstones dropped while a copy still needs them, a blocked replay waiter
+wedging a copy or the event loop, a refused write hinted to a copy that never gets it)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from chromadb.errors import InvalidArgumentError
+
+from sharded_chroma._hints import HintLog
+from sharded_chroma._node import HintTarget, Node
+from sharded_chroma._nodestate import NodeStates, SqliteNodeStore
+from sharded_chroma._replay import HintReplayer
+from sharded_chroma._replicas import ReplicaSet
+from sharded_chroma._topology import ReplicationConfig, ShardConfig
+
+pytestmark = pytest.mark.anyio
+
+CID = "00000000-0000-0000-0000-000000000002"
+A, B = "http://127.0.0.1:1", "http://127.0.0.1:2"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "hints.sqlite3"
+
+
+def view(path: Path) -> NodeStates:
+    states = NodeStates(SqliteNodeStore(path))
+    states.refresh()
+    return states
+
+
+def test_a_repair_clears_only_the_marks_it_saw_begin(path: Path) -> None:
+    with HintLog(path) as log:
+        states = view(path)
+        states.mark_needs_repair(A, "hints lost")
+        seen = states.get(A)
+        # While the repair compares, another write misses A and cannot be kept.
+        states.mark_needs_repair(A, "another missed write not kept")
+        states.clear_repair(A, seen)
+        assert view(path).get(A).needs_repair, "a mark added during the repair was cleared"
+        states.clear_repair(A, view(path).get(A))
+        assert not view(path).behind(A)
+        assert log.count() == 0
+
+
+def test_quarantined_hints_added_during_a_repair_stay(path: Path) -> None:
+    with HintLog(path) as log:
+        first = log.append(A, "t", "d", CID, "c", "upsert", b"{}")
+        log.refused(first, "InvalidArgumentError: bad", quarantine=True)
+        seen = view(path).get(A)
+        second = log.append(A, "t", "d", CID, "c", "upsert", b"{}")
+        log.refused(second, "InvalidArgumentError: bad", quarantine=True)
+        view(path).clear_repair(A, seen)
+        after = view(path).get(A)
+        assert after.quarantined == 1 and after.needs_repair
+
+
+def test_counts_follow_hints_written_by_a_process_running_older_code(path: Path) -> None:
+    with HintLog(path) as log:
+        log.append(A, "t", "d", CID, "c", "upsert", b"{}")
+        # Older code inserts rows without knowing the counters.
+        raw = sqlite3.connect(path, isolation_level=None)
+        raw.execute(
+            "INSERT INTO hints (node, tenant, database, collection_id, collection_name, op,"
+            " body, size, created_at) VALUES (?, 't', 'd', ?, 'c', 'upsert', x'7b7d', 2, 1.0)",
+            (A, CID),
+        )
+        raw.close()
+        assert log.count(A) == 2
+        batch = log.pending(A)
+        assert log.ack(A, batch[-1].id) == 2
+        assert log.count(A) == 0 and not view(path).behind(A)
+
+
+def test_tombstones_belong_to_the_copy_that_missed_the_delete_and_outlive_its_repair(
+    path: Path,
+) -> None:
+    clock = FakeClock()
+    with HintLog(path, max_age=60.0, max_hints=1, clock=clock) as log:
+        log.append(A, "t", "d", CID, "c", "delete", b"{}", version=7, deleted_ids=["x"])
+        states = view(path)
+        assert states.tombstones(A, CID, ["x", "y"]) == {"x": 7}
+        assert states.tombstones(B, CID, ["x"]) == {}, "another copy's record is not deleted"
+        # A full log keeps no hint, but the tombstone, which the repair will need.
+        with pytest.raises(Exception, match="full"):
+            log.append(B, "t", "d", CID, "c", "delete", b"{}", version=9, deleted_ids=["z"])
+        assert states.tombstones(B, CID, ["z"]) == {"z": 9}
+        clock.now += 120.0
+        assert log.expire() == {A: 1}  # A's hint expired: A needs repair now
+        assert view(path).get(A).needs_repair
+        assert states.tombstones(A, CID, ["x"]) == {"x": 7}, "dropped while A needs repair"
+        states.clear_repair(A)
+        log.expire()
+        assert states.tombstones(A, CID, ["x"]) == {}
+
+
+def two_copies(log: HintLog, store: SqliteNodeStore) -> ReplicaSet:
+    shard = ShardConfig.model_validate(
+        {"name": "s0", "primary": {"url": A}, "replicas": [{"url": B}]}
+    )
+    return ReplicaSet(shard, ReplicationConfig(), log, NodeStates(store))
+
+
+@pytest.fixture
+def copies(path: Path) -> Iterator[tuple[ReplicaSet, HintLog]]:
+    with HintLog(path) as log:
+        store = SqliteNodeStore(path)
+        try:
+            yield two_copies(log, store), log
+        finally:
+            store.close()
+
+
+async def test_a_write_the_copies_refuse_is_not_hinted_to_a_copy_behind(
+    copies: tuple[ReplicaSet, HintLog],
+) -> None:
+    rs, log = copies
+    p, r = rs.nodes
+    log.append(r.url, "t", "d", CID, "c", "upsert", b"{}")  # r is behind
+
+    async def refuse(method: str, path: str, **kw: Any) -> Any:
+        raise InvalidArgumentError("dimension mismatch")
+
+    p.transport.request = refuse  # type: ignore[method-assign]
+
+    async def path_for(node: Node) -> str:
+        return "/c/upsert"
+
+    target = HintTarget("t", "d", CID, "c", "upsert")
+    with pytest.raises(InvalidArgumentError):
+        await rs.write(path_for, b'{"n":1}', target, "one")
+    assert log.count(r.url) == 1, "the refused write was queued for the copy behind"
+
+
+def replayer_and_node(log: HintLog, store: SqliteNodeStore) -> tuple[HintReplayer, Node]:
+    rs = two_copies(log, store)
+    node = rs.nodes[1]
+
+    async def target(n: Node, t: HintTarget) -> str:
+        return "/c/upsert"
+
+    return HintReplayer("s0", log, target), node
+
+
+async def test_many_waiting_replays_neither_wedge_the_copy_nor_the_loop(path: Path) -> None:
+    with HintLog(path) as log:
+        store = SqliteNodeStore(path)
+        replayer, node = replayer_and_node(log, store)
+        log.append(node.url, "t", "d", CID, "c", "upsert", b'{"ids":["a"]}')
+        posted: list[str] = []
+
+        async def request(method: str, path: str, **kw: Any) -> Any:
+            posted.append(path)
+            await anyio.sleep(0.05)
+            return {}
+
+        node.transport.request = request  # type: ignore[method-assign]
+        # More waiters than anyio's 40 worker threads: none may hold a thread while waiting.
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for _ in range(60):
+                    tg.start_soon(lambda: replayer.replay(node, wait=True))
+        assert posted == ["/c/upsert"] and log.count(node.url) == 0
+        store.close()
+
+
+def test_a_cancelled_waiter_leaves_the_replay_lock_free(path: Path) -> None:
+    with HintLog(path) as log:
+        store = SqliteNodeStore(path)
+        replayer, node = replayer_and_node(log, store)
+        held = threading.Event()
+        release = threading.Event()
+
+        def hold() -> None:
+            with node.replay_lock:
+                held.set()
+                release.wait(5)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait(5)
+
+        async def waiter() -> None:
+            await asyncio.wait_for(replayer.replay(node, wait=True), timeout=0.2)
+
+        with pytest.raises(TimeoutError):
+            asyncio.run(waiter())
+        release.set()
+        holder.join(5)
+        assert node.replay_lock.acquire(blocking=False), "a cancelled waiter took the lock"
+        node.replay_lock.release()
+        store.close()
