@@ -20,9 +20,10 @@ Before the rounds, a one-second warm-up cut captures one hinted body. Per round 
    ``--drain-timeout`` seconds. Every write during the drain is hinted too (a copy that is
    behind gets new writes in the log, not directly), so the replayer must outpace them:
    *gross* drain rate = hints applied / time (the backlog and the writes that arrived during
-   the drain, counted as the upserts the replica's transport sent: while it is behind only
-   the replayer writes to it), *net* = (applied - arrived) / time, the backlog worked off.
-   The log's own count (acked) moves per batch of 200 and is shown beside it. The time
+   the drain: the hints the log acknowledged), *net* = (applied - arrived) / time, the backlog
+   worked off. The replayer merges runs of hints into one request, so the upserts the
+   replica's transport sent (while it is behind only the replayer writes to it) are shown
+   beside it as requests. The time
    includes the wait for the replayer's first request (it probes a silent copy every
    ``replay_probe`` seconds), reported on its own with the time to the first acknowledged
    batch. A timed-out round then stops the writer and times the rest.
@@ -260,7 +261,8 @@ class Drain:
 
     @property
     def applied(self) -> int:
-        return self.sent
+        """Hints applied: the log's acknowledgements (requests can carry many hints each)."""
+        return self.acked
 
     @property
     def gross(self) -> float:
@@ -269,7 +271,7 @@ class Drain:
     @property
     def net(self) -> float:
         """Backlog worked off per second: applied minus what arrived meanwhile."""
-        return (self.sent - self.arrived) / self.elapsed if self.elapsed > 0 else float("nan")
+        return (self.applied - self.arrived) / self.elapsed if self.elapsed > 0 else float("nan")
 
     @property
     def arrival_rate(self) -> float:
@@ -449,7 +451,7 @@ def describe(d: Drain) -> str:
     counted = f", replayer counted {d.replayed}" if d.replayed is not None else ""
     return (
         f"achieved {d.achieved:.1f}/s, backlog {d.backlog} ({d.cut_writes} cut writes), {end}, "
-        f"{d.arrived} arrived, {d.sent} applied ({d.acked} acked), gross {d.gross:.0f}/s "
+        f"{d.arrived} arrived, {d.acked} applied in {d.sent} requests, gross {d.gross:.0f}/s "
         f"net {d.net:.0f}/s{counted}"
     )
 
@@ -679,7 +681,7 @@ def report(
             f"    hints arrived during drain   {fmt([d.arrived for d in ds])}"
             f"  (arrival rate {fmt([d.arrival_rate for d in ds], '.1f')}/s)",
             f"    hints applied (gross)        {fmt([d.applied for d in ds])}"
-            f"  (acked {fmt([d.acked for d in ds])}"
+            f"  (in requests {fmt([d.sent for d in ds])}"
             + (
                 f", replayer's count {fmt([d.replayed for d in ds if d.replayed is not None])})"
                 if any(d.replayed is not None for d in ds)
