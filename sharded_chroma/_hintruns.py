@@ -14,16 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._hints import Hint
+from ._merge import RECORD_COLUMNS
 
-__all__ = ["COLUMNS", "Run", "coalesce"]
-
-COLUMNS = ("embeddings", "metadatas", "documents", "uris")
+__all__ = ["Run", "coalesce"]
 _MERGEABLE = frozenset({"add", "upsert", "update"})
 
 
 def _shape(body: dict[str, Any]) -> tuple[Any, ...]:
     """Which columns a body carries, and how vectors are encoded (base64 text or lists)."""
-    shape: list[Any] = [isinstance(body.get(c), list) for c in COLUMNS]
+    shape: list[Any] = [isinstance(body.get(c), list) for c in RECORD_COLUMNS]
     vectors = body.get("embeddings")
     shape.append(type(vectors[0]).__name__ if isinstance(vectors, list) and vectors else None)
     return tuple(shape)
@@ -46,7 +45,7 @@ class Run:
         if len(self.bodies) == 1:
             return self.bodies[0]
         out: dict[str, Any] = {"ids": [i for b in self.bodies for i in b["ids"]]}
-        for name in COLUMNS:
+        for name in RECORD_COLUMNS:
             parts = [b.get(name) for b in self.bodies]
             # Every body of a run has the same columns (see ``_shape``).
             out[name] = None if parts[0] is None else [v for p in parts for v in p or ()]

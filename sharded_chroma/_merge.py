@@ -15,12 +15,33 @@ from typing import Any
 
 from .catalog._reserved import visible_metadata
 
-__all__ = ["merge_get", "merge_query", "order_key", "visible_metadatas"]
+__all__ = [
+    "RECORD_COLUMNS",
+    "merge_get",
+    "merge_query",
+    "order_key",
+    "take_rows",
+    "visible_metadatas",
+]
+
+RECORD_COLUMNS: tuple[str, ...] = ("embeddings", "metadatas", "documents", "uris")
+"""The columns of a get() answer or a write body beside ``ids``, in wire order."""
+
+
+def take_rows(columns: Mapping[str, Any], rows: Sequence[int]) -> dict[str, Any]:
+    """The given rows of a get() answer or write body, in the given order; a column it left
+    out stays None (and an answer's ``included`` is kept)."""
+    out: dict[str, Any] = {"ids": [columns["ids"][r] for r in rows]}
+    for name in RECORD_COLUMNS:
+        column = columns.get(name)
+        out[name] = None if column is None else [column[r] for r in rows]
+    if "included" in columns:
+        out["included"] = columns["included"]
+    return out
+
 
 # Columns a merged ``/query`` response carries besides ``ids``.
 _QUERY_FIELDS: tuple[str, ...] = ("distances", "embeddings", "metadatas", "documents", "uris")
-# Columns a merged ``/get`` response carries besides ``ids``.
-_GET_FIELDS: tuple[str, ...] = ("embeddings", "metadatas", "documents", "uris")
 
 # A merge key that sorts every sequenced record before every unsequenced one; the leading tag
 # keeps ints and the filler 0 in the same slot so comparisons never mix types.
@@ -171,7 +192,7 @@ def merge_get(
         raise ValueError(f"offset must be non-negative, got {offset}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be non-negative, got {limit}")
-    wanted = [f for f in _GET_FIELDS if f in fields]
+    wanted = [f for f in RECORD_COLUMNS if f in fields]
     stop = None if limit is None else offset + limit
 
     picked: list[tuple[int, int]] = []
@@ -190,7 +211,7 @@ def merge_get(
     page = picked[offset:]
 
     merged: dict[str, Any] = {"ids": [responses[s]["ids"][r] for s, r in page]}
-    for f in _GET_FIELDS:
+    for f in RECORD_COLUMNS:
         if f not in wanted:
             merged[f] = None
             continue

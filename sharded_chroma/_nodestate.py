@@ -175,10 +175,6 @@ class NodeStates:
         self._states: Mapping[str, NodeState] = {}
         self._local: dict[str, str] = {}
 
-    @property
-    def durable(self) -> bool:
-        return self._store is not None
-
     def refresh(self) -> None:
         """Re-read the store if it changed since the last read."""
         store = self._store

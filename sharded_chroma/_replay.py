@@ -22,8 +22,9 @@ import orjson
 from chromadb.errors import ChromaError, NotFoundError
 
 from ._errors import NodeUnavailableError
-from ._hintruns import COLUMNS, Run, coalesce
+from ._hintruns import Run, coalesce
 from ._hints import Hint, HintLog
+from ._merge import take_rows
 from ._node import HintTarget, Node
 from .catalog._state import VERSION_KEY
 
@@ -46,16 +47,6 @@ _RUN_RECORDS = 500
 def _version(meta: Any) -> int | None:
     value = meta.get(VERSION_KEY) if isinstance(meta, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _keep_rows(body: dict[str, Any], keep: Sequence[int]) -> dict[str, Any]:
-    out = dict(body)
-    out["ids"] = [body["ids"][i] for i in keep]
-    for name in COLUMNS:
-        values = body.get(name)
-        if isinstance(values, list):
-            out[name] = [values[i] for i in keep]
-    return out
 
 
 class HintReplayer:
@@ -264,4 +255,4 @@ class HintReplayer:
         ]
         if not keep:
             return None
-        return orjson.dumps(body if len(keep) == len(ids) else _keep_rows(body, keep))
+        return orjson.dumps(body if len(keep) == len(ids) else take_rows(body, keep))

@@ -8,11 +8,9 @@ from typing import Any
 
 import anyio
 
-from ._merge import order_key, visible_metadatas
+from ._merge import RECORD_COLUMNS, order_key, visible_metadatas
 
 __all__ = ["merged_rows"]
-
-_COLUMNS = ("embeddings", "metadatas", "documents", "uris")
 
 
 async def merged_rows(
@@ -45,7 +43,7 @@ async def merged_rows(
                 exhausted.add(shard)
                 return
         ids = page["ids"]
-        cols = [page.get(c) for c in _COLUMNS]
+        cols = [page.get(c) for c in RECORD_COLUMNS]
         metas = page.get("metadatas") or [None] * len(ids)
         for i, record_id in enumerate(ids):
             meta = metas[i]
@@ -57,17 +55,17 @@ async def merged_rows(
                 )
             )
 
-    out: dict[str, list[Any]] = {"ids": [], **{c: [] for c in _COLUMNS}}
+    out: dict[str, list[Any]] = {"ids": [], **{c: [] for c in RECORD_COLUMNS}}
     seen: set[str] = set()
 
     def flush() -> dict[str, Any]:
         nonlocal out
         page: dict[str, Any] = {"ids": out["ids"]}
-        for c in _COLUMNS:
+        for c in RECORD_COLUMNS:
             page[c] = out[c] if c in fields else None
         if page["metadatas"] is not None:
             page["metadatas"] = visible_metadatas(page["metadatas"])
-        out = {"ids": [], **{c: [] for c in _COLUMNS}}
+        out = {"ids": [], **{c: [] for c in RECORD_COLUMNS}}
         return page
 
     while True:
@@ -86,7 +84,7 @@ async def merged_rows(
                 continue
             seen.add(record_id)
         out["ids"].append(record_id)
-        for c, v in zip(_COLUMNS, values, strict=True):
+        for c, v in zip(RECORD_COLUMNS, values, strict=True):
             out[c].append(v)
         if len(out["ids"]) >= batch_size:
             yield flush()

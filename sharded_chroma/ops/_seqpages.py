@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from .._merge import order_key
+from .._merge import order_key, take_rows
 from ..catalog._state import SEQ_KEY
 
 __all__ = ["seq_pages"]
@@ -37,7 +37,6 @@ __all__ = ["seq_pages"]
 Read = Callable[[Mapping[str, Any]], Awaitable[Mapping[str, Any]]]
 StickyRead = Callable[[Mapping[str, Any], dict[str, Any]], Awaitable[Mapping[str, Any]]]
 
-_COLUMNS = ("embeddings", "metadatas", "documents", "uris")
 _LOWEST = -(2**63)  # Chroma's integers are 64-bit
 _GROWTH = 64  # the most a range widens from one page to the next
 _SWEEP_RESTARTS = 3
@@ -65,17 +64,6 @@ def _where(user: Any, clauses: Sequence[Mapping[str, Any]]) -> Any:
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else {"$and": parts}
-
-
-def _rows(answer: Mapping[str, Any], rows: Sequence[int]) -> dict[str, Any]:
-    """The given rows of an answer, in the given order; columns it left out stay None."""
-    page: dict[str, Any] = {"ids": [answer["ids"][r] for r in rows]}
-    for c in _COLUMNS:
-        column = answer.get(c)
-        page[c] = None if column is None else [column[r] for r in rows]
-    if "included" in answer:
-        page["included"] = answer["included"]
-    return page
 
 
 def _metas(answer: Mapping[str, Any]) -> Sequence[Any]:
@@ -122,7 +110,7 @@ async def seq_pages(
             ordered = ordered[: max(0, want - got)]
         got += len(ordered)
         yielded = yielded or bool(ordered)
-        return _rows(answer, ordered)
+        return take_rows(answer, ordered)
 
     async def ask(clauses: Sequence[Mapping[str, Any]], limit: int | None) -> Mapping[str, Any]:
         return await read({**base, "where": _where(user, clauses), "limit": limit, "offset": None})
@@ -135,7 +123,7 @@ async def seq_pages(
 
     take = left()
     if take <= 0:
-        yield _rows({"ids": []}, [])
+        yield take_rows({"ids": []}, [])
         return
     first = await ask((), take)
     if len(first["ids"]) < take:
@@ -197,7 +185,7 @@ async def seq_pages(
             yielded = True
             yield page
     if not yielded:
-        yield _rows(first, [])
+        yield take_rows(first, [])
 
 
 def _floats(answer: Mapping[str, Any]) -> bool:
@@ -295,4 +283,4 @@ async def _unsequenced(
             rows = rows[: want - got]
         got += len(rows)
         if rows:
-            yield _rows(answer, rows)
+            yield take_rows(answer, rows)
