@@ -548,3 +548,27 @@ async def test_verify_finds_drift_while_records_are_deleted_under_it(
             primary.transport.request = request  # type: ignore[method-assign]
         assert fired
         assert "r-120" in found.pairs[0].missing, found.pairs[0]
+
+
+async def test_only_deletes_that_surely_removed_their_ids_leave_tombstones(
+    servers: list[LocalChromaServer], tmp_path: Path
+) -> None:
+    with FaultProxy(servers[1].host, servers[1].port) as proxy:
+        topology = pair(servers[0].url, proxy.url, tmp_path, replay_in_background=False)
+        async with client_for(topology) as client:
+            col = await client.create_collection("sure-deletes", embedding_function=None)
+            await col.add(
+                ids=["x", "y"], metadatas=[{"tag": "a"}, {"tag": "a"}], embeddings=emb(1) * 2
+            )
+            proxy.cut()
+            with sharded_chroma.options(write_concern="one"):
+                # A filter that matches nothing: x is not deleted anywhere.
+                await col.delete(ids=["x"], where={"tag": "b"})
+                await col.delete(ids=["y"])
+            proxy.restore()
+            states = client._runtime.cluster.node_states
+            got = states.tombstones(proxy.url, str(col.id), ["x", "y"])
+            assert set(got) == {"y"}, f"tombstones {got}: a filtered delete would delete x"
+            assert states.tombstones(servers[0].url, str(col.id), ["y"]) == {}
+            await client.replay_hints()
+            assert sorted((await col.get())["ids"]) == ["x"]

@@ -7,6 +7,7 @@ caller."""
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
@@ -16,17 +17,25 @@ from .._node import HintTarget, Node
 from .._options import current_options
 from ..catalog._layouts import Target
 from ..catalog._physical import PhysicalIds
-from ..catalog._state import VERSION_KEY
 from ..cluster._cluster import Cluster
 from ._clock import HybridClock
 from ._seqpages import seq_pages
 
-__all__ = ["GET_PAGE", "PartIO"]
+__all__ = ["GET_PAGE", "PartIO", "Removal"]
 
 T = TypeVar("T")
 
 # Well under the 32,766 records a Chroma 1.5.9 server can return from one get.
 GET_PAGE = 10_000
+
+
+@dataclass(frozen=True)
+class Removal:
+    """Ids a delete surely removes: every copy of them (``version`` None: up to the delete's
+    own version), or only the copy stamped ``version``."""
+
+    ids: tuple[str, ...]
+    version: int | None = None
 
 
 class PartIO:
@@ -97,8 +106,13 @@ class PartIO:
         async for page in seq_pages(read, sticky_read, body, size):
             yield page
 
-    async def write(self, target: Target, op: str, body: Any) -> Any:
-        """Send a write to every copy of the part's shard under the call's write concern."""
+    async def write(
+        self, target: Target, op: str, body: Any, *, removes: Removal | None = None
+    ) -> Any:
+        """Send a write to every copy of the part's shard under the call's write concern.
+
+        A delete that surely removes some ids says so in ``removes``: a copy that misses it
+        keeps them as tombstones until it has it."""
         state = target.state
         content = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
         version: int | None = None
@@ -108,13 +122,9 @@ class PartIO:
             # A copy that misses this delete gets it replayed later: it must then remove only
             # what is no newer than the delete.
             version = self._clock.reserve()
-            # And its ids stay known as deleted (tombstones) when the delete surely removes
-            # them: no filter (up to this version), or only a stamp (exactly that version).
-            where = body.get("where")
-            stamp = where.get(VERSION_KEY) if isinstance(where, dict) and len(where) == 1 else None
-            if body.get("where_document") is None and (where is None or isinstance(stamp, int)):
-                deleted = tuple(body.get("ids") or ())
-                deleted_version = version if where is None else stamp
+            if removes is not None:
+                deleted = removes.ids
+                deleted_version = version if removes.version is None else removes.version
         hint = HintTarget(
             state.tenant,
             state.database,

@@ -19,7 +19,7 @@ from chromadb.api.types import Where, WhereDocument
 from .._fanout import fan_out, raise_for_failures
 from ..catalog._layouts import Target
 from ._locator import Stamp, stamp_where
-from ._partio import PartIO
+from ._partio import PartIO, Removal
 
 __all__ = ["Remover"]
 
@@ -56,22 +56,33 @@ class Remover:
         removed fewer copies than asked (some copy changed or went since it was read); with
         ``per_id`` every group is one id, so those are exactly the ids not removed here.
         Raises like a write when a part fails."""
-        groups: dict[str, tuple[Target, dict[str, Any] | None, list[str] | None]] = {}
+        # Per group: its part, the stamp condition, the ids, and the stamp (if any).
+        groups: dict[str, tuple[Target, dict[str, Any] | None, list[str] | None, Stamp | None]]
+        groups = {}
         for key, target in targets.items():
             if target.ids is None:  # everything the filters match
-                groups[key] = (target, None, None)
+                groups[key] = (target, None, None, None)
                 continue
             for record_id in target.ids:
-                cond = stamp_where(stamps.get((key, record_id)))
+                stamp = stamps.get((key, record_id))
+                cond = stamp_where(stamp)
                 label = f"{key}\x00{record_id if per_id else repr(cond)}"
-                group = groups.setdefault(label, (target, cond, []))[2]
+                group = groups.setdefault(label, (target, cond, [], stamp))[2]
                 assert group is not None
                 group.append(record_id)
 
         async def send(label: str) -> int:
-            target, cond, ids = groups[label]
+            target, cond, ids, stamp = groups[label]
             body = {"ids": ids, "where": _both(where, cond), "where_document": where_document}
-            answer = await self._io.write(target, "delete", body)
+            # Without the caller's own filters the ids are surely removed: every copy, or the
+            # stamped version (a stamp by sequence alone names no version).
+            removes = None
+            if ids and where is None and where_document is None:
+                if cond is None:
+                    removes = Removal(tuple(ids))
+                elif stamp is not None and stamp[0]:
+                    removes = Removal(tuple(ids), stamp[0])
+            answer = await self._io.write(target, "delete", body, removes=removes)
             return int(answer.get("deleted", 0)) if isinstance(answer, dict) else 0
 
         counts, failures = await fan_out({k: functools.partial(send, k) for k in groups})
@@ -83,7 +94,7 @@ class Remover:
         )
         short: dict[str, list[str]] = {}
         for label, n in counts.items():
-            target, cond, ids = groups[label]
+            target, cond, ids, _ = groups[label]
             # Only a stamped group's count says a copy changed under it; without a stamp a
             # short count may just be ids the caller's own filter did not match.
             if ids is not None and cond is not None and n < len(ids):

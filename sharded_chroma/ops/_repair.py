@@ -22,7 +22,7 @@ from ..catalog._layouts import Target
 from ..catalog._state import SEQ_KEY, VERSION_KEY, CollectionState
 from ._clock import HybridClock
 from ._locator import stamp_of
-from ._partio import PartIO
+from ._partio import PartIO, Removal
 
 __all__ = ["Loser", "ReadRepair", "settle_get", "settle_query"]
 
@@ -149,7 +149,9 @@ class ReadRepair:
             else:
                 return None  # written outside this library: nothing safe to condition on
             target = parts[loser.part]
-            return await self._io.write(target, "delete", {"ids": [loser.id], "where": where})
+            body = {"ids": [loser.id], "where": where}
+            removes = Removal((loser.id,), loser.version) if loser.version else None
+            return await self._io.write(target, "delete", body, removes=removes)
 
         _, failures = await fan_out(
             {f"{n}": functools.partial(remove, x) for n, x in enumerate(todo)}
