@@ -178,15 +178,30 @@ def test_expired_hints_mark_their_node_for_repair_for_every_process(tmp_path: Pa
     assert not other.behind(a)
 
 
-def test_a_write_that_could_not_be_kept_marks_the_copy_durably(tmp_path: Path) -> None:
+async def test_a_write_that_could_not_be_kept_marks_the_copy_durably(tmp_path: Path) -> None:
     path = tmp_path / "hints.sqlite3"
+    shard = ShardConfig.model_validate(
+        {"name": "s0", "primary": {"url": "http://127.0.0.1:1"}, "replicas": [{"url": "http://127.0.0.1:2"}]}
+    )  # fmt: skip
     with HintLog(path, max_hints=1) as log:
-        log.append("http://a:1", "t", "d", CID, "c", "upsert", b"{}")
-        states = NodeStates(SqliteNodeStore(path))
-        states.mark_needs_repair("http://b:1", "missed upsert not kept: full")
+        log.append("http://other:1", "t", "d", CID, "c", "upsert", b"{}")  # the log is full
+        store = SqliteNodeStore(path)
+        rs = ReplicaSet(shard, ReplicationConfig(), log, NodeStates(store))
+        p, r = rs.nodes
+        answering(rs, {r.url: down(r)})
+        assert await rs.write(path_for, b'{"n":1}', TARGET, "one") == {"from": p.url}
+        store.close()
+    # Another process, later: the copy lost a write and must not be read until repaired.
     later = NodeStates(SqliteNodeStore(path))
     later.refresh()
-    assert later.get("http://b:1").needs_repair and later.behind("http://b:1")
+    assert later.get(r.url).needs_repair and later.behind(r.url)
+    assert "not kept" in (later.get(r.url).reason or "")
+
+
+def down(node: Node) -> Exception:
+    from sharded_chroma import NodeUnavailableError
+
+    return NodeUnavailableError(shard="s0", node=node.url, attempts=["connection refused"])
 
 
 # -- against real servers ---------------------------------------------------------------------
