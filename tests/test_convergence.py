@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
-import orjson
 import pytest
 from chromadb.errors import InternalError, InvalidArgumentError
 
 import sharded_chroma
-from sharded_chroma import ShardedClient, Topology
+from sharded_chroma import Topology
 from sharded_chroma._hints import Hint, HintLog
 from sharded_chroma._node import HintTarget, Node
 from sharded_chroma._nodestate import NodeStates, SqliteNodeStore
@@ -32,11 +31,11 @@ from sharded_chroma._topology import ReplicationConfig, ShardConfig
 from sharded_chroma.testing import LocalChromaServer, LocalCluster
 from tests._nodes import node_records
 from tests._proxy import FaultProxy
+from tests._replicated import client_for, emb, node_of, queue_refused_hint
 from tests._servers import all_running, own_cluster
 
 pytestmark = pytest.mark.anyio
 
-DIM = 3
 CID = "00000000-0000-0000-0000-000000000001"
 
 
@@ -227,23 +226,6 @@ def pair(primary: str, replica: str, hints: Path, **replication: Any) -> Topolog
     )
 
 
-@contextlib.asynccontextmanager
-async def client_for(topology: Topology) -> AsyncIterator[ShardedClient]:
-    client = await sharded_chroma.AsyncHttpClient(topology=topology)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-def node_of(client: ShardedClient, url: str) -> Node:
-    return next(n for n in client._runtime.cluster.all_nodes() if n.url == url)
-
-
-def emb(x: float) -> list[list[float]]:
-    return [[x] * DIM]
-
-
 async def test_a_process_sees_hints_another_wrote_after_it_started(
     servers: list[LocalChromaServer], tmp_path: Path
 ) -> None:
@@ -311,17 +293,7 @@ async def test_a_hint_the_node_keeps_refusing_is_set_aside_not_blocking_the_shar
             proxy.cut()
             with sharded_chroma.options(write_concern="one"):
                 await col.upsert(ids=["b"], documents=["b"], embeddings=emb(2))
-                log = client._runtime.cluster.hints
-                assert log is not None
-                good = log.pending(proxy.url)[0]
-                # A write this copy can never take (a vector of the wrong dimension), queued
-                # between two good ones.
-                bad = orjson.loads(good.body)
-                bad["ids"], bad["embeddings"] = ["z"], [[1.0] * (DIM + 2)]
-                log.append(
-                    proxy.url, good.tenant, good.database, good.collection_id,
-                    good.collection_name, "upsert", orjson.dumps(bad),
-                )  # fmt: skip
+                queue_refused_hint(client, proxy.url)
                 await col.upsert(ids=["c"], documents=["c"], embeddings=emb(3))
             proxy.restore()
             assert await client.replay_hints() == 3

@@ -8,10 +8,9 @@ its own SQLite connections, as a process does); the CLI runs as a real separate 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,11 @@ from sharded_chroma._status import ShardStatus
 from sharded_chroma.cli._status_view import render_status
 from sharded_chroma.testing import LocalChromaServer, LocalCluster
 from tests._proxy import FaultProxy
+from tests._replicated import client_for, emb, queue_refused_hint
 from tests._servers import all_running, own_cluster
 
 pytestmark = pytest.mark.anyio
 
-DIM = 3
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hunter2-not-for-logs"
 
@@ -56,15 +55,6 @@ def pair_data(primary: str, replica: str, hints: Path) -> dict[str, Any]:
             "replay_in_background": False,
         },
     }
-
-
-@contextlib.asynccontextmanager
-async def client_for(topology: Topology) -> AsyncIterator[ShardedClient]:
-    client = await sharded_chroma.AsyncHttpClient(topology=topology)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def status_of(client: ShardedClient) -> dict[str, ShardStatus]:
@@ -103,10 +93,6 @@ def write_toml(path: Path, primary: str, replica: str, hints: Path) -> Path:
         encoding="utf-8",
     )
     return path
-
-
-def emb(x: float) -> list[list[float]]:
-    return [[x] * DIM]
 
 
 async def test_a_copy_that_missed_writes_shows_stale_in_a_later_clients_status(
@@ -198,16 +184,7 @@ async def test_a_hint_the_copy_refused_shows_quarantined_until_a_repair(
             proxy.cut()
             with sharded_chroma.options(write_concern="one"):
                 await col.upsert(ids=["b"], embeddings=emb(2))
-            log = writer._runtime.cluster.hints
-            assert log is not None
-            good = log.pending(proxy.url)[0]
-            # A write this copy can never take: a vector of the wrong dimension.
-            bad = orjson.loads(good.body)
-            bad["ids"], bad["embeddings"] = ["z"], [[1.0] * (DIM + 2)]
-            log.append(
-                proxy.url, good.tenant, good.database, good.collection_id,
-                good.collection_name, "upsert", orjson.dumps(bad),
-            )  # fmt: skip
+            queue_refused_hint(writer, proxy.url)
             proxy.restore()
             assert await writer.replay_hints() == 2
         async with client_for(topology) as other:
