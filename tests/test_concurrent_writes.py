@@ -309,6 +309,26 @@ def process_main(
     Path(out).write_bytes(pickle.dumps((log.ops, log.errors)))
 
 
+def stop_children(procs: list[Any]) -> None:
+    """Kill, by their handles, the writer processes this test started that still run (hung)."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def gathered(procs: list[Any], outs: list[Path]) -> tuple[list[Op], list[str]]:
+    """Every writer process's history and errors, once each exited cleanly."""
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+    ops: list[Op] = []
+    errors: list[str] = []
+    for out in outs:
+        got_ops, got_errors = pickle.loads(out.read_bytes())
+        ops += got_ops
+        errors += got_errors
+    return ops, errors
+
+
 def run_in_two_processes(
     urls: list[str], policy: Any, seconds: float, ids: int, tmp_path: Path
 ) -> None:
@@ -330,17 +350,8 @@ def run_in_two_processes(
         for proc in procs:
             proc.join(timeout=seconds + 180)
     finally:
-        for proc in procs:
-            if proc.is_alive():  # hung: stop our own child rather than leave it running
-                proc.kill()
-                proc.join()
-    assert [p.exitcode for p in procs] == [0, 0]
-    ops: list[Op] = []
-    errors: list[str] = []
-    for out in outs:
-        got_ops, got_errors = pickle.loads(out.read_bytes())
-        ops += got_ops
-        errors += got_errors
+        stop_children(procs)
+    ops, errors = gathered(procs, outs)
 
     async def final() -> tuple[list[str], int, int]:
         async with await client_for(urls) as client:

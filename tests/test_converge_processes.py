@@ -42,8 +42,10 @@ from tests.test_concurrent_writes import (
     REPAIR_AFTER,
     assert_busy,
     assert_clean,
+    gathered,
     pool_of,
     skip_unless_slow,
+    stop_children,
     violations,
     writers,
 )
@@ -160,17 +162,8 @@ def _run(
         for server in s0:
             if not server.running:
                 server.restart()
-        for proc in procs:
-            if proc.is_alive():  # hung: stop our own child rather than leave it running
-                proc.kill()
-                proc.join()
-    assert [p.exitcode for p in procs] == [0, 0]
-    ops: list[Op] = []
-    errors: list[str] = []
-    for out in outs:
-        got_ops, got_errors = pickle.loads(out.read_bytes())
-        ops += got_ops
-        errors += got_errors
+        stop_children(procs)
+    ops, errors = gathered(procs, outs)
     assert_busy(ops, errors)
 
     async def settle() -> tuple[list[str], int, int, dict[str, int]]:
