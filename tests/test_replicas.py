@@ -1146,3 +1146,18 @@ async def test_a_hung_copy_does_not_hold_up_a_write_acknowledged_by_others(
             assert not hung.stale
         held = await node_records(proxy.url, "grace")
         assert held["b"][0] == "late"
+
+
+async def test_a_first_request_beaten_by_its_hedge_still_counts_in_the_latency_history() -> None:
+    rs = fake_set(2, read_selection="round_robin", hedge_after=0.01, hedge_budget=1.0)
+    p, r = rs.nodes
+
+    async def op(node: Node) -> str:
+        await anyio.sleep(0.2 if node is p else 0.0)
+        return node.url
+
+    rs._hedger.budget.tokens = rs._hedger.budget.cap
+    assert await rs.read(op, prefer=p) == r.url
+    # Left out, the slowest reads would vanish from the history and the percentile trigger
+    # would fall below the share of reads it is meant to hedge.
+    assert len(p.latencies) == 1 and p.latencies[0] >= 0.01
