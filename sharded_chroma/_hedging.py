@@ -76,7 +76,7 @@ class Hedger:
     async def run(
         self, op: Callable[[Node], Awaitable[T]], first: Node, others: Sequence[Node]
     ) -> T:
-        delay = self.delay(first) if others else None
+        delay = self.delay(first) if others and self._config.hedge_budget > 0 else None
         if delay is None:
             return await timed(op, first)
         done = anyio.Event()

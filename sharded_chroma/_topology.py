@@ -151,9 +151,9 @@ class ReplicationConfig(BaseModel):
     """round_robin, least_outstanding, latency or primary_only."""
     hedge_after: float | None = Field(default=None, gt=0)
     """Send a second copy of a read to another node after this many seconds (None: never)."""
-    hedge_percentile: float | None = Field(default=None, gt=0, lt=100)
+    hedge_percentile: float | None = Field(default=93.0, gt=0, lt=100)
     """Or: after this percentile of the node's recent latencies (hedge_after until known)."""
-    hedge_budget: float = Field(default=0.05, ge=0, le=1)
+    hedge_budget: float = Field(default=0.10, ge=0, le=1)
     """At most this fraction of reads may be hedged."""
     retries: int = Field(default=2, ge=0, le=10)
     """Extra attempts for a read, on the next copy (or the same node if it is alone)."""

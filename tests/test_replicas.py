@@ -816,9 +816,15 @@ async def test_hedged_reads_cut_the_tail_within_their_budget(
     with proxy_for(servers[4]) as proxy:
         nodes = [servers[3].url, proxy.url]
         hints = tmp_path / "hints"
-        plain = make_topology([nodes], hints, read_selection="round_robin")
+        # Hedging is on by default (a percentile trigger): off here, and a fixed trigger there.
+        plain = make_topology([nodes], hints, read_selection="round_robin", hedge_percentile=None)
         hedged = make_topology(
-            [nodes], hints, read_selection="round_robin", hedge_after=0.02, hedge_budget=0.5
+            [nodes],
+            hints,
+            read_selection="round_robin",
+            hedge_after=0.02,
+            hedge_percentile=None,
+            hedge_budget=0.5,
         )
         async with client_for(plain) as plain_client, client_for(hedged) as hedged_client:
             col = await plain_client.create_collection("hedged", embedding_function=None)
@@ -1161,3 +1167,16 @@ async def test_a_first_request_beaten_by_its_hedge_still_counts_in_the_latency_h
     # Left out, the slowest reads would vanish from the history and the percentile trigger
     # would fall below the share of reads it is meant to hedge.
     assert len(p.latencies) == 1 and p.latencies[0] >= 0.01
+
+
+async def test_a_zero_hedge_budget_turns_hedging_off() -> None:
+    rs = fake_set(2, read_selection="round_robin", hedge_budget=0.0)
+    p, _ = rs.nodes
+
+    async def op(node: Node) -> str:
+        await anyio.sleep(0.08 if node is p else 0.0)
+        return node.url
+
+    for _ in range(30):
+        assert await rs.read(op, prefer=p) == p.url
+    assert p.hedges_sent == 0
