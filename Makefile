@@ -15,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV_PY) -m pip install --upgrade pip
-	$(VENV_PY) -m pip install -e '.[dev]'
+	$(VENV_PY) -m pip install -e '.[dev,etcd]'
 	@touch $(STAMP)
 
 test: venv

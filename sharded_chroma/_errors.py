@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 __all__ = [
     "ClientClosedError",
     "ConfigurationError",
+    "ControlStoreError",
+    "ControlUnavailableError",
     "HintLogFullError",
     "NodeUnavailableError",
     "PartialWriteError",
@@ -142,3 +144,20 @@ class RoutingError(ShardedChromaError, ValueError):
         self.record_id = record_id
         self.value = value
         super().__init__(message)
+
+
+class ControlStoreError(ShardedChromaError):
+    """The control store refused a change: a compare-and-swap lost a race, a lease is held by
+    someone else, or a stored value is not one this client can read. Nothing was changed."""
+
+
+class ControlUnavailableError(ControlStoreError):
+    """The control store could not be reached (or did not answer in time).
+
+    ``backend`` names it (``sqlite`` or ``etcd``) and ``endpoint`` where it was asked; the
+    underlying error is chained as ``__cause__``."""
+
+    def __init__(self, message: str, *, backend: str, endpoint: str) -> None:
+        self.backend = backend
+        self.endpoint = endpoint
+        super().__init__(f"control store {backend} at {endpoint}: {message}")
