@@ -11,6 +11,8 @@ from ._collection import ShardedCollection
 from ._errors import (
     ClientClosedError,
     ConfigurationError,
+    ControlStoreError,
+    ControlUnavailableError,
     HintLogFullError,
     NodeUnavailableError,
     PartialWriteError,
@@ -35,6 +37,8 @@ __all__ = [
     "CollectionStatus",
     "CompositePolicy",
     "ConfigurationError",
+    "ControlStoreError",
+    "ControlUnavailableError",
     "Coverage",
     "FieldPolicy",
     "HashPolicy",

@@ -14,6 +14,7 @@ import pytest
 
 import sharded_chroma
 from sharded_chroma.testing import LocalChromaServer, LocalCluster
+from sharded_chroma.testing._etcd import LocalEtcd
 from tests._nodes import drop_official_http_pools
 
 CLUSTER_SIZE = 4
@@ -34,6 +35,25 @@ def chroma_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCl
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEtcd]:
+    """One real etcd member on free loopback ports for the session. Tests keep apart by
+    namespace; a test that stops it must start it again (``etcd`` restarts it if needed)."""
+    server = LocalEtcd(tmp_path_factory.mktemp("etcd"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def etcd(etcd_server: LocalEtcd) -> LocalEtcd:
+    if not etcd_server.running:
+        etcd_server.start()
+    return etcd_server
 
 
 def _fresh_one(server: LocalChromaServer) -> None:
