@@ -6,7 +6,7 @@ reserved metadata of its physical collections, and read back by every client, so
 place records the same way. Placement and pruning are pure and synchronous.
 
 - ``hash``: the record id (or a metadata field) is hashed into a fixed slot space; slots map to
-  shards in equal contiguous ranges.
+  shards in equal contiguous ranges, or by an explicit run-length slot table (a rebalance).
 - ``field``: a metadata value (region, tenant, category) names a partition; a partition owns
   one or more shards and records are hashed by id within them. Unknown values go to a default
   partition, or are refused.
@@ -18,6 +18,9 @@ place records the same way. Placement and pruning are pure and synchronous.
 
 from __future__ import annotations
 
+import functools
+import itertools
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -26,18 +29,18 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     Field,
+    SerializerFunctionWrapHandler,
     TypeAdapter,
     ValidationError,
+    model_serializer,
     model_validator,
 )
 
 from ._errors import ConfigurationError, RoutingError
 from ._frozen import FrozenDict
 from ._placement import FROZEN, SHOW, Placement, Policy, Scope, routing_value
-from ._prune import (
-    walk_where,
-)
-from ._routing import DEFAULT_SLOTS, MAX_SLOTS, uniform_table
+from ._prune import walk_where
+from ._routing import DEFAULT_SLOTS, MAX_SLOTS, SlotTable, uniform_table
 from ._time_policy import TimePolicy, TimeRange
 
 __all__ = [
@@ -71,13 +74,28 @@ def _hash_key(record_id: str, metadata: Mapping[str, Any] | None, field: str | N
     return str(value)
 
 
-def _pick(shards: Sequence[str], key: str, slots: int) -> str:
-    """Hash within a group of shards: the slot space split into equal contiguous ranges."""
-    return shards[uniform_table(len(shards), slots).shard_for_key(key)]
+SlotRuns = tuple[tuple[int, str], ...]
+"""A run-length slot table: sorted ``(start_slot, shard)``, each run up to the next start."""
+
+
+@functools.lru_cache(maxsize=256)
+def _slot_table(shards: tuple[str, ...], slots: int, table: SlotRuns) -> SlotTable:
+    """Slot -> index in ``shards``, built once per shape: every placement goes through it."""
+    if not table:
+        return uniform_table(len(shards), slots)
+    index = {s: i for i, s in enumerate(shards)}
+    runs = itertools.pairwise((*table, (slots, "")))
+    owners = tuple(index[s] for (lo, s), (hi, _) in runs for _ in range(lo, hi))
+    return SlotTable(owners, len(shards))
+
+
+def _pick(shards: Sequence[str], key: str, slots: int, table: SlotRuns = ()) -> str:
+    """Hash within a group of shards: by ``table``, or equal contiguous ranges without one."""
+    return shards[_slot_table(tuple(shards), slots, table).shard_for_key(key)]
 
 
 def _hash_scope(
-    field: str | None, slots: int, groups: Iterable[Sequence[str]]
+    field: str | None, slots: int, groups: Iterable[Sequence[str]], table: SlotRuns = ()
 ) -> Any:  # a leaf function for walk_where
     """Leaf reader for a hashed field: ``$eq``/``$in`` of strings name the owning shards.
 
@@ -90,17 +108,9 @@ def _hash_scope(
         values = [arg] if op == "$eq" else arg if op == "$in" else None
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             return None
-        return frozenset(_pick(g, v, slots) for v in values for g in groups)
+        return frozenset(_pick(g, v, slots, table) for v in values for g in groups)
 
     return leaf
-
-
-def _sets_both(a: frozenset[str], b: frozenset[str]) -> frozenset[str]:
-    return a & b
-
-
-def _sets_either(a: frozenset[str], b: frozenset[str]) -> frozenset[str]:
-    return a | b
 
 
 class HashPolicy(BaseModel):
@@ -112,6 +122,9 @@ class HashPolicy(BaseModel):
     slots: int = Field(default=DEFAULT_SLOTS, ge=1, le=MAX_SLOTS)
     shards: tuple[str, ...] = ()
     """The shards, in slot order; filled from the topology when the collection is created."""
+    table: SlotRuns = ()
+    """Who owns which slots, run-length (see ``SlotRuns``); empty: equal ranges over ``shards``.
+    A shard of ``shards`` may own no slot (being added, or drained before removal)."""
 
     @model_validator(mode="after")
     def _check(self) -> HashPolicy:
@@ -119,15 +132,58 @@ class HashPolicy(BaseModel):
             raise ValueError("field must be a metadata field name or None (the record id)")
         if len(set(self.shards)) != len(self.shards):
             raise ValueError("shards must not repeat")
-        if self.shards and self.slots < len(self.shards):
-            raise ValueError(f"slots ({self.slots}) must be at least the shard count")
+        if not self.table:
+            if self.shards and self.slots < len(self.shards):
+                raise ValueError(f"slots ({self.slots}) must be at least the shard count")
+            return self
+        if not self.shards:
+            raise ValueError("a slot table needs the shards it names in shards")
+        if self.table[0][0] != 0:
+            raise ValueError(f"the slot table must start at slot 0, not {self.table[0][0]}")
+        for (a, x), (b, y) in itertools.pairwise(self.table):
+            if not a < b:
+                raise ValueError(f"slot table starts must increase: {b} follows {a}")
+            if x == y:
+                raise ValueError(f"slot table runs at {a} and {b} both name {x!r}; join them")
+        if self.table[-1][0] >= self.slots:
+            raise ValueError(f"slot table start {self.table[-1][0]} is not below {self.slots}")
+        unknown = sorted({s for _, s in self.table} - set(self.shards))
+        if unknown:
+            raise ValueError(f"the slot table names shard(s) {unknown} that are not in shards")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Stored policies without a table keep the JSON they had before tables existed.
+        data: dict[str, Any] = handler(self)
+        return data if self.table else {k: v for k, v in data.items() if k != "table"}
+
+    @staticmethod
+    def table_from_owners(owners: Sequence[str]) -> SlotRuns:
+        """The normalized run-length table of a per-slot owner list (``owners[slot]``)."""
+        return tuple((i, s) for i, s in enumerate(owners) if i == 0 or owners[i - 1] != s)
+
+    def owner_slots(self) -> dict[str, list[tuple[int, int]]]:
+        """Slot ranges ``[lo, hi)`` per shard of ``shards``, in slot order (``[]``: none)."""
+        n, out = len(self.shards), {s: list[tuple[int, int]]() for s in self.shards}
+        # Uniform: shard i's first slot is the least s with s * n // slots == i, ceil(i*slots/n).
+        runs = self.table or tuple((-(-i * self.slots // n), s) for i, s in enumerate(self.shards))
+        for (lo, shard), (hi, _) in itertools.pairwise((*runs, (self.slots, ""))):
+            out[shard].append((lo, hi))
+        return out
+
+    def slot_owner(self, slot: int) -> str:
+        """The shard that owns ``slot``."""
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} is outside 0..{self.slots - 1}")
+        return self.shards[_slot_table(self.shards, self.slots, self.table).owners[slot]]
 
     def shards_named(self) -> frozenset[str]:
         return frozenset(self.shards)
 
     def place(self, record_id: str, metadata: Mapping[str, Any] | None) -> Placement:
-        return Placement(_pick(self.shards, _hash_key(record_id, metadata, self.field), self.slots))
+        key = _hash_key(record_id, metadata, self.field)
+        return Placement(_pick(self.shards, key, self.slots, self.table))
 
     def place_all(
         self, ids: Sequence[str], metadatas: Sequence[Mapping[str, Any] | None] | None
@@ -141,12 +197,12 @@ class HashPolicy(BaseModel):
                 for i, rid in enumerate(ids)
             ]
         places = [Placement(s) for s in self.shards]
-        table = uniform_table(len(self.shards), self.slots)
+        table = _slot_table(self.shards, self.slots, self.table)
         return [places[o] for o in table.owners_of(keys)]
 
     def scope(self, where: Mapping[str, Any] | None) -> Scope:
-        leaf = _hash_scope(self.field, self.slots, [self.shards])
-        return Scope(shards=walk_where(where, leaf, _sets_both, _sets_either))
+        leaf = _hash_scope(self.field, self.slots, [self.shards], self.table)
+        return Scope(shards=walk_where(where, leaf, operator.and_, operator.or_))
 
 
 def _int_text(text: str) -> bool:
@@ -296,7 +352,7 @@ class FieldPolicy(BaseModel):
                 return self._field_leaf(op, arg)
             return hashed(name, op, arg)  # type: ignore[no-any-return]
 
-        return Scope(shards=walk_where(where, leaf, _sets_both, _sets_either))
+        return Scope(shards=walk_where(where, leaf, operator.and_, operator.or_))
 
 
 class CompositePolicy(FieldPolicy):
