@@ -29,12 +29,14 @@ from ._collection import ShardedCollection
 from ._errors import ClientClosedError, ConfigurationError
 from ._layout import CollectionLayout, collection_layout
 from ._node import Node
-from ._policies import PolicyLike
+from ._policies import PolicyLike, build_policy
 from ._runtime import Runtime
 from ._status import ShardStatus, shard_status
 from ._topology import Topology
 from ._transport import NodeStats
 from .api._arguments import refuse_metadata_like_server, refuse_unaddressable
+from .control._maps import PartitionMap
+from .rebalance._engine import MigrationReport
 
 __all__ = ["AsyncHttpClient", "ShardedClient"]
 
@@ -127,6 +129,24 @@ class ShardedClient:
         model = await runtime.catalog.get_collection(name, self.tenant, self.database)
         state = await runtime.catalog.state(model.id, self.tenant, self.database)
         return await collection_layout(runtime.router, runtime.reader, runtime.io, state)
+
+    async def rebalance(
+        self, name: str, policy: PolicyLike | None = None, **options: Any
+    ) -> MigrationReport:
+        """Move a collection to ``policy`` while it stays in use (None: resume the migration
+        a killed run left). Needs ``[control]`` in the topology; see ``rebalance._engine``.
+        Options: ``batch`` (records per page), ``rate`` (records/s), ``progress`` (called
+        with a step and a record count), ``ack_timeout``."""
+        goal = None if policy is None else build_policy(policy)
+        return await self._live().rebalancing.run(name, goal, **options)
+
+    async def abort_rebalance(self, name: str) -> MigrationReport:
+        """Roll back a collection's migration that has not cut over."""
+        return await self._live().rebalancing.abort(name)
+
+    async def partition_map(self, name: str) -> PartitionMap:
+        """The collection's current partition map (epoch, policy, phase)."""
+        return await self._live().rebalancing.current_map(name)
 
     def node_stats(self) -> dict[str, NodeStats]:
         """Request counters per node URL (requests, failures, latency, in flight)."""

@@ -12,6 +12,8 @@ ids beside them.
 
 from __future__ import annotations
 
+import anyio.to_thread
+
 from ._topology import Topology
 from .api._server import ShardedServer
 from .catalog._catalog import Catalog
@@ -19,6 +21,8 @@ from .catalog._layouts import PartLayouts
 from .catalog._physical import PhysicalIds
 from .catalog._state import StateCache
 from .cluster._cluster import Cluster
+from .control._epochs import NO_EPOCHS, Epochs, NoEpochs
+from .control._open import open_backend
 from .ops._clock import HybridClock
 from .ops._locator import Locator
 from .ops._moves import Mover
@@ -31,6 +35,7 @@ from .ops._router import Router
 from .ops._sender import RecordSender
 from .ops._tombstones import Tombstones
 from .ops._writepath import WritePath
+from .rebalance._service import Rebalancing
 
 __all__ = ["Runtime"]
 
@@ -76,7 +81,15 @@ class Runtime:
             self.reader,
             IdOrdering(),
         )
-        self.server = ShardedServer(self.catalog, self.layouts, self.reader, self.writer)
+        self.epochs: Epochs | NoEpochs = NO_EPOCHS
+        if topology.control is not None:
+            self.epochs = Epochs(
+                lambda: open_backend(topology), lease_ttl=topology.control.lease_ttl
+            )
+        self.rebalancing = Rebalancing(topology, self.catalog, self.io, self.cluster)
+        self.server = ShardedServer(
+            self.catalog, self.layouts, self.reader, self.writer, self.epochs
+        )
 
     async def reset(self) -> bool:
         """Reset every node and forget every collection this client knew."""
@@ -85,4 +98,6 @@ class Runtime:
         return True
 
     async def aclose(self) -> None:
+        # Joins the follower's thread, which revokes the lease: off the caller's loop.
+        await anyio.to_thread.run_sync(self.epochs.close)
         await self.cluster.aclose()

@@ -55,7 +55,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-__all__ = ["NodeConfig", "ReplicationConfig", "ShardConfig", "Topology"]
+__all__ = ["ControlConfig", "NodeConfig", "ReplicationConfig", "ShardConfig", "Topology"]
 
 DEFAULT_TENANT = "default_tenant"
 DEFAULT_DATABASE = "default_database"
@@ -193,6 +193,50 @@ class ReplicationConfig(BaseModel):
         return name
 
 
+class ControlConfig(BaseModel):
+    """Where the partition maps live (the ``[control]`` table). Without it, each collection
+    keeps the policy it was created with and cannot be rebalanced."""
+
+    model_config = _Frozen
+
+    backend: Literal["sqlite", "etcd"] = "sqlite"
+    path: str | None = None
+    """The SQLite file (default: beside the hint log, one per cluster)."""
+    endpoints: tuple[str, ...] = ()
+    """etcd client endpoints, ``host:port``; tried in turn."""
+    namespace: str = "/sharded-chroma/"
+    """Key prefix in etcd, so one etcd can serve several clusters."""
+    username: str | None = None
+    password_env: str | None = None
+    """Name of the environment variable holding the etcd password (never the password)."""
+    timeout: float = Field(default=5.0, gt=0)
+    lease_ttl: float = Field(default=15.0, ge=2)
+    """A client that cannot renew its lease this long stops writing; a migrator stops waiting
+    for it once the lease has expired."""
+    ack_timeout: float = Field(default=120.0, gt=0)
+    """How long a migrator waits for every live client to acknowledge a new epoch."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ControlConfig:
+        if self.backend == "etcd" and not self.endpoints:
+            raise ValueError('the etcd control store needs endpoints = ["host:port", ...]')
+        if self.backend == "sqlite" and self.endpoints:
+            raise ValueError('endpoints are for backend = "etcd"; the SQLite store has a path')
+        if not self.namespace.endswith("/"):
+            raise ValueError("namespace must end with /")
+        return self
+
+    def password(self) -> str | None:
+        if self.password_env is None:
+            return None
+        value = os.environ.get(self.password_env)
+        if value is None:
+            raise ConfigurationError(
+                f"control store: environment variable {self.password_env!r} is not set"
+            )
+        return value
+
+
 class Topology(BaseModel):
     """The whole cluster: shards, where the tenant and database live, and the slot space."""
 
@@ -217,6 +261,8 @@ class Topology(BaseModel):
     )
     """Placement policy per collection name, used when that collection is created and checked
     against the stored one when it is opened."""
+    control: ControlConfig | None = None
+    """The control store (``[control]``); None: no online rebalancing."""
 
     @model_validator(mode="after")
     def _check(self) -> Topology:

@@ -32,6 +32,7 @@ from chromadb.api.types import (
 from .._fanout import OnShardError
 from ..catalog._catalog import Catalog
 from ..catalog._layouts import PartLayouts
+from ..control._epochs import NO_EPOCHS, Epochs, NoEpochs
 from ..ops._reader import Reader
 from ..ops._writepath import WritePath
 
@@ -154,12 +155,19 @@ class ShardedServer:
     makes (partial results, scan, policy, retention)."""
 
     def __init__(
-        self, catalog: Catalog, layouts: PartLayouts, reader: Reader, writer: WritePath
+        self,
+        catalog: Catalog,
+        layouts: PartLayouts,
+        reader: Reader,
+        writer: WritePath,
+        epochs: Epochs | NoEpochs = NO_EPOCHS,
     ) -> None:
         self._catalog = catalog
         self._layouts = layouts
         self._reader = reader
         self._writer = writer
+        # Every call of a collection is served under one partition map (see ``Epochs``).
+        self._serving = epochs.serving
 
     async def _add(
         self,
@@ -173,7 +181,8 @@ class ShardedServer:
         database: str = _D,
     ) -> bool:
         state = await self._catalog.state(collection_id, tenant, database)
-        await self._writer.add(state, ids, embeddings, metadatas, documents, uris)
+        async with self._serving(state, writes=True):
+            await self._writer.add(state, ids, embeddings, metadatas, documents, uris)
         return True
 
     async def _upsert(
@@ -188,7 +197,8 @@ class ShardedServer:
         database: str = _D,
     ) -> bool:
         state = await self._catalog.state(collection_id, tenant, database)
-        await self._writer.upsert(state, ids, embeddings, metadatas, documents, uris)
+        async with self._serving(state, writes=True):
+            await self._writer.upsert(state, ids, embeddings, metadatas, documents, uris)
         return True
 
     async def _update(
@@ -203,7 +213,8 @@ class ShardedServer:
         database: str = _D,
     ) -> bool:
         state = await self._catalog.state(collection_id, tenant, database)
-        await self._writer.update(state, ids, embeddings, metadatas, documents, uris)
+        async with self._serving(state, writes=True):
+            await self._writer.update(state, ids, embeddings, metadatas, documents, uris)
         return True
 
     async def _delete(
@@ -217,7 +228,8 @@ class ShardedServer:
         database: str = _D,
     ) -> DeleteResult:
         state = await self._catalog.state(collection_id, tenant, database)
-        return await self._writer.delete(state, ids, where, where_document, limit)
+        async with self._serving(state, writes=True):
+            return await self._writer.delete(state, ids, where, where_document, limit)
 
     async def _get(
         self,
@@ -233,9 +245,10 @@ class ShardedServer:
         on_shard_error: OnShardError = "raise",
     ) -> GetResult:
         state = await self._catalog.state(collection_id, tenant, database)
-        return await self._reader.get(
-            state, ids, where, limit, offset, where_document, include, on_shard_error
-        )
+        async with self._serving(state, writes=False):
+            return await self._reader.get(
+                state, ids, where, limit, offset, where_document, include, on_shard_error
+            )
 
     async def _peek(
         self, collection_id: UUID, n: int = 10, tenant: str = _T, database: str = _D
@@ -243,13 +256,15 @@ class ShardedServer:
         state = await self._catalog.state(collection_id, tenant, database)
         # chromadb's peek order of columns
         include: Include = ["metadatas", "documents", "embeddings"]
-        return await self._reader.get(state, None, None, n, None, None, include, "raise")
+        async with self._serving(state, writes=False):
+            return await self._reader.get(state, None, None, n, None, None, include, "raise")
 
     async def _count(
         self, collection_id: UUID, tenant: str = _T, database: str = _D, read_level: Any = None
     ) -> int:
         state = await self._catalog.state(collection_id, tenant, database)
-        return await self._reader.count(state)
+        async with self._serving(state, writes=False):
+            return await self._reader.count(state)
 
     async def _query(
         self,
@@ -265,16 +280,17 @@ class ShardedServer:
         on_shard_error: OnShardError = "raise",
     ) -> QueryResult:
         state = await self._catalog.state(collection_id, tenant, database)
-        return await self._reader.query(
-            state,
-            query_embeddings,
-            ids,
-            n_results,
-            where,
-            where_document,
-            include,
-            on_shard_error,
-        )
+        async with self._serving(state, writes=False):
+            return await self._reader.query(
+                state,
+                query_embeddings,
+                ids,
+                n_results,
+                where,
+                where_document,
+                include,
+                on_shard_error,
+            )
 
     async def _modify(
         self,
@@ -334,8 +350,10 @@ class ShardedServer:
             where_document=where_document,
             include=include,
         )
-        async for page in pages:
-            yield page
+        # One map for the whole scan: a migration step waits for it to end.
+        async with self._serving(state, writes=False):
+            async for page in pages:
+                yield page
 
     async def policy(self, collection_id: UUID, tenant: str, database: str) -> Any:
         return (await self._catalog.state(collection_id, tenant, database)).policy

@@ -25,7 +25,7 @@ from ..cluster._cluster import Cluster
 from ._layouts import PartLayouts
 from ._models import CatalogRules
 from ._physical import PhysicalIds
-from ._state import ID_META, CollectionState, StateCache
+from ._state import ID_META, ROUTING_META, SLOTS_META, CollectionState, StateCache
 
 __all__ = ["Catalog"]
 
@@ -133,6 +133,15 @@ class Catalog:
         if cluster.catalog_shard in failures:
             raise failures[cluster.catalog_shard]
         missing = [n for n, e in failures.items() if isinstance(e, NotFoundError)]
+        if missing:
+            # A shard the stored policy does not use yet (one just added to the topology,
+            # which a migration gives the collection first) may lack it.
+            meta = results[cluster.catalog_shard][1].get("metadata") or {}
+            stored = self._rules.stored_policy(name, meta.get(ROUTING_META), meta.get(SLOTS_META))
+            unused = [n for n in missing if n not in stored.shards_named()]
+            for shard in unused:
+                del failures[shard]
+            missing = [n for n in missing if n not in unused]
         if missing:
             raise ShardMismatchError(
                 f"collection {name!r} is missing on this shard; "
@@ -263,9 +272,18 @@ class Catalog:
             ),
         }
         meta = None
-        if new_metadata is not None:
-            meta = self._rules.policy_metadata(new_metadata, state.policy)
         catalog_node = cluster.catalog_node
+        if new_metadata is not None:
+            # The stored policy as it is now, not as this client loaded it: a migration may
+            # have stored a newer one since (see ``store_policy``).
+            raw = await catalog_node.transport.request(
+                "GET", self._path(state.tenant, state.database, f"/{state.name}")
+            )
+            stored = dict(raw.get("metadata") or {})
+            meta = self._rules.policy_metadata(new_metadata, state.policy)
+            for key in (ROUTING_META, SLOTS_META):
+                if key in stored:
+                    meta[key] = stored[key]
 
         async def put(node: Node) -> Any:
             payload = body
@@ -290,6 +308,32 @@ class Catalog:
             "GET", self._path(state.tenant, state.database, f"/{state.name}")
         )
         state.configuration = dict(raw.get("configuration_json") or {})
+
+    async def store_policy(self, state: CollectionState, policy: Any) -> None:
+        """Make ``policy`` the collection's stored policy on every node (a finished migration
+        does, so the stored policy never lags the partition map once it is stable)."""
+        cluster = self._cluster
+        catalog_node = cluster.catalog_node
+        raw = await catalog_node.transport.request(
+            "GET", self._path(state.tenant, state.database, f"/{state.name}")
+        )
+        meta = {
+            **(raw.get("metadata") or {}),
+            **self._rules.policy_metadata(None, policy),
+        }
+        meta.pop(ID_META, None)
+
+        async def put(node: Node) -> Any:
+            marked = meta if node is catalog_node else {**meta, ID_META: str(state.id)}
+            return await node.transport.request(
+                "PUT", await self._physical.node_path(state, node), body={"new_metadata": marked}
+            )
+
+        await put(catalog_node)
+        others = [n for n in cluster.all_nodes() if n is not catalog_node]
+        # A shard the collection never reached (one the topology has, no policy used) lacks it.
+        await cluster.on_every_node("store_policy", put, others, tolerate=(NotFoundError,))
+        state.policy = policy
 
     async def state(self, collection_id: UUID, tenant: str, database: str) -> CollectionState:
         """The cached state of a collection, loading it from the shards on first use."""

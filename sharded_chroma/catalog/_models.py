@@ -69,7 +69,9 @@ class CatalogRules:
                     f"client's topology has {topology.slots}; use the same slot count"
                 )
             policy = policy.model_copy(update={"slots": int(slots)})
-        elif isinstance(policy, HashPolicy) and policy.shards != self._shard_names:
+        elif isinstance(policy, HashPolicy) and not set(policy.shards) <= set(self._shard_names):
+            # A policy may use some of the topology's shards (a shard added for a migration
+            # holds nothing yet), never one it lacks.
             raise ConfigurationError(
                 f"collection {name!r} hashes records over shards {list(policy.shards)}, but this "
                 f"client's topology has {list(self._shard_names)}; records would be looked for "
@@ -97,7 +99,9 @@ class CatalogRules:
         routing = meta.get(ROUTING_META)
         slots = meta.get(SLOTS_META)
         policy = self.stored_policy(catalog.name, routing, slots)
-        if declared is not None and declared != policy:
+        # With a control store the partition map decides; a declaration only shapes creation
+        # (a rebalanced collection no longer has the policy it was declared with).
+        if declared is not None and declared != policy and self._topology.control is None:
             raise ConfigurationError(
                 f"collection {catalog.name!r} exists with policy {policy_to_json(policy)}, "
                 f"not the one asked for ({policy_to_json(declared)}); one collection has one "

@@ -65,7 +65,9 @@ def visible_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any] | Non
                 out[k] = v
         return out or None
     if SEQ_KEY in metadata or VERSION_KEY in metadata:
-        rest = {k: v for k, v in metadata.items() if k != SEQ_KEY and k != VERSION_KEY}
+        # Without the escape mark no user key has the prefix: every such key is hidden (the
+        # sequence, the version, a migration's marks).
+        rest = {k: v for k, v in metadata.items() if not k.startswith(RESERVED_PREFIX)}
         return rest or None
     if not metadata:
         return None

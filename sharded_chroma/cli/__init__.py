@@ -1,5 +1,5 @@
-"""The ``sharded-chroma`` command: ``dev``, ``demo``, ``status``, ``verify``, ``repair`` and
-``drop-partitions``."""
+"""The ``sharded-chroma`` command: ``dev``, ``demo``, ``status``, ``verify``, ``repair``,
+``drop-partitions``, ``plan``, ``rebalance`` and ``abort``."""
 
 from __future__ import annotations
 
@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--shards", type=int, default=3)
     dev.add_argument("--data-dir", type=Path, default=Path(".sharded-chroma/dev"))
     dev.add_argument("--topology-out", type=Path, default=Path("cluster.toml"))
+    dev.add_argument(
+        "--control",
+        choices=["none", "sqlite", "etcd"],
+        default="sqlite",
+        help="control store for online rebalancing (etcd: a local etcd member is started)",
+    )
 
     status = sub.add_parser("status", help="health, versions, latency and counts per shard")
     _cluster_args(status)
@@ -85,6 +91,19 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--page-size", type=int, default=1000, help="records per request")
         if name == "repair":
             cmd.add_argument("--rounds", type=int, default=3, help="fix-and-recheck passes")
+    from ._rebalance import goal_args
+
+    plan = sub.add_parser("plan", help="show the moves a rebalance would make; move nothing")
+    goal_args(plan)
+    rebalance = sub.add_parser(
+        "rebalance", help="move slots between shards online (no goal options: resume)"
+    )
+    goal_args(rebalance)
+    rebalance.add_argument("--batch", type=int, default=500, help="records per page")
+    rebalance.add_argument("--rate", type=float, default=None, help="records/s at most")
+    abort = sub.add_parser("abort", help="roll back a migration that has not cut over")
+    abort.add_argument("--topology", type=Path, required=True)
+    abort.add_argument("--collection", required=True, metavar="NAME")
     return p
 
 
@@ -114,8 +133,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 shards=args.shards,
                 data_dir=args.data_dir,
                 topology_path=args.topology_out,
+                control=args.control,
                 out=_out,
             )
+        elif args.command in ("plan", "rebalance", "abort"):
+            from . import _rebalance
+
+            if args.command == "rebalance":
+                _positive("batch", args.batch)
+            run = {
+                "plan": _rebalance.run_plan,
+                "rebalance": _rebalance.run_rebalance,
+                "abort": _rebalance.run_abort,
+            }[args.command]
+            return anyio.run(run, args, _out)
         elif args.command in ("verify", "repair"):
             from ._repair import run_antientropy
 

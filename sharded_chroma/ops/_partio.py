@@ -6,6 +6,7 @@ caller."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -13,12 +14,16 @@ from typing import Any, TypeVar
 import orjson
 from chromadb.errors import NotFoundError
 
+from .._fanout import fan_out, raise_for_failures
 from .._node import HintTarget, Node
 from .._options import current_options
 from ..catalog._layouts import Target
 from ..catalog._physical import PhysicalIds
 from ..cluster._cluster import Cluster
+from ..control._epochs import served_map
+from ..control._maps import PartitionMap
 from ._clock import HybridClock
+from ._migrating import filtered, split_write
 from ._seqpages import seq_pages
 
 __all__ = ["GET_PAGE", "PartIO", "Removal"]
@@ -46,9 +51,14 @@ class PartIO:
         self._physical = physical
         self._clock = clock
 
-    async def read(self, target: Target, suffix: str, body: Any) -> Any:
-        """POST a read to one caught-up copy of the part's shard (with failover)."""
+    async def read(self, target: Target, suffix: str, body: Any, *, raw: bool = False) -> Any:
+        """POST a read to one caught-up copy of the part's shard (with failover). While the
+        collection migrates, copies the phase hides are filtered out (see ``control._maps``),
+        unless ``raw``."""
         state = target.state
+        served = served_map(state)
+        if served is not None and served.migrating and not raw:
+            body = filtered(body, served)
 
         async def op(node: Node) -> Any:
             path = await self._physical.node_path(state, node, suffix)
@@ -58,6 +68,9 @@ class PartIO:
 
     async def count(self, target: Target) -> int:
         state = target.state
+        served = served_map(state)
+        if served is not None and served.migrating:
+            return await self._count_visible(target, served)
 
         async def op(node: Node) -> Any:
             path = await self._physical.node_path(state, node, "/count")
@@ -65,13 +78,35 @@ class PartIO:
 
         return int(await self._cluster.shards[target.shard].read(op))
 
+    async def _count_visible(self, target: Target, served: PartitionMap) -> int:
+        """A migrating part's count: Chroma counts with no filter, so what the phase hides is
+        counted by id and taken off (one id page per 10,000 hidden records)."""
+        filt = served.read_filter()
+        assert filt is not None
+        ((key, cond),) = filt.items()
+        hidden = 0
+        hidden_body = {"where": {key: cond["$ne"]}, "include": []}
+        async for page in self.pages(target, hidden_body, raw=True):
+            hidden += len(page["ids"])
+        state = target.state
+
+        async def op(node: Node) -> Any:
+            path = await self._physical.node_path(state, node, "/count")
+            return await node.transport.request("GET", path)
+
+        total = int(await self._cluster.shards[target.shard].read(op))
+        return max(0, total - hidden)
+
     async def page(
-        self, target: Target, body: Mapping[str, Any], sticky: dict[str, Node]
+        self, target: Target, body: Mapping[str, Any], sticky: dict[str, Node], *, raw: bool = False
     ) -> dict[str, Any]:
         """One page of a get, from the copy in ``sticky[target.key]`` while it answers
         (offsets are positions in one node's stored order); the copy that answered is kept
         there for the next page."""
         state = target.state
+        served = served_map(state)
+        if served is not None and served.migrating and not raw:
+            body = filtered(body, served)
 
         async def op(node: Node) -> Any:
             path = await self._physical.node_path(state, node, "/get")
@@ -84,7 +119,12 @@ class PartIO:
         return page
 
     async def pages(
-        self, target: Target, body: Mapping[str, Any], page_size: int | None = None
+        self,
+        target: Target,
+        body: Mapping[str, Any],
+        page_size: int | None = None,
+        *,
+        raw: bool = False,
     ) -> AsyncGenerator[dict[str, Any], None]:
         """One part's get() as pages of at most ``page_size`` records in (seq, id) order,
         keyed by sequence ranges, so any copy may answer any page and concurrent deletes
@@ -97,11 +137,11 @@ class PartIO:
         size = GET_PAGE if page_size is None else page_size
 
         async def read(b: Mapping[str, Any]) -> Mapping[str, Any]:
-            answer: Mapping[str, Any] = await self.read(target, "/get", b)
+            answer: Mapping[str, Any] = await self.read(target, "/get", b, raw=raw)
             return answer
 
         async def sticky_read(b: Mapping[str, Any], sticky: dict[str, Any]) -> Mapping[str, Any]:
-            return await self.page(target, b, sticky)
+            return await self.page(target, b, sticky, raw=raw)
 
         async for page in seq_pages(read, sticky_read, body, size):
             yield page
@@ -112,7 +152,34 @@ class PartIO:
         """Send a write to every copy of the part's shard under the call's write concern.
 
         A delete that surely removes some ids says so in ``removes``: a copy that misses it
-        keeps them as tombstones until it has it."""
+        keeps them as tombstones until it has it.
+
+        While a migration mirrors writes (``dual``, ``cutover``), records the other policy
+        places on other shards are sent there too (see ``_migrating.split_write``); the write
+        succeeds only when every one of those requests does."""
+        served = served_map(target.state)
+        if served is None or served.mirror_policy() is None:
+            return await self._write_one(target, op, body, removes)
+        own, mirrors = split_write(op, target.shard, body, served)
+        if not mirrors:
+            return await self._write_one(target, op, own, removes)
+
+        def removal_of(part: Mapping[str, Any]) -> Removal | None:
+            if removes is None:
+                return None
+            mine = set(part["ids"])
+            return Removal(tuple(i for i in removes.ids if i in mine), removes.version)
+
+        calls = {target.shard: functools.partial(self._write_one, target, op, own, removes)}
+        for shard, part in mirrors.items():
+            calls[shard] = functools.partial(
+                self._write_one, Target(shard, target.state), op, part, removal_of(part)
+            )
+        answers, failures = await fan_out(calls)
+        raise_for_failures(op, failures, all_failed=len(failures) == len(calls))
+        return answers[target.shard]
+
+    async def _write_one(self, target: Target, op: str, body: Any, removes: Removal | None) -> Any:
         state = target.state
         content = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
         version: int | None = None

@@ -13,6 +13,7 @@ from .._fanout import fan_out, raise_for_failures
 from .._policies import HashPolicy, Placement, Scope, TimePolicy
 from ..catalog._layouts import PartLayouts, Target
 from ..catalog._state import CollectionState
+from ..control._epochs import serving_policy
 
 __all__ = ["Plan", "Router", "shards_of"]
 
@@ -45,13 +46,14 @@ class Router:
     @staticmethod
     def ids_routed(state: CollectionState) -> bool:
         """Whether a record's place follows from its id alone."""
-        return isinstance(state.policy, HashPolicy) and state.policy.field is None
+        policy = serving_policy(state)
+        return isinstance(policy, HashPolicy) and policy.field is None
 
     def place_records(
         self, state: CollectionState, ids: IDs, metadatas: Metadatas | None
     ) -> list[Placement]:
         """Every record's placement, or RoutingError before anything is written."""
-        policy = state.policy
+        policy = serving_policy(state)
         if isinstance(policy, HashPolicy):
             return policy.place_all(ids, metadatas)
         return [
@@ -91,7 +93,7 @@ class Router:
 
         With ``direct``, a time filter bounded to a few buckets names them without listing;
         the caller must then read a bucket that does not exist as empty."""
-        policy = state.policy
+        policy = serving_policy(state)
         scope: Scope = policy.scope(where)
         used = policy.shards_named()
         shards = [s for s in self.shard_names if s in used]

@@ -27,10 +27,11 @@ from chromadb.api.types import (
 )
 
 from .._fanout import raise_for_failures
-from ..catalog._layouts import PartLayouts
+from ..catalog._layouts import PartLayouts, Target
 from ..catalog._reserved import escape_where
 from ..catalog._state import CollectionState
 from ..cluster._cluster import Cluster
+from ..control._epochs import served_map
 from ._checks import check_embeddings
 from ._locator import Locator
 from ._moves import Mover
@@ -263,12 +264,24 @@ class WritePath:
         if ids is None:
             plan = await self._router.plan(state, None, where)
             raise_for_failures("delete", plan.failed)
+            targets = {k: replace(t, ids=None) for k, t in plan.targets.items()}
             deleted, _ = await self._remover.remove(
-                {k: replace(t, ids=None) for k, t in plan.targets.items()},
-                {},
-                where=stored_where,
-                where_document=where_document,
+                targets, {}, where=stored_where, where_document=where_document
             )
+            served = served_map(state)
+            nxt = None if served is None else served.mirror_policy()
+            if nxt is not None:
+                # The next policy's other shards hold copies the filter may match too; what
+                # they delete are copies, so it is not counted again.
+                extra = {
+                    s: Target(s, state)
+                    for s in self._router.shard_names
+                    if s in nxt.shards_named() and s not in targets
+                }
+                if extra:
+                    await self._remover.remove(
+                        extra, {}, where=stored_where, where_document=where_document
+                    )
             return DeleteResult(deleted=deleted)
         async with self._ordering.hold(state.id, ids):
             return DeleteResult(

@@ -40,13 +40,22 @@ class LocalEtcd:
     """A single-member etcd cluster under ``data_dir``; ``start()`` returns once it is healthy."""
 
     def __init__(
-        self, data_dir: Path, *, host: str = "127.0.0.1", executable: str | None = None
+        self,
+        data_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        executable: str | None = None,
+        ports: tuple[int, int] | None = None,
     ) -> None:
         self._dir = Path(data_dir)
         self._host = host
         self._executable = find_etcd_executable(executable)
-        self.client_port = _ports.claim_port(host)
-        self.peer_port = _ports.claim_port(host)
+        # A member keeps its peer address in its data: one started again on the same folder
+        # (``dev`` run twice) must get the same ports.
+        self.client_port, self.peer_port = ports or (
+            _ports.claim_port(host),
+            _ports.claim_port(host),
+        )
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -1,0 +1,127 @@
+"""`sharded-chroma plan`, `rebalance` and `abort`: move a hash-placed collection's slots
+between shards while it stays in use."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .._client import ShardedClient
+from .._errors import ConfigurationError
+from .._policies import HashPolicy
+from .._routing import slot_for_key
+from .._topology import Topology
+from ..rebalance import RebalancePlan, plan_hash
+from ._progress import Progress
+
+__all__ = ["goal_args", "run_abort", "run_plan", "run_rebalance"]
+
+Out = Callable[[str], None]
+
+
+def goal_args(cmd: Any) -> None:
+    cmd.add_argument("--topology", type=Path, required=True, help="topology TOML with [control]")
+    cmd.add_argument("--collection", required=True, metavar="NAME")
+    cmd.add_argument("--add", action="append", default=[], metavar="SHARD", help="give slots to")
+    cmd.add_argument("--remove", action="append", default=[], metavar="SHARD", help="drain")
+    cmd.add_argument(
+        "--weight", action="append", default=[], metavar="SHARD=W", help="relative share"
+    )
+
+
+def _weights(items: Sequence[str]) -> dict[str, float] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise ConfigurationError(f"--weight takes SHARD=NUMBER, got {item!r}")
+    return out
+
+
+async def _slot_counts(client: ShardedClient, name: str, policy: HashPolicy) -> Counter[int]:
+    """Records per slot, read once (ids only, or the hashed field's values)."""
+    col = await client.get_collection(name, embedding_function=None)
+    include: Any = [] if policy.field is None else ["metadatas"]
+    counts: Counter[int] = Counter()
+    async for page in col.scan(batch_size=5000, include=include):
+        metas: Any = page.get("metadatas") or [None] * len(page["ids"])
+        for rid, meta in zip(page["ids"], metas, strict=True):
+            key = rid if policy.field is None else str((meta or {}).get(policy.field))
+            counts[slot_for_key(key, policy.slots)] += 1
+    return counts
+
+
+async def _plan(client: ShardedClient, args: Any) -> tuple[RebalancePlan, HashPolicy]:
+    current = await client.partition_map(args.collection)
+    policy = current.policy
+    if not isinstance(policy, HashPolicy):
+        raise ConfigurationError(
+            f"collection {args.collection!r} is placed by a {policy.kind} policy; online "
+            "rebalancing moves hash slots only so far"
+        )
+    shards = [s for s in (*policy.shards, *args.add) if s not in args.remove]
+    counts = await _slot_counts(client, args.collection, policy)
+    plan = plan_hash(policy, shards=shards, weights=_weights(args.weight), slot_counts=counts)
+    return plan, policy
+
+
+async def run_plan(args: Any, out: Out) -> int:
+    """Print the plan and every problem in it; nothing moves. 1 when there are problems."""
+    async with ShardedClient(Topology.from_toml(args.topology)) as client:
+        current = await client.partition_map(args.collection)
+        out(f"collection {args.collection}: epoch {current.epoch}, phase {current.phase}")
+        record = await client._live().rebalancing.migration(args.collection)
+        if record is not None:
+            out(f"a migration is under way (step {record['step']}, tag {record['tag']})")
+        plan, _ = await _plan(client, args)
+    out(plan.describe())
+    return 1 if plan.problems else 0
+
+
+async def run_rebalance(args: Any, out: Out) -> int:
+    """Run (or, with no goal options, resume) the migration, with progress per step."""
+    async with ShardedClient(Topology.from_toml(args.topology)) as client:
+        goal = None
+        if args.add or args.remove or args.weight:
+            plan, _ = await _plan(client, args)
+            out(plan.describe())
+            if plan.problems:
+                return 1
+            goal = plan.goal
+        total = sum(s.records for s in await client.status()) or 1
+        bars: dict[str, Progress] = {}
+
+        def progress(step: str, n: int) -> None:
+            if n == 0:
+                out(f"step {step}")
+                return
+            bar = bars.get(step) or bars.setdefault(step, Progress(step, total))
+            bar.advance(n)
+
+        report = await client.rebalance(
+            args.collection, goal, batch=args.batch, rate=args.rate, progress=progress
+        )
+        for bar in bars.values():
+            bar.finish()
+    resumed = f" (resumed at {report.resumed_at})" if report.resumed_at else ""
+    out(
+        f"migration {report.tag} of {report.collection}: {' -> '.join(report.steps)}{resumed}; "
+        f"{report.copied:,} record(s) copied, {report.passes} verify pass(es) fixing "
+        f"{report.fixed:,}; epoch {report.epoch}; {report.seconds:.1f} s"
+    )
+    return 0
+
+
+async def run_abort(args: Any, out: Out) -> int:
+    async with ShardedClient(Topology.from_toml(args.topology)) as client:
+        report = await client.abort_rebalance(args.collection)
+    out(f"migration {report.tag} of {report.collection} aborted; epoch {report.epoch}")
+    return 0

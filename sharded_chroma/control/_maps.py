@@ -1,0 +1,113 @@
+"""The partition map of one collection at one epoch: which policy places and finds its records,
+and, while a migration runs, where records are also written and which copies reads hide.
+
+A migration from policy A to policy B takes four epochs after the one it starts from:
+
+- ``dual``: reads follow A. Every write follows A and is also sent to the place B gives each
+  record, where the copy carries the migration's tag as its incoming mark (``_sc_mig``);
+  records B moves carry the tag at their A place too, as their outgoing mark (``_sc_out``).
+  Reads hide incoming copies: one the migrator has not verified yet (stale, or raced by a
+  delete) is never seen.
+- ``cutover``: reads follow B and hide outgoing copies. Writes follow B and are sent back to
+  the A place too (with the outgoing mark), so a client still in ``dual`` reads what a client
+  already in ``cutover`` wrote, and no client's write is missing from the other's place.
+- ``cleanup``: reads and writes follow B alone; outgoing copies stay hidden until the migrator,
+  once every client serves this epoch, deletes them.
+- ``stable``: B alone, no marks consulted.
+
+Epochs only grow; every change of ownership is a new epoch, written by compare-and-swap.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .._errors import ControlStoreError
+from .._policies import AnyPolicy, build_policy
+
+__all__ = ["INCOMING_KEY", "OUTGOING_KEY", "PartitionMap", "Phase"]
+
+INCOMING_KEY = "_sc_mig"
+"""On a copy written to the place a migration moves its record to: the migration's tag."""
+OUTGOING_KEY = "_sc_out"
+"""On a record at the place a migration moves it away from: the migration's tag."""
+
+Phase = Literal["stable", "dual", "cutover", "cleanup"]
+
+
+class PartitionMap(BaseModel):
+    """One collection's placement at one epoch (see the module docstring)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epoch: int = Field(ge=0)
+    policy: AnyPolicy
+    """The policy reads and writes follow."""
+    phase: Phase = "stable"
+    other: AnyPolicy | None = None
+    """``dual``: the policy being moved to; ``cutover`` and ``cleanup``: the one being moved
+    from."""
+    tag: str | None = None
+    """The migration's tag (``dual`` and ``cutover``)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> PartitionMap:
+        if self.phase == "stable":
+            if self.other is not None or self.tag is not None:
+                raise ValueError("a stable map has no other policy and no tag")
+        elif self.other is None or not self.tag:
+            raise ValueError(f"a {self.phase} map needs the other policy and a tag")
+        return self
+
+    @property
+    def migrating(self) -> bool:
+        return self.phase != "stable"
+
+    def read_filter(self) -> dict[str, Any] | None:
+        """What every read of every part adds to its filter in this phase."""
+        if self.phase == "dual":
+            return {INCOMING_KEY: {"$ne": self.tag}}
+        if self.phase in ("cutover", "cleanup"):
+            return {OUTGOING_KEY: {"$ne": self.tag}}
+        return None
+
+    def mirror_policy(self) -> Any | None:
+        """Where writes also go: the other policy, in ``dual`` and ``cutover``."""
+        return self.other if self.phase in ("dual", "cutover") else None
+
+    def marks(self) -> tuple[str | None, str]:
+        """The marks of a mirrored write: for the record's own place (None: none) and for the
+        copy at the other place."""
+        if self.phase == "dual":
+            return OUTGOING_KEY, INCOMING_KEY
+        return None, OUTGOING_KEY
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=True))
+
+    @classmethod
+    def from_json(cls, data: bytes, *, source: str) -> PartitionMap:
+        try:
+            raw = orjson.loads(data)
+            raw["policy"] = build_policy(raw["policy"], source=f"{source} policy")
+            if raw.get("other") is not None:
+                raw["other"] = build_policy(raw["other"], source=f"{source} other policy")
+            return cls.model_validate(raw)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ControlStoreError(
+                f"{source} is not a partition map this client reads: {exc}"
+            ) from exc
+
+    def advanced(self, **changes: Any) -> PartitionMap:
+        """The next epoch's map with ``changes`` (fields not named keep their value)."""
+        fields: dict[str, Any] = {
+            "policy": self.policy,
+            "phase": self.phase,
+            "other": self.other,
+            "tag": self.tag,
+        }
+        fields.update(changes)
+        return PartitionMap.model_validate({"epoch": self.epoch + 1, **fields})

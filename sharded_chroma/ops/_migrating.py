@@ -1,0 +1,108 @@
+"""What a migration changes about one request to a part (pure): the filter reads add, and the
+copies a write also sends to the places the next policy gives its records.
+
+See ``control._maps`` for the phases. Only policies whose placement follows from what a write
+request carries (hash of the id, or of a metadata field sent with the record) are mirrored
+here; the migrator refuses to start any other migration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .._policies import HashPolicy
+from ..control._maps import INCOMING_KEY, OUTGOING_KEY, PartitionMap
+
+__all__ = ["filtered", "mirrorable", "split_write"]
+
+_COLUMNS = ("ids", "embeddings", "metadatas", "documents", "uris")
+
+
+def mirrorable(policy: Any) -> bool:
+    """Whether a write to a part can be mirrored under ``policy`` from the request alone."""
+    return isinstance(policy, HashPolicy)
+
+
+def filtered(body: Mapping[str, Any], served: PartitionMap) -> dict[str, Any]:
+    """``body`` with the phase's read filter joined to its own ``where``."""
+    extra = served.read_filter()
+    out = dict(body)
+    if extra is None:
+        return out
+    where = out.get("where")
+    out["where"] = extra if not where else {"$and": [where, extra]}
+    return out
+
+
+def _rows(body: Mapping[str, Any], positions: Sequence[int]) -> dict[str, Any]:
+    out = {k: v for k, v in body.items() if k not in _COLUMNS}
+    for column in _COLUMNS:
+        values = body.get(column)
+        out[column] = None if values is None else [values[i] for i in positions]
+    return out
+
+
+def _marked(metas: Any, positions: Sequence[int] | None, key: str, tag: str) -> Any:
+    if metas is None:
+        return None
+    rows = range(len(metas)) if positions is None else positions
+    return [{**(metas[i] or {}), key: tag} for i in rows]
+
+
+def _homes(policy: HashPolicy, body: Mapping[str, Any]) -> list[str]:
+    ids: Sequence[str] = body["ids"]
+    metas = body.get("metadatas")
+    return [p.shard for p in policy.place_all(list(ids), metas)]
+
+
+def split_write(
+    op: str, shard: str, body: Mapping[str, Any], served: PartitionMap
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """For a write of ``op`` to ``shard`` while writes are mirrored (``dual``, ``cutover``):
+    the request for ``shard`` itself and one request per other shard that the other policy
+    gives some of its records, each with the phase's marks (``PartitionMap.marks``).
+
+    A delete by filter alone names no records: the write path sends it to the other policy's
+    shards itself. An update without metadata leaves the marks as they are."""
+    nxt = served.mirror_policy()
+    tag = served.tag
+    if nxt is None or tag is None or not body.get("ids"):
+        return dict(body), {}
+    if not isinstance(nxt, HashPolicy):
+        raise NotImplementedError(f"mirroring writes under a {nxt.kind} policy")
+    if op == "update" and nxt.field is not None and body.get("metadatas") is None:
+        # Without metadata the routing value is not in the request: send the update to every
+        # shard that may hold a copy; an update of a record a shard lacks does nothing.
+        others = [s for s in nxt.shards_named() if s != shard]
+        return dict(body), {s: dict(body) for s in others}
+    homes = _homes(nxt, body)
+    moving: dict[str, list[int]] = {}
+    for i, home in enumerate(homes):
+        if home != shard:
+            moving.setdefault(home, []).append(i)
+    if not moving:
+        return dict(body), {}
+    own_mark, mirror_mark = served.marks()
+    own = dict(body)
+    if op != "delete" and own_mark is not None:
+        away = sorted(i for rows in moving.values() for i in rows)
+        metas = list(body["metadatas"]) if body.get("metadatas") is not None else None
+        if metas is not None:
+            for i, meta in zip(away, _marked(metas, away, own_mark, tag), strict=True):
+                metas[i] = meta
+            own["metadatas"] = metas
+    mirrors = {}
+    for home, rows in moving.items():
+        part = _rows(body, rows)
+        if op != "delete":
+            part["metadatas"] = _marked(part["metadatas"], None, mirror_mark, tag)
+        mirrors[home] = part
+    return own, mirrors
+
+
+def strip_marks(metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A stored metadata without the migration marks (what a copy is compared by)."""
+    if metadata is None:
+        return None
+    return {k: v for k, v in metadata.items() if k != INCOMING_KEY and k != OUTGOING_KEY}

@@ -1,0 +1,325 @@
+"""The migration engine: moves a collection from its current policy to a goal while clients
+keep reading and writing, resumable at every step, one migrator at a time.
+
+Steps, each recorded in the control store before the next begins (see ``control._maps``):
+
+1. ``dual``: the map's next epoch mirrors writes to the goal's places; wait until every live
+   client acknowledged it (so no write can still skip the goal's place).
+2. ``copy``: every source shard's moved records are copied, with a cursor saved per page.
+3. ``verify``: reconcile passes until one finds the copies equal to their sources.
+4. ``cutover``: the goal serves reads (writes mirrored back); wait for acknowledgements.
+5. ``cleanup``: writes stop being mirrored; once acknowledged, the sources' moved records
+   are deleted; the map becomes stable under the goal.
+
+A killed migrator is resumed by running it again: the record names the step and cursors.
+``abort`` rolls back a migration that has not cut over.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Awaitable
+from typing import Any
+
+import anyio
+
+from .._errors import ConfigurationError, ControlStoreError
+from .._policies import policy_to_json
+from ..catalog._layouts import Target
+from ..catalog._state import CollectionState
+from ..control._maps import INCOMING_KEY, OUTGOING_KEY
+from ..control._store import ControlStore
+from ..ops._partio import PartIO
+from ._passes import Passes, Progress
+from ._support import MigrationReport, again, check_goal, policy_of_record, same_phase, stable
+from ._targets import TargetCollections
+
+__all__ = ["MigrationReport", "Migrator"]
+
+logger = logging.getLogger("sharded_chroma.rebalance")
+
+
+class Migrator:
+    """One collection's migration. Built by ``Runtime.migrator``; ``run`` and ``abort``."""
+
+    def __init__(
+        self,
+        store: ControlStore,
+        io: PartIO,
+        targets: TargetCollections,
+        shard_names: tuple[str, ...],
+        *,
+        batch: int = 500,
+        rate: float | None = None,
+        ack_timeout: float = 120.0,
+        lease_ttl: float = 15.0,
+        max_passes: int = 20,
+        progress: Progress | None = None,
+    ) -> None:
+        self._store = store
+        self._io = io
+        self._targets = targets
+        self._shard_names = shard_names
+        self._batch = batch
+        self._rate = rate
+        self._ack_timeout = ack_timeout
+        self._lease_ttl = lease_ttl
+        self._max_passes = max_passes
+        self._progress: Progress = progress or (lambda step, n: None)
+        self._lease: int | None = None
+        self._refreshed = 0.0
+        self._lease_ok_until = 0.0
+
+    # -- the lease ----------------------------------------------------------------------------
+
+    def _took_lease(self, lease: int) -> None:
+        self._lease = lease
+        self._refreshed = time.monotonic()
+        self._lease_ok_until = self._refreshed + self._lease_ttl * 2 / 3
+
+    async def _fence(self) -> None:
+        """Before any change (and while waiting): renew the lease when due, and stop once
+        this migrator may have lost it. Renewing here rather than from a task of its own
+        means a stalled migrator cannot keep a lease it no longer acts under."""
+        now = time.monotonic()
+        if now >= self._lease_ok_until:
+            raise ControlStoreError(
+                "the migrator lease expired (the control store was out of reach, or the "
+                "process stalled); stopping: run the migration again to resume"
+            )
+        if now - self._refreshed < self._lease_ttl / 6:
+            return
+        assert self._lease is not None
+        if not await self._store.backend.refresh(self._lease):
+            self._lease_ok_until = 0.0
+            raise ControlStoreError(
+                "the migrator lease expired; stopping: run the migration again to resume"
+            )
+        self._refreshed = now
+        self._lease_ok_until = now + self._lease_ttl * 2 / 3
+
+    # -- running --------------------------------------------------------------------------
+
+    async def run(self, state: CollectionState, goal: Any | None) -> MigrationReport:
+        """Move ``state``'s collection to ``goal`` (None: resume the migration recorded)."""
+        started = time.monotonic()
+        cid = str(state.id)
+        self._took_lease(await self._store.acquire_migrator(cid, self._lease_ttl))
+        try:
+            report = await self._run(state, goal)
+        finally:
+            with anyio.CancelScope(shield=True):
+                assert self._lease is not None
+                await self._store.release_migrator(self._lease)
+        report.seconds = time.monotonic() - started
+        return report
+
+    async def _begin(
+        self, state: CollectionState, goal: Any | None
+    ) -> tuple[dict[str, Any], int, bool]:
+        cid = str(state.id)
+        found = await self._store.load_migration(cid)
+        if found is not None:
+            record, revision = found
+            if goal is not None and policy_to_json(goal) != record["to"]:
+                raise ConfigurationError(
+                    f"collection {state.name!r} is being migrated to another policy already "
+                    f"({record['to']}); finish it (rebalance without a goal) or abort it"
+                )
+            return record, revision, True
+        if goal is None:
+            raise ConfigurationError(f"collection {state.name!r} has no migration to resume")
+        current, _ = await self._store.ensure_map(cid, state.policy)
+        if current.migrating:
+            raise ControlStoreError(
+                f"collection {state.name!r} is at epoch {current.epoch} in phase "
+                f"{current.phase} without a migration record; the control store is damaged"
+            )
+        check_goal(current.policy, goal)
+        if policy_to_json(current.policy) == policy_to_json(goal):
+            raise ConfigurationError(f"collection {state.name!r} already has that policy")
+        unknown = sorted(goal.shards_named() - set(self._shard_names))
+        if unknown:
+            raise ConfigurationError(
+                f"the goal names shard(s) {unknown} that this topology does not have"
+            )
+        await self._targets.ensure(state, sorted(goal.shards_named()))
+        record = {
+            "tag": uuid.uuid4().hex[:12],
+            "name": state.name,
+            "from": policy_to_json(current.policy),
+            "to": policy_to_json(goal),
+            "step": "dual",
+            "cursors": {},
+            "copied": 0,
+            "started": time.time(),
+        }
+        revision = await self._store.save_migration(cid, record, None)
+        logger.info("migration %s of %s: started", record["tag"], state.name)
+        return record, revision, False
+
+    async def _run(self, state: CollectionState, goal: Any | None) -> MigrationReport:
+        cid = str(state.id)
+        record, revision, resumed = await self._begin(state, goal)
+        source = policy_of_record(record["from"])
+        target = policy_of_record(record["to"])
+        tag = record["tag"]
+        report = MigrationReport(state.name, tag, copied=int(record.get("copied", 0)))
+        if resumed:
+            report.resumed_at = record["step"]
+            logger.info("migration %s of %s: resuming at %s", tag, state.name, record["step"])
+
+        async def advance(step: str) -> None:
+            nonlocal revision
+            await self._fence()
+            record["step"] = step
+            revision = await self._store.save_migration(cid, record, revision)
+
+        passes = Passes(
+            self._io,
+            state,
+            source,
+            target,
+            tag,
+            batch=self._batch,
+            rate=self._rate,
+            progress=self._progress,
+            fence=self._fence,
+        )
+        step = record["step"]
+        if step == "dual":
+            await self._to_phase(cid, "dual", source, target, tag, report)
+            await advance("copy")
+            step = "copy"
+        if step == "copy":
+            for shard in sorted(source.shards_named()):
+                cursors: dict[str, Any] = record["cursors"]
+                if cursors.get(shard) == "done":
+                    continue
+
+                async def save(seq: int, shard: str = shard) -> None:
+                    nonlocal revision
+                    await self._fence()
+                    record["cursors"][shard] = seq
+                    record["copied"] = report.copied
+                    revision = await self._store.save_migration(cid, record, revision)
+
+                def copy_rest(shard: str = shard, save: Any = save) -> Awaitable[int]:
+                    return passes.copy(shard, record["cursors"].get(shard), save)
+
+                report.copied += await again(f"copy of shard {shard}", copy_rest)
+                record["cursors"][shard] = "done"
+                record["copied"] = report.copied
+                revision = await self._store.save_migration(cid, record, revision)
+            await advance("verify")
+            step = "verify"
+        if step == "verify":
+            await self._verify(passes, sorted(source.shards_named()), report)
+            await advance("cutover")
+            step = "cutover"
+        if step == "cutover":
+            await self._to_phase(cid, "cutover", target, source, tag, report)
+            await advance("cleanup")
+            step = "cleanup"
+        if step == "cleanup":
+            found = await self._store.load_map(cid)
+            if found is None or not same_phase(found[0], stable(target)):
+                # (A run killed after the map became stable has nothing left but the record.)
+                await self._to_phase(cid, "cleanup", target, source, tag, report)
+                await self._delete_moved(state, source, tag)
+                await self._to_phase(cid, "stable", target, None, None, report)
+            # The stored policy follows, so a client that opens the collection without the
+            # map (or after losing the control store) still finds every record.
+            await self._targets.store_policy(state, target)
+            await self._store.drop_migration(cid, revision)
+            report.steps.append("done")
+            logger.info("migration %s of %s: done at epoch %d", tag, state.name, report.epoch)
+        return report
+
+    async def _verify(self, passes: Passes, shards: list[str], report: MigrationReport) -> None:
+        for n in range(1, self._max_passes + 1):
+            found = await again("verify pass", lambda: passes.reconcile(shards))
+            report.passes += 1
+            report.fixed += found
+            logger.info("verify pass %d: %d difference(s)", n, found)
+            if found == 0:
+                report.steps.append("verify")
+                return
+            await anyio.sleep(min(1.0, 0.1 * n))
+        raise ControlStoreError(
+            f"verification kept finding differences after {self._max_passes} passes (writes "
+            "racing the copy); nothing cut over: run the migration again to resume"
+        )
+
+    async def _to_phase(
+        self,
+        cid: str,
+        phase: str,
+        policy: Any,
+        other: Any | None,
+        tag: str | None,
+        report: MigrationReport,
+    ) -> None:
+        """Make the map's phase ``phase`` (if it is not already) and wait for every client."""
+        found = await self._store.load_map(cid)
+        if found is None:
+            raise ControlStoreError(f"collection {cid} has no partition map")
+        current, revision = found
+        wanted = {"phase": phase, "policy": policy, "other": other, "tag": tag}
+        if not same_phase(current, wanted):
+            await self._fence()
+            new = current.advanced(**wanted)
+            await self._store.swap_map(cid, new, revision)
+            current = new
+            logger.info("collection %s: epoch %d (%s)", cid, new.epoch, phase)
+        report.epoch = current.epoch
+        self._progress(phase, 0)
+        if phase != "stable":
+            await self._store.wait_for_acks(cid, current.epoch, self._ack_timeout, tick=self._fence)
+        report.steps.append(phase)
+
+    async def _delete_moved(self, state: CollectionState, source: Any, tag: str) -> None:
+        for shard in sorted(source.shards_named()):
+            await self._fence()
+            body = {"where": {OUTGOING_KEY: tag}}
+            delete = functools.partial(self._io.write, Target(shard, state), "delete", body)
+            await again(f"cleanup of shard {shard}", delete)
+
+    # -- abort ----------------------------------------------------------------------------
+
+    async def abort(self, state: CollectionState) -> MigrationReport:
+        """Roll back a migration that has not cut over: the map returns to the source policy
+        and the copies made so far are deleted."""
+        cid = str(state.id)
+        self._took_lease(await self._store.acquire_migrator(cid, self._lease_ttl))
+        try:
+            found = await self._store.load_migration(cid)
+            if found is None:
+                raise ConfigurationError(f"collection {state.name!r} has no migration to abort")
+            record, revision = found
+            source = policy_of_record(record["from"])
+            target = policy_of_record(record["to"])
+            report = MigrationReport(state.name, record["tag"])
+            current = await self._store.load_map(cid)
+            phase = "stable" if current is None else current[0].phase
+            if phase in ("cutover", "cleanup"):
+                raise ConfigurationError(
+                    f"the migration of {state.name!r} has cut over (phase {phase}); it can "
+                    "only be finished (rebalance without a goal), then planned back"
+                )
+            await self._to_phase(cid, "stable", source, None, None, report)
+            # Acknowledged at the stable epoch: no client mirrors any more.
+            await self._store.wait_for_acks(cid, report.epoch, self._ack_timeout, tick=self._fence)
+            for shard in sorted(target.shards_named()):
+                body = {"where": {INCOMING_KEY: record["tag"]}}
+                await self._io.write(Target(shard, state), "delete", body)
+            await self._store.drop_migration(cid, revision)
+            report.steps.append("aborted")
+            return report
+        finally:
+            with anyio.CancelScope(shield=True):
+                assert self._lease is not None
+                await self._store.release_migrator(self._lease)

@@ -1,0 +1,110 @@
+"""What a client offers for rebalancing: run or resume a migration, abort one, read a map.
+
+Each call opens the control store on the caller's loop for its own duration (the client's
+follower keeps its own connection on its thread)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._errors import ConfigurationError
+from .._topology import Topology
+from ..catalog._catalog import Catalog
+from ..catalog._state import CollectionState
+from ..cluster._cluster import Cluster
+from ..control._maps import PartitionMap
+from ..control._open import open_backend
+from ..control._store import ControlStore
+from ..ops._partio import PartIO
+from ._engine import MigrationReport, Migrator
+from ._passes import Progress
+from ._targets import TargetCollections
+
+__all__ = ["Rebalancing"]
+
+
+class Rebalancing:
+    """Migrations of this client's collections (needs ``[control]`` in the topology)."""
+
+    def __init__(self, topology: Topology, catalog: Catalog, io: PartIO, cluster: Cluster):
+        self._topology = topology
+        self._catalog = catalog
+        self._io = io
+        self._cluster = cluster
+
+    def _store(self) -> ControlStore:
+        if self._topology.control is None:
+            raise ConfigurationError(
+                "rebalancing needs a control store: add a [control] table to the topology "
+                '(backend = "sqlite" on one host, "etcd" with endpoints for more)'
+            )
+        return ControlStore(open_backend(self._topology))
+
+    async def _state(self, name: str) -> CollectionState:
+        t = self._topology
+        model = await self._catalog.get_collection(name, t.tenant, t.database)
+        return await self._catalog.state(model.id, t.tenant, t.database)
+
+    def _migrator(self, store: ControlStore, options: dict[str, Any]) -> Migrator:
+        control = self._topology.control
+        assert control is not None
+        return Migrator(
+            store,
+            self._io,
+            TargetCollections(self._cluster, self._catalog),
+            self._cluster.shard_names,
+            ack_timeout=options.pop("ack_timeout", control.ack_timeout),
+            lease_ttl=options.pop("lease_ttl", control.lease_ttl),
+            **options,
+        )
+
+    async def run(
+        self,
+        name: str,
+        goal: Any | None,
+        *,
+        batch: int = 500,
+        rate: float | None = None,
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> MigrationReport:
+        store = self._store()
+        try:
+            state = await self._state(name)
+            if goal is not None:
+                goal = self._topology.bind(goal)
+            migrator = self._migrator(
+                store, {"batch": batch, "rate": rate, "progress": progress, **options}
+            )
+            return await migrator.run(state, goal)
+        finally:
+            await store.backend.aclose()
+
+    async def abort(self, name: str, **options: Any) -> MigrationReport:
+        store = self._store()
+        try:
+            state = await self._state(name)
+            return await self._migrator(store, options).abort(state)
+        finally:
+            await store.backend.aclose()
+
+    async def current_map(self, name: str) -> PartitionMap:
+        """The collection's map in the control store (epoch 0 from its stored policy when it
+        has none yet)."""
+        store = self._store()
+        try:
+            state = await self._state(name)
+            found, _ = await store.ensure_map(str(state.id), state.policy)
+            return found
+        finally:
+            await store.backend.aclose()
+
+    async def migration(self, name: str) -> dict[str, Any] | None:
+        """The migration record of a collection (step, cursors, tag), or None."""
+        store = self._store()
+        try:
+            state = await self._state(name)
+            found = await store.load_migration(str(state.id))
+            return None if found is None else found[0]
+        finally:
+            await store.backend.aclose()

@@ -1,0 +1,109 @@
+"""What the migration engine's steps share: the report, goal checks, retries of transient
+failures, comparing map phases, and policies read back from a migration record."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import orjson
+from chromadb.errors import ChromaError
+
+from .._errors import ConfigurationError, NodeUnavailableError, ShardFailureError
+from .._policies import HashPolicy, build_policy, policy_to_json
+from .._replicas import node_fault
+from ..control._maps import PartitionMap
+from ..ops._migrating import mirrorable
+
+__all__ = [
+    "MigrationReport",
+    "again",
+    "check_goal",
+    "policy_of_record",
+    "same_phase",
+    "stable",
+]
+
+logger = logging.getLogger("sharded_chroma.rebalance")
+
+_T = TypeVar("_T")
+
+
+@dataclass
+class MigrationReport:
+    """What one run of the migrator did."""
+
+    collection: str
+    tag: str
+    steps: list[str] = field(default_factory=list)
+    copied: int = 0
+    passes: int = 0
+    fixed: int = 0
+    epoch: int = 0
+    resumed_at: str | None = None
+    seconds: float = 0.0
+
+
+def check_goal(current: Any, goal: Any) -> None:
+    if not (mirrorable(current) and mirrorable(goal)):
+        raise ConfigurationError(
+            f"moving a collection from a {current.kind} policy to a {goal.kind} policy online "
+            "is not supported yet: only hash policies are migrated (nothing was changed)"
+        )
+    if (current.field, current.slots) != (goal.field, goal.slots):
+        raise ConfigurationError(
+            "the goal must hash the same key into the same slot space as the current policy "
+            f"(field {current.field!r}/{current.slots} slots vs {goal.field!r}/{goal.slots}); "
+            "use rebuild to re-hash"
+        )
+
+
+def transient(exc: BaseException) -> bool:
+    """A failure worth another try: a node that did not answer, or a server error answer
+    (Chroma 1.5 sometimes answers a get racing deletes with "Error finding id")."""
+    if isinstance(exc, NodeUnavailableError):
+        return True
+    if isinstance(exc, ChromaError):
+        return node_fault(exc)
+    if isinstance(exc, ShardFailureError):
+        return all(transient(e) for e in exc.failures.values())
+    return False
+
+
+async def again(what: str, run: Callable[[], Awaitable[_T]], attempts: int = 6) -> _T:
+    """``run()``, tried again after transient failures (each step is idempotent: a copy
+    resumes at its saved cursor, a pass starts over, deletes repeat)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await run()
+        except Exception as exc:
+            if attempt == attempts or not transient(exc):
+                raise
+            pause = min(5.0, 0.25 * 2**attempt)
+            logger.warning("%s failed (%s); again in %.1f s", what, exc, pause)
+            await anyio.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def stable(policy: Any) -> dict[str, Any]:
+    return {"phase": "stable", "policy": policy, "other": None, "tag": None}
+
+
+def same_phase(current: PartitionMap, wanted: dict[str, Any]) -> bool:
+    def text(p: Any) -> str | None:
+        return None if p is None else policy_to_json(p)
+
+    return (
+        current.phase == wanted["phase"]
+        and current.tag == wanted["tag"]
+        and text(current.policy) == text(wanted["policy"])
+        and text(current.other) == text(wanted["other"])
+    )
+
+
+def policy_of_record(text: str) -> HashPolicy:
+    policy: HashPolicy = build_policy(orjson.loads(text), source="migration record")
+    return policy
