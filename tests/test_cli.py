@@ -139,7 +139,8 @@ def test_status_layout_and_drop_partitions(
     assert "only a time policy" in capsys.readouterr().err
 
 
-def test_dev_writes_topology_and_stops_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("control", ["sqlite", "etcd"])
+def test_dev_writes_topology_and_stops_on_sigterm(tmp_path: Path, control: str) -> None:
     topo = tmp_path / "cluster.toml"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
@@ -154,6 +155,8 @@ def test_dev_writes_topology_and_stops_on_sigterm(tmp_path: Path) -> None:
             str(tmp_path / "data"),
             "--topology-out",
             str(topo),
+            "--control",
+            control,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -167,10 +170,14 @@ def test_dev_writes_topology_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert topo.exists(), "dev did not write its topology"
         loaded = sharded_chroma.Topology.from_toml(topo)
         assert len(loaded.shards) == 2
+        assert loaded.control is not None and loaded.control.backend == control
         import anyio
 
         async def ping() -> int:
+            # The client follows the control store dev set up (for etcd: the member it runs).
             async with await sharded_chroma.AsyncHttpClient(topology=topo) as client:
+                col = await client.create_collection("dev-check", embedding_function=None)
+                assert (await client.partition_map(col.name)).epoch == 0
                 return await client.heartbeat()
 
         assert anyio.run(ping) > 0
@@ -182,9 +189,10 @@ def test_dev_writes_topology_and_stops_on_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    # The servers are gone once dev has exited.
-    for shard in loaded.shards:
-        port = int(shard.primary.url.rsplit(":", 1)[1])
+    # The servers (and the etcd member) are gone once dev has exited.
+    ports = [int(shard.primary.url.rsplit(":", 1)[1]) for shard in loaded.shards]
+    ports += [int(e.rsplit(":", 1)[1]) for e in loaded.control.endpoints]
+    for port in ports:
         with pytest.raises(OSError):
             import socket
 
