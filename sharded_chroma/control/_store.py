@@ -15,6 +15,7 @@ Keys (under the backend's namespace):
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -23,11 +24,13 @@ from typing import Any
 
 import orjson
 
-from .._errors import ControlStoreError
+from .._errors import ControlStoreError, ControlUnavailableError
 from ._backend import ControlBackend
 from ._maps import PartitionMap
 
 __all__ = ["ControlStore", "Laggard"]
+
+logger = logging.getLogger("sharded_chroma.control")
 
 _SHOWN = 5
 
@@ -173,7 +176,12 @@ class ControlStore:
         return entry is not None and entry.lease == lease
 
     async def release_migrator(self, lease: int) -> None:
-        await self.backend.revoke(lease)
+        """End the migrator lease; when the store cannot be reached it expires by itself
+        (and a failure here must not hide the one that ended the run)."""
+        try:
+            await self.backend.revoke(lease)
+        except ControlUnavailableError as exc:
+            logger.warning("could not release the migrator lease (it will expire): %s", exc)
 
     async def load_migration(self, collection: str) -> tuple[dict[str, Any], int] | None:
         entry = await self.backend.get(f"migrations/{collection}")
