@@ -6,7 +6,8 @@ reserved metadata of its physical collections, and read back by every client, so
 place records the same way. Placement and pruning are pure and synchronous.
 
 - ``hash``: the record id (or a metadata field) is hashed into a fixed slot space; slots map to
-  shards in equal contiguous ranges, or by an explicit run-length slot table (a rebalance).
+  shards in equal contiguous ranges, or by an explicit run-length slot table (a rebalance; the
+  table helpers are in ``_routing``).
 - ``field``: a metadata value (region, tenant, category) names a partition; a partition owns
   one or more shards and records are hashed by id within them. Unknown values go to a default
   partition, or are refused.
@@ -18,8 +19,6 @@ place records the same way. Placement and pruning are pure and synchronous.
 
 from __future__ import annotations
 
-import functools
-import itertools
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal
@@ -40,7 +39,16 @@ from ._errors import ConfigurationError, RoutingError
 from ._frozen import FrozenDict
 from ._placement import FROZEN, SHOW, Placement, Policy, Scope, routing_value
 from ._prune import walk_where
-from ._routing import DEFAULT_SLOTS, MAX_SLOTS, SlotTable, uniform_table
+from ._routing import (
+    DEFAULT_SLOTS,
+    MAX_SLOTS,
+    SlotRuns,
+    check_slot_runs,
+    owner_ranges,
+    pick_shard,
+    runs_from_owners,
+    runs_table,
+)
 from ._time_policy import TimePolicy, TimeRange
 
 __all__ = [
@@ -74,26 +82,6 @@ def _hash_key(record_id: str, metadata: Mapping[str, Any] | None, field: str | N
     return str(value)
 
 
-SlotRuns = tuple[tuple[int, str], ...]
-"""A run-length slot table: sorted ``(start_slot, shard)``, each run up to the next start."""
-
-
-@functools.lru_cache(maxsize=256)
-def _slot_table(shards: tuple[str, ...], slots: int, table: SlotRuns) -> SlotTable:
-    """Slot -> index in ``shards``, built once per shape: every placement goes through it."""
-    if not table:
-        return uniform_table(len(shards), slots)
-    index = {s: i for i, s in enumerate(shards)}
-    runs = itertools.pairwise((*table, (slots, "")))
-    owners = tuple(index[s] for (lo, s), (hi, _) in runs for _ in range(lo, hi))
-    return SlotTable(owners, len(shards))
-
-
-def _pick(shards: Sequence[str], key: str, slots: int, table: SlotRuns = ()) -> str:
-    """Hash within a group of shards: by ``table``, or equal contiguous ranges without one."""
-    return shards[_slot_table(tuple(shards), slots, table).shard_for_key(key)]
-
-
 def _hash_scope(
     field: str | None, slots: int, groups: Iterable[Sequence[str]], table: SlotRuns = ()
 ) -> Any:  # a leaf function for walk_where
@@ -108,7 +96,7 @@ def _hash_scope(
         values = [arg] if op == "$eq" else arg if op == "$in" else None
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             return None
-        return frozenset(_pick(g, v, slots, table) for v in values for g in groups)
+        return frozenset(pick_shard(g, v, slots, table) for v in values for g in groups)
 
     return leaf
 
@@ -132,24 +120,9 @@ class HashPolicy(BaseModel):
             raise ValueError("field must be a metadata field name or None (the record id)")
         if len(set(self.shards)) != len(self.shards):
             raise ValueError("shards must not repeat")
-        if not self.table:
-            if self.shards and self.slots < len(self.shards):
-                raise ValueError(f"slots ({self.slots}) must be at least the shard count")
-            return self
-        if not self.shards:
-            raise ValueError("a slot table needs the shards it names in shards")
-        if self.table[0][0] != 0:
-            raise ValueError(f"the slot table must start at slot 0, not {self.table[0][0]}")
-        for (a, x), (b, y) in itertools.pairwise(self.table):
-            if not a < b:
-                raise ValueError(f"slot table starts must increase: {b} follows {a}")
-            if x == y:
-                raise ValueError(f"slot table runs at {a} and {b} both name {x!r}; join them")
-        if self.table[-1][0] >= self.slots:
-            raise ValueError(f"slot table start {self.table[-1][0]} is not below {self.slots}")
-        unknown = sorted({s for _, s in self.table} - set(self.shards))
-        if unknown:
-            raise ValueError(f"the slot table names shard(s) {unknown} that are not in shards")
+        if not self.table and self.shards and self.slots < len(self.shards):
+            raise ValueError(f"slots ({self.slots}) must be at least the shard count")
+        check_slot_runs(self.shards, self.slots, self.table)  # no-op without a table
         return self
 
     @model_serializer(mode="wrap")
@@ -161,29 +134,24 @@ class HashPolicy(BaseModel):
     @staticmethod
     def table_from_owners(owners: Sequence[str]) -> SlotRuns:
         """The normalized run-length table of a per-slot owner list (``owners[slot]``)."""
-        return tuple((i, s) for i, s in enumerate(owners) if i == 0 or owners[i - 1] != s)
+        return runs_from_owners(owners)
 
     def owner_slots(self) -> dict[str, list[tuple[int, int]]]:
         """Slot ranges ``[lo, hi)`` per shard of ``shards``, in slot order (``[]``: none)."""
-        n, out = len(self.shards), {s: list[tuple[int, int]]() for s in self.shards}
-        # Uniform: shard i's first slot is the least s with s * n // slots == i, ceil(i*slots/n).
-        runs = self.table or tuple((-(-i * self.slots // n), s) for i, s in enumerate(self.shards))
-        for (lo, shard), (hi, _) in itertools.pairwise((*runs, (self.slots, ""))):
-            out[shard].append((lo, hi))
-        return out
+        return owner_ranges(self.shards, self.slots, self.table)
 
     def slot_owner(self, slot: int) -> str:
         """The shard that owns ``slot``."""
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot {slot} is outside 0..{self.slots - 1}")
-        return self.shards[_slot_table(self.shards, self.slots, self.table).owners[slot]]
+        return self.shards[runs_table(self.shards, self.slots, self.table).owners[slot]]
 
     def shards_named(self) -> frozenset[str]:
         return frozenset(self.shards)
 
     def place(self, record_id: str, metadata: Mapping[str, Any] | None) -> Placement:
         key = _hash_key(record_id, metadata, self.field)
-        return Placement(_pick(self.shards, key, self.slots, self.table))
+        return Placement(pick_shard(self.shards, key, self.slots, self.table))
 
     def place_all(
         self, ids: Sequence[str], metadatas: Sequence[Mapping[str, Any] | None] | None
@@ -197,7 +165,7 @@ class HashPolicy(BaseModel):
                 for i, rid in enumerate(ids)
             ]
         places = [Placement(s) for s in self.shards]
-        table = _slot_table(self.shards, self.slots, self.table)
+        table = runs_table(self.shards, self.slots, self.table)
         return [places[o] for o in table.owners_of(keys)]
 
     def scope(self, where: Mapping[str, Any] | None) -> Scope:
@@ -302,7 +270,7 @@ class FieldPolicy(BaseModel):
         shards = self.partitions[partition]
         if len(shards) == 1:
             return Placement(shards[0])
-        return Placement(_pick(shards, self._within_key(record_id, metadata), self.slots))
+        return Placement(pick_shard(shards, self._within_key(record_id, metadata), self.slots))
 
     def _partitions_for(self, values: Iterable[str]) -> frozenset[str]:
         out = set()
