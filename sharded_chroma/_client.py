@@ -128,7 +128,8 @@ class ShardedClient:
         runtime = self._live()
         model = await runtime.catalog.get_collection(name, self.tenant, self.database)
         state = await runtime.catalog.state(model.id, self.tenant, self.database)
-        return await collection_layout(runtime.router, runtime.reader, runtime.io, state)
+        async with runtime.epochs.serving(state, writes=False):
+            return await collection_layout(runtime.router, runtime.reader, runtime.io, state)
 
     async def rebalance(
         self, name: str, policy: PolicyLike | None = None, **options: Any

@@ -16,6 +16,7 @@ from ._fanout import fan_out, raise_for_failures
 from ._policies import FieldPolicy, TimePolicy
 from .catalog._layouts import Target
 from .catalog._state import CollectionState
+from .control._epochs import serving_policy
 
 if TYPE_CHECKING:
     from .ops._partio import PartIO
@@ -83,7 +84,7 @@ async def _field_counts(
 async def collection_layout(
     router: Router, reader: Reader, io: PartIO, state: CollectionState
 ) -> CollectionLayout:
-    policy: Any = state.policy
+    policy: Any = serving_policy(state)
     counts = await reader.part_counts(state)
     parts = await router.all_parts(state, "layout")
     used = policy.shards_named()

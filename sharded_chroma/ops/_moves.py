@@ -26,6 +26,7 @@ from chromadb.api.types import Documents, Embeddings, IDs, Metadatas, URIs
 from .._policies import CompositePolicy, Placement
 from ..catalog._layouts import PartLayouts
 from ..catalog._state import CollectionState
+from ..control._epochs import serving_policy
 from ._locator import Locator, Stamp
 from ._removal import Remover
 from ._router import Router
@@ -128,7 +129,7 @@ class Mover:
         """For an update: the new placement of records it moves, their source parts, and the
         stored records read to decide (so ``move`` need not read them again); None when
         nothing moves. Every new placement is checked before anything is written."""
-        fields = routing_fields(state.policy)
+        fields = routing_fields(serving_policy(state))
         sources: dict[int, list[str]] = {}
         for key, pos in found.items():
             for i in pos:
@@ -149,7 +150,7 @@ class Mover:
             if i not in old:
                 continue
             meta = merged_metadata(old[i]["metadatas"], None if metadatas is None else metadatas[i])
-            place: Placement = state.policy.place(ids[i], meta)
+            place: Placement = serving_policy(state).place(ids[i], meta)
             placements[i] = place
             if sources[i] != [self._router.key_of(state, place)]:
                 moves[i] = sources[i]
