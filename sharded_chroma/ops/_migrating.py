@@ -1,9 +1,11 @@
 """What a migration changes about one request to a part (pure): the filter reads add, and the
-copies a write also sends to the places the next policy gives its records.
+copies a write also sends to the places the other policy gives its records.
 
-See ``control._maps`` for the phases. Only policies whose placement follows from what a write
-request carries (hash of the id, or of a metadata field sent with the record) are mirrored
-here; the migrator refuses to start any other migration.
+See ``control._maps`` for the phases. Only hash of the record id is mirrored: there a
+record's two places follow from its id alone, so one shard never has to hold a record's own
+copy and its incoming copy at once. Under a policy that routes by metadata a record that
+changes its routing value can need both in one collection (see the design notes); the
+migrator refuses those policies.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ _COLUMNS = ("ids", "embeddings", "metadatas", "documents", "uris")
 
 
 def mirrorable(policy: Any) -> bool:
-    """Whether a write to a part can be mirrored under ``policy`` from the request alone."""
-    return isinstance(policy, HashPolicy)
+    """Whether writes can be mirrored under ``policy``: hash of the record id."""
+    return isinstance(policy, HashPolicy) and policy.field is None
 
 
 def filtered(body: Mapping[str, Any], served: PartitionMap) -> dict[str, Any]:
@@ -51,9 +53,8 @@ def _marked(metas: Any, positions: Sequence[int] | None, key: str, tag: str) -> 
 
 
 def _homes(policy: HashPolicy, body: Mapping[str, Any]) -> list[str]:
-    ids: Sequence[str] = body["ids"]
-    metas = body.get("metadatas")
-    return [p.shard for p in policy.place_all(list(ids), metas)]
+    """The other policy's shard of every record of a request."""
+    return [p.shard for p in policy.place_all(list(body["ids"]), None)]
 
 
 def split_write(
@@ -69,13 +70,8 @@ def split_write(
     tag = served.tag
     if nxt is None or tag is None or not body.get("ids"):
         return dict(body), {}
-    if not isinstance(nxt, HashPolicy):
+    if not mirrorable(nxt):
         raise NotImplementedError(f"mirroring writes under a {nxt.kind} policy")
-    if op == "update" and nxt.field is not None and body.get("metadatas") is None:
-        # Without metadata the routing value is not in the request: send the update to every
-        # shard that may hold a copy; an update of a record a shard lacks does nothing.
-        others = [s for s in nxt.shards_named() if s != shard]
-        return dict(body), {s: dict(body) for s in others}
     homes = _homes(nxt, body)
     moving: dict[str, list[int]] = {}
     for i, home in enumerate(homes):

@@ -22,8 +22,10 @@ from typing import Any
 import anyio
 import orjson
 
+from .._errors import RoutingError
 from .._merge import take_rows
 from ..catalog._layouts import Target
+from ..catalog._reserved import visible_metadata
 from ..catalog._state import SEQ_KEY, VERSION_KEY, CollectionState
 from ..control._maps import INCOMING_KEY, OUTGOING_KEY
 from ..ops._locator import FULL
@@ -33,6 +35,10 @@ from ..ops._partio import PartIO
 __all__ = ["Passes", "Progress"]
 
 logger = logging.getLogger("sharded_chroma.rebalance")
+
+# How long a difference must hold before it counts: longer than a client's write takes to
+# reach both places.
+_SETTLE_S = 0.3
 
 Progress = Callable[[str, int], None]
 """Called with a step name and how many records it handled since the last call."""
@@ -94,8 +100,17 @@ class Passes:
         self._progress = progress
         self._fence = fence
 
-    def _homes(self, page: Mapping[str, Any]) -> list[str]:
-        return [p.shard for p in self._goal.place_all(page["ids"], page.get("metadatas"))]
+    def _homes(self, page: Mapping[str, Any]) -> list[str | None]:
+        """The goal's shard of every record of a page (None: a record the goal cannot place,
+        such as one written outside this library without its routing field; it stays)."""
+        metas = page.get("metadatas") or [None] * len(page["ids"])
+        out: list[str | None] = []
+        for rid, meta in zip(page["ids"], metas, strict=True):
+            try:
+                out.append(self._goal.place(rid, visible_metadata(meta)).shard)
+            except RoutingError:
+                out.append(None)
+        return out
 
     async def _throttle(self, started: float, records: int) -> None:
         if self._rate:
@@ -140,7 +155,7 @@ class Passes:
             homes = self._homes(page)
             by_home: dict[str, list[dict[str, Any]]] = {}
             for row, home in zip(rows, homes, strict=True):
-                if home != shard:
+                if home is not None and home != shard:
                     by_home.setdefault(home, []).append(row)
             await self._fence()
             for home, moving in by_home.items():
@@ -163,14 +178,15 @@ class Passes:
         return copied
 
     async def reconcile(self, shards: Sequence[str]) -> int:
-        """One pass over every source shard and every target: returns how many differences it
-        found (and fixed). Zero means the targets held exactly the sources' moved records."""
+        """One pass over every source shard and every target: returns how many copies it
+        found wrong (and fixed). Zero means every target held exactly its sources' moved
+        records, apart from writes clients were making (which reach both places)."""
         expected: dict[str, set[str]] = {}
         found = 0
         for shard in shards:
             found += await self._reconcile_source(shard, expected)
         for home in sorted(self._goal.shards_named()):
-            found += await self._remove_extras(home, expected.get(home, set()))
+            found += await self._remove_extras(home, expected.get(home, set()), shards)
         return found
 
     async def _reconcile_source(self, shard: str, expected: dict[str, set[str]]) -> int:
@@ -181,7 +197,7 @@ class Passes:
             homes = self._homes(page)
             by_home: dict[str, list[dict[str, Any]]] = {}
             for row, home in zip(rows, homes, strict=True):
-                if home != shard:
+                if home is not None and home != shard:
                     by_home.setdefault(home, []).append(row)
                     expected.setdefault(home, set()).add(row["ids"])
             unmarked = [
@@ -194,23 +210,49 @@ class Passes:
             await self._mark_outgoing(shard, unmarked)
             found += len(unmarked)
             for home, moving in by_home.items():
-                found += await self._fix(home, moving)
+                found += await self._fix(shard, home, moving)
             self._progress("verify", len(rows))
             await self._throttle(started, len(rows))
         return found
 
-    async def _fix(self, home: str, moving: Sequence[Mapping[str, Any]]) -> int:
-        target = Target(home, self._state)
-        ids = [r["ids"] for r in moving]
+    async def _differing(
+        self, target: Target, rows: Sequence[Mapping[str, Any]]
+    ) -> list[tuple[Mapping[str, Any], Mapping[str, Any] | None]]:
+        """The rows whose copy on ``target`` is missing or differs, with that copy."""
+        if not rows:
+            return []
+        ids = [r["ids"] for r in rows]
         answer = await self._io.read(target, "/get", {"ids": ids, "include": FULL}, raw=True)
         copies = {r["ids"]: r for r in _rows(answer)}
-        stale: list[Mapping[str, Any]] = []
-        differing = 0
-        for row in moving:
+        out: list[tuple[Mapping[str, Any], Mapping[str, Any] | None]] = []
+        for row in rows:
             copy = copies.get(row["ids"])
-            if copy is not None and _digest(copy) == _digest(row):
-                continue
-            differing += 1
+            if copy is None or _digest(copy) != _digest(row):
+                out.append((row, copy))
+        return out
+
+    async def _fix(self, shard: str, home: str, moving: Sequence[Mapping[str, Any]]) -> int:
+        """Send again the copies on ``home`` that stay wrong. A difference whose source changed
+        meanwhile is a client's write under way, which reaches both places; only one that
+        holds still (the copy went out of date while the source did not move) is fixed."""
+        target = Target(home, self._state)
+        first = await self._differing(target, moving)
+        if not first:
+            return 0
+        await anyio.sleep(_SETTLE_S)
+        ids = [row["ids"] for row, _ in first]
+        answer = await self._io.read(
+            Target(shard, self._state), "/get", {"ids": ids, "include": FULL}, raw=True
+        )
+        now = {r["ids"]: r for r in _rows(answer)}
+        held = [
+            row
+            for row, _ in first
+            if row["ids"] in now and _digest(now[row["ids"]]) == _digest(row)
+        ]
+        stale: list[Mapping[str, Any]] = []
+        wrong = await self._differing(target, held)
+        for row, copy in wrong:
             # Upserts merge: a copy with keys its source lacks must go first, and only while
             # it is the copy compared. One a client rewrote meanwhile stays, for the next pass.
             if copy is None or await self._delete_copy(target, copy):
@@ -218,7 +260,7 @@ class Passes:
         if stale:
             logger.info("reconcile: %d copy(ies) on %s differed; sent again", len(stale), home)
             await self._io.write(target, "upsert", self._copy_body(stale))
-        return differing
+        return len(wrong)
 
     async def _delete_copy(self, target: Target, copy: Mapping[str, Any]) -> bool:
         """Delete one copy while it is the one read; whether it was deleted."""
@@ -227,19 +269,34 @@ class Passes:
         answer = await self._io.write(target, "delete", {"ids": [copy["ids"]], "where": where})
         return bool((answer or {}).get("deleted", 1))
 
-    async def _remove_extras(self, home: str, expected: set[str]) -> int:
+    async def _remove_extras(self, home: str, expected: set[str], sources: Sequence[str]) -> int:
         """Incoming copies on ``home`` whose source no longer has them (a delete raced the
-        copy): deleted, each only while it is the copy seen."""
+        copy): deleted, each only while it is the copy seen. A copy whose record a client
+        moved into a source meanwhile (after that source's pages were read) is no extra."""
         target = Target(home, self._state)
-        extras: list[dict[str, Any]] = []
+        candidates: list[dict[str, Any]] = []
         body = {"where": {INCOMING_KEY: self._tag}, "include": ["metadatas"]}
         async for page in self._io.pages(target, body, self._batch, raw=True):
             rows = [r for r in range(len(page["ids"])) if page["ids"][r] not in expected]
             if rows:
-                extras.extend(_rows(take_rows(page, rows)))
+                candidates.extend(_rows(take_rows(page, rows)))
+        if not candidates:
+            return 0
+        await anyio.sleep(_SETTLE_S)
+        ids = [c["ids"] for c in candidates]
+        sourced: set[str] = set()
+        for shard in sources:
+            answer = await self._io.read(
+                Target(shard, self._state), "/get", {"ids": ids, "include": ["metadatas"]}, raw=True
+            )
+            for rid, home_now in zip(answer["ids"], self._homes(answer), strict=True):
+                if home_now == home:
+                    sourced.add(rid)
+        extras = [c for c in candidates if c["ids"] not in sourced]
         await self._fence()
+        removed = 0
         for copy in extras:
-            await self._delete_copy(target, copy)
-        if extras:
-            logger.info("reconcile: %d copy(ies) on %s had no source; deleted", len(extras), home)
-        return len(extras)
+            removed += await self._delete_copy(target, copy)
+        if removed:
+            logger.info("reconcile: %d copy(ies) on %s had no source; deleted", removed, home)
+        return removed
