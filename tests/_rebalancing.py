@@ -12,7 +12,7 @@ from typing import Any
 
 import sharded_chroma
 from tests._history import Op
-from tests.test_concurrent_writes import NAME, REPAIR_AFTER, Log, pool_of, raw_parts, writers
+from tests.test_concurrent_writes import NAME, REPAIR_AFTER, Log, one_call, pool_of, raw_parts
 
 __all__ = [
     "gathered_with_reads",
@@ -33,11 +33,12 @@ def topology_for(urls: list[str], control: dict[str, Any], **extra: Any) -> dict
     }
 
 
-async def query_checker(col: Any, until: float, seed: str) -> list[str]:
-    """Queries and full gets until ``until``; every result holding one id twice is reported."""
+async def query_checker(col: Any, until: float, seed: str, stop: Any) -> list[str]:
+    """Queries and full gets until ``until`` or ``stop``; every result holding one id twice
+    is reported."""
     rng = random.Random(seed)
     found: list[str] = []
-    while time.monotonic() < until:
+    while time.monotonic() < until and not stop.is_set():
         vector = [rng.random() for _ in range(3)]
         try:
             got = await col.query(query_embeddings=[vector], n_results=10)
@@ -53,11 +54,21 @@ async def query_checker(col: Any, until: float, seed: str) -> list[str]:
     return found
 
 
-def writer_process(
-    topology: dict[str, Any], prefix: str, ids: int, seconds: float, out: str, gate: Any
+async def _write_until(
+    col: Any, name: str, pool: list[str], stop: Any, cap: float, log: Log
 ) -> None:
-    """A spawned process: writers and a query checker on its own client, then its history
-    (and the duplicate reports) pickled to ``out``."""
+    rng = random.Random(name)
+    n = 0
+    while not stop.is_set() and time.monotonic() < cap:
+        await one_call(col, rng, f"{name}-{n}", pool, log)
+        n += 1
+
+
+def writer_process(
+    topology: dict[str, Any], prefix: str, ids: int, seconds: float, out: str, gate: Any, stop: Any
+) -> None:
+    """A spawned process: writers and a query checker on its own client until ``stop`` is set
+    (at most ``seconds``), then its history (and the duplicate reports) pickled to ``out``."""
 
     async def run() -> tuple[Log, list[str]]:
         client = await sharded_chroma.AsyncHttpClient(
@@ -65,11 +76,14 @@ def writer_process(
         )
         col = await client.get_collection(NAME, embedding_function=None)
         await asyncio.to_thread(gate.wait, 120)
-        until = time.monotonic() + seconds
-        log, dupes = await asyncio.gather(
-            writers(col, prefix, 3, pool_of(ids), seconds),
-            query_checker(col, until, prefix),
+        cap = time.monotonic() + seconds
+        log = Log()
+        pool = pool_of(ids)
+        results = await asyncio.gather(
+            *(_write_until(col, f"{prefix}{t}", pool, stop, cap, log) for t in range(3)),
+            query_checker(col, cap, prefix, stop),
         )
+        dupes = results[-1]
         await client.aclose()
         return log, dupes
 

@@ -162,22 +162,9 @@ def test_plan_reports_a_weight_for_an_unknown_shard(
     _assert_unmoved(topology, urls, before)
 
 
-# The planner is not told the topology: `plan` lays out moves onto a shard the topology does
-# not have, and drops `--remove` of a shard the collection does not use without a word.
-# `rebalance --remove s9` is refused only because the unchanged goal "already has that policy".
-_UNNOTICED = "the CLI does not check --add/--remove names against the topology or the policy"
-
-
 @pytest.mark.parametrize(
     ("command", "option"),
-    [
-        pytest.param("plan", "--add", marks=pytest.mark.xfail(strict=True, reason=_UNNOTICED)),
-        pytest.param("plan", "--remove", marks=pytest.mark.xfail(strict=True, reason=_UNNOTICED)),
-        ("rebalance", "--add"),
-        pytest.param(
-            "rebalance", "--remove", marks=pytest.mark.xfail(strict=True, reason=_UNNOTICED)
-        ),
-    ],
+    [("plan", "--add"), ("plan", "--remove"), ("rebalance", "--add"), ("rebalance", "--remove")],
 )
 def test_an_unknown_shard_is_refused(
     topology: Path, urls: list[str], capsys: pytest.CaptureFixture[str], command: str, option: str

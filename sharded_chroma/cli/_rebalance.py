@@ -67,7 +67,20 @@ async def _plan(client: ShardedClient, args: Any) -> tuple[RebalancePlan, HashPo
             f"collection {args.collection!r} is placed by a {policy.kind} policy; online "
             "rebalancing moves hash slots only so far"
         )
-    shards = [s for s in (*policy.shards, *args.add) if s not in args.remove]
+    known = [s.name for s in client.topology.shards]
+    problems = [
+        f"--add {s}: unknown shard {s!r} (the topology has {known})"
+        for s in args.add
+        if s not in known
+    ]
+    problems += [
+        f"--remove {s}: unknown shard {s!r} (the collection uses {list(policy.shards)})"
+        for s in args.remove
+        if s not in policy.shards
+    ]
+    if problems:
+        raise ConfigurationError("; ".join(problems) + "; nothing was planned")
+    shards = [s for s in dict.fromkeys((*policy.shards, *args.add)) if s not in args.remove]
     counts = await _slot_counts(client, args.collection, policy)
     plan = plan_hash(policy, shards=shards, weights=_weights(args.weight), slot_counts=counts)
     return plan, policy
