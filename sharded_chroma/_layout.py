@@ -16,7 +16,7 @@ from ._fanout import fan_out, raise_for_failures
 from ._policies import FieldPolicy, TimePolicy
 from .catalog._layouts import Target
 from .catalog._state import CollectionState
-from .control._epochs import serving_policy
+from .control._served import serving_policy
 
 if TYPE_CHECKING:
     from .ops._partio import PartIO

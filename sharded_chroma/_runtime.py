@@ -21,8 +21,9 @@ from .catalog._layouts import PartLayouts
 from .catalog._physical import PhysicalIds
 from .catalog._state import StateCache
 from .cluster._cluster import Cluster
-from .control._epochs import NO_EPOCHS, Epochs, NoEpochs
+from .control._epochs import Epochs
 from .control._open import open_backend
+from .control._served import NO_EPOCHS, NoEpochs
 from .ops._clock import HybridClock
 from .ops._locator import Locator
 from .ops._moves import Mover

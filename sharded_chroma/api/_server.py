@@ -9,6 +9,7 @@ that changes the contract fails loudly instead of at a user's first call.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 from uuid import UUID
@@ -32,7 +33,8 @@ from chromadb.api.types import (
 from .._fanout import OnShardError
 from ..catalog._catalog import Catalog
 from ..catalog._layouts import PartLayouts
-from ..control._epochs import NO_EPOCHS, Epochs, NoEpochs
+from ..control._epochs import Epochs
+from ..control._served import NO_EPOCHS, NoEpochs
 from ..ops._reader import Reader
 from ..ops._writepath import WritePath
 
@@ -168,6 +170,7 @@ class ShardedServer:
         self._writer = writer
         # Every call of a collection is served under one partition map (see ``Epochs``).
         self._serving = epochs.serving
+        self._hold = epochs.hold
 
     async def _add(
         self,
@@ -350,10 +353,21 @@ class ShardedServer:
             where_document=where_document,
             include=include,
         )
-        # One map for the whole scan: a migration step waits for it to end.
-        async with self._serving(state, writes=False):
-            async for page in pages:
-                yield page
+        # One map for the whole scan (a migration step waits for it to end), served only
+        # while a page is read: never across a yield to the caller.
+        async with self._hold(state, writes=False) as served:
+            try:
+                while True:
+                    with contextlib.nullcontext() if served is None else served.active():
+                        try:
+                            page = await pages.__anext__()
+                        except StopAsyncIteration:
+                            return
+                    yield page
+            finally:
+                closer = getattr(pages, "aclose", None)
+                if closer is not None:
+                    await closer()
 
     async def policy(self, collection_id: UUID, tenant: str, database: str) -> Any:
         return (await self._catalog.state(collection_id, tenant, database)).policy

@@ -4,19 +4,14 @@
 threads; the control store's connection belongs to one loop). It holds the client's lease,
 watches the maps of the collections the client opened, and acknowledges a new epoch only once
 no call begun under an older one is still running, so a migrator that saw every client
-acknowledge knows no write can still reach a place the old map named.
-
-Each call of a collection is served under one map, fixed when it begins (``serving``), and
-carried down to routing and the part I/O in a context variable, so one call never mixes two
-epochs. ``NO_EPOCHS`` stands in when there is no control store: nothing is served, and every
-component falls back to the collection's stored policy.
+acknowledge knows no write can still reach a place the old map named. See ``_served`` for how a
+call's map is carried down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import threading
 import time
@@ -29,30 +24,14 @@ import anyio
 from .._errors import ClientClosedError, ControlStoreError, ControlUnavailableError
 from ._backend import ControlBackend
 from ._maps import PartitionMap
+from ._served import Served
 from ._store import ControlStore
 
-__all__ = ["NO_EPOCHS", "Epochs", "NoEpochs", "served_map", "serving_policy"]
+__all__ = ["Epochs"]
 
 logger = logging.getLogger("sharded_chroma.control")
 
 _T = TypeVar("_T")
-_SERVED: contextvars.ContextVar[tuple[str, PartitionMap] | None] = contextvars.ContextVar(
-    "sharded_chroma_served_map", default=None
-)
-
-
-def served_map(state: Any) -> PartitionMap | None:
-    """The map the running call serves, if it concerns ``state``'s collection."""
-    served = _SERVED.get()
-    if served is None or served[0] != str(state.id):
-        return None
-    return served[1]
-
-
-def serving_policy(state: Any) -> Any:
-    """The policy the running call routes by: its map's, else the stored one."""
-    served = served_map(state)
-    return state.policy if served is None else served.policy
 
 
 class _Followed:
@@ -63,23 +42,8 @@ class _Followed:
         self.revision = revision
         self.in_flight: dict[int, int] = {}
         self.acked = current.epoch
-
-
-class NoEpochs:
-    """No control store: calls are served by their collection's stored policy."""
-
-    @contextlib.asynccontextmanager
-    async def serving(self, state: Any, *, writes: bool) -> AsyncIterator[None]:
-        yield
-
-    def current(self, state: Any) -> PartitionMap | None:
-        return None
-
-    def close(self) -> None:
-        pass
-
-
-NO_EPOCHS = NoEpochs()
+        # One acknowledgement at a time per collection, so a stored ack never goes back.
+        self.adopting = anyio.Lock()
 
 
 class Epochs:
@@ -108,6 +72,10 @@ class Epochs:
         self._started = threading.Event()
         self._failure: BaseException | None = None
         self._closed = False
+        self._dead = False
+        # Set when a new lease was granted: writes wait until every followed collection is
+        # acknowledged again under it (a renewal alone must not make the client writable).
+        self._reregister = False
         self._thread = threading.Thread(target=self._run, name="sharded-chroma-epochs", daemon=True)
         self._thread.start()
         self._started.wait(30.0)
@@ -142,6 +110,9 @@ class Epochs:
                     tg.start_soon(self._keep_lease, backend)
                     tg.start_soon(self._watch, store)
         finally:
+            # Writes stop first: once the lease is revoked no migrator waits for this client.
+            self._valid_until = 0.0
+            self._dead = True
             with anyio.CancelScope(shield=True):
                 if self._lease is not None:
                     with contextlib.suppress(Exception), anyio.move_on_after(5.0):
@@ -155,20 +126,24 @@ class Epochs:
             try:
                 assert self._lease is not None
                 alive = await backend.refresh(self._lease)
-            except ControlUnavailableError as exc:
-                logger.warning("cannot refresh the client lease: %s", exc)
+                if not alive:
+                    # Expired while the store was out of reach: a migrator may have gone on
+                    # without this client. Serve again only under a new lease, at the newest
+                    # epochs, once every collection is acknowledged under it.
+                    logger.warning("the client lease expired; registering again")
+                    self._valid_until = 0.0
+                    self._lease = await backend.grant(self._ttl)
+                    self._reregister = True
+                if self._reregister:
+                    with self._lock:
+                        for slot in self._followed.values():
+                            slot.acked = -2
+                    await self._reload_all(force_ack=True)
+                    self._reregister = False
+            except (ControlUnavailableError, ControlStoreError) as exc:
+                logger.warning("cannot renew the client lease: %s", exc)
                 continue
-            if alive:
-                self._valid_until = started + self._ttl * 2 / 3
-                continue
-            # Expired while the store was out of reach: a migrator may have gone on without
-            # this client. Serve again only under a new lease, at the newest epochs.
-            logger.warning("the client lease expired; registering again")
-            self._valid_until = 0.0
-            with contextlib.suppress(ControlUnavailableError):
-                self._lease = await backend.grant(self._ttl)
-                await self._reload_all(force_ack=True)
-                self._valid_until = started + self._ttl * 2 / 3
+            self._valid_until = started + self._ttl * 2 / 3
 
     async def _watch(self, store: ControlStore) -> None:
         revision = await store.backend.revision()
@@ -179,6 +154,11 @@ class Epochs:
             except ControlUnavailableError as exc:
                 logger.warning("cannot watch the partition maps: %s", exc)
                 await anyio.sleep(0.5)
+            except ControlStoreError as exc:
+                # A map this client cannot read (a newer version wrote it): keep the lease,
+                # acknowledge nothing, so no migration goes on without this client.
+                logger.error("cannot follow the partition maps: %s", exc)
+                await anyio.sleep(1.0)
 
     async def _reload_all(self, *, force_ack: bool) -> None:
         store = self._store
@@ -194,31 +174,33 @@ class Epochs:
     async def _adopt(self, name: str, new: PartitionMap, revision: int, *, force_ack: bool) -> None:
         with self._lock:
             slot = self._followed.get(name)
-            if slot is None:
-                return
-            if new.epoch > slot.current.epoch:
-                logger.info(
-                    "collection %s: epoch %d -> %d (%s)",
-                    name,
-                    slot.current.epoch,
-                    new.epoch,
-                    new.phase,
-                )
-                slot.current, slot.revision = new, revision
-            elif not force_ack and slot.acked >= slot.current.epoch:
-                return
-            epoch = slot.current.epoch
-        # Acknowledge only when no call begun under an older epoch is still running.
-        while True:
+        if slot is None:
+            return
+        async with slot.adopting:
             with self._lock:
-                if not any(n for e, n in slot.in_flight.items() if e < epoch):
-                    break
-            await anyio.sleep(self._ack_poll)
-        store, lease = self._store, self._lease
-        assert store is not None and lease is not None
-        if await store.ack(name, self.client_id, epoch, lease):
-            with self._lock:
-                slot.acked = max(slot.acked, epoch)
+                if new.epoch > slot.current.epoch:
+                    logger.info(
+                        "collection %s: epoch %d -> %d (%s)",
+                        name,
+                        slot.current.epoch,
+                        new.epoch,
+                        new.phase,
+                    )
+                    slot.current, slot.revision = new, revision
+                elif not force_ack and slot.acked >= slot.current.epoch:
+                    return
+                epoch = slot.current.epoch
+            # Acknowledge only when no call begun under an older epoch is still running.
+            while True:
+                with self._lock:
+                    if not any(n for e, n in slot.in_flight.items() if e < epoch):
+                        break
+                await anyio.sleep(self._ack_poll)
+            store, lease = self._store, self._lease
+            assert store is not None and lease is not None
+            if await store.ack(name, self.client_id, epoch, lease):
+                with self._lock:
+                    slot.acked = max(slot.acked, epoch)
 
     # -- what callers use (any thread, any loop) --------------------------------------------
 
@@ -246,7 +228,14 @@ class Epochs:
             assert store is not None and lease is not None
             if not await store.ack(collection, self.client_id, -1, lease):
                 raise ControlStoreError(f"the client lease in {store.where} expired")
-            found, revision = await store.ensure_map(collection, stored_policy)
+            try:
+                found, revision = await store.ensure_map(collection, stored_policy)
+            except BaseException:
+                # A pending -1 of a collection this client does not follow would hold every
+                # migration of it until this client closes.
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await store.unack(collection, self.client_id)
+                raise
             with self._lock:
                 slot = self._followed.setdefault(collection, _Followed(found, revision))
             slot.acked = -1
@@ -261,8 +250,16 @@ class Epochs:
             return None if slot is None else slot.current
 
     @contextlib.asynccontextmanager
-    async def serving(self, state: Any, *, writes: bool) -> AsyncIterator[None]:
-        """Serve one call of ``state``'s collection under its current map."""
+    async def hold(self, state: Any, *, writes: bool) -> AsyncIterator[Served | None]:
+        """Hold ``state``'s collection's current map for one call (counted in flight until
+        the block ends); ``Served.active()`` makes it the served map of code run inside."""
+        if self._dead and not self._closed:
+            raise ControlUnavailableError(
+                "the control-store follower of this client stopped (see the log); create a "
+                "new client",
+                backend="unknown" if self._store is None else self._store.backend.name,
+                endpoint="unknown" if self._store is None else self._store.backend.endpoint,
+            )
         name = str(state.id)
         with self._lock:
             slot = self._followed.get(name)
@@ -275,17 +272,23 @@ class Epochs:
         with self._lock:
             current = slot.current
             slot.in_flight[current.epoch] = slot.in_flight.get(current.epoch, 0) + 1
-        token = _SERVED.set((name, current))
         try:
-            yield
+            yield Served(name, current, self._check_lease)
         finally:
-            _SERVED.reset(token)
             with self._lock:
                 left = slot.in_flight[current.epoch] - 1
                 if left:
                     slot.in_flight[current.epoch] = left
                 else:
                     del slot.in_flight[current.epoch]
+
+    @contextlib.asynccontextmanager
+    async def serving(self, state: Any, *, writes: bool) -> AsyncIterator[None]:
+        """Serve one call (no ``yield`` inside it) of ``state``'s collection."""
+        async with self.hold(state, writes=writes) as served:
+            assert served is not None
+            with served.active():
+                yield
 
     def _check_lease(self) -> None:
         if time.monotonic() < self._valid_until:

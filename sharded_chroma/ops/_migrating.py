@@ -81,7 +81,7 @@ def split_write(
         return dict(body), {}
     own_mark, mirror_mark = served.marks()
     own = dict(body)
-    if op != "delete" and own_mark is not None:
+    if op != "delete":
         away = sorted(i for rows in moving.values() for i in rows)
         metas = list(body["metadatas"]) if body.get("metadatas") is not None else None
         if metas is not None:

@@ -26,7 +26,7 @@ from chromadb.api.types import Documents, Embeddings, IDs, Metadatas, URIs
 from .._policies import CompositePolicy, Placement
 from ..catalog._layouts import PartLayouts
 from ..catalog._state import CollectionState
-from ..control._epochs import serving_policy
+from ..control._served import serving_policy
 from ._locator import Locator, Stamp
 from ._removal import Remover
 from ._router import Router

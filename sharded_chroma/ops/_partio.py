@@ -20,8 +20,8 @@ from .._options import current_options
 from ..catalog._layouts import Target
 from ..catalog._physical import PhysicalIds
 from ..cluster._cluster import Cluster
-from ..control._epochs import served_map
 from ..control._maps import PartitionMap
+from ..control._served import check_write_lease, served_map
 from ._clock import HybridClock
 from ._migrating import filtered, split_write
 from ._seqpages import seq_pages
@@ -157,6 +157,7 @@ class PartIO:
         While a migration mirrors writes (``dual``, ``cutover``), records the other policy
         places on other shards are sent there too (see ``_migrating.split_write``); the write
         succeeds only when every one of those requests does."""
+        check_write_lease(target.state)
         served = served_map(target.state)
         if served is None or served.mirror_policy() is None:
             return await self._write_one(target, op, body, removes)

@@ -13,7 +13,7 @@ from .._fanout import fan_out, raise_for_failures
 from .._policies import HashPolicy, Placement, Scope, TimePolicy
 from ..catalog._layouts import PartLayouts, Target
 from ..catalog._state import CollectionState
-from ..control._epochs import serving_policy
+from ..control._served import serving_policy
 
 __all__ = ["Plan", "Router", "shards_of"]
 

@@ -31,7 +31,7 @@ from ..catalog._layouts import PartLayouts, Target
 from ..catalog._reserved import escape_where
 from ..catalog._state import CollectionState
 from ..cluster._cluster import Cluster
-from ..control._epochs import served_map
+from ..control._served import served_map
 from ._checks import check_embeddings
 from ._locator import Locator
 from ._moves import Mover

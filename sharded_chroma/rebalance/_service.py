@@ -14,6 +14,7 @@ from ..catalog._state import CollectionState
 from ..cluster._cluster import Cluster
 from ..control._maps import PartitionMap
 from ..control._open import open_backend
+from ..control._served import unserved
 from ..control._store import ControlStore
 from ..ops._partio import PartIO
 from ._engine import MigrationReport, Migrator
@@ -76,7 +77,10 @@ class Rebalancing:
             migrator = self._migrator(
                 store, {"batch": batch, "rate": rate, "progress": progress, **options}
             )
-            return await migrator.run(state, goal)
+            # The migrator's own requests are never mirrored or filtered, whatever the caller
+            # was serving.
+            with unserved():
+                return await migrator.run(state, goal)
         finally:
             await store.backend.aclose()
 
@@ -84,7 +88,8 @@ class Rebalancing:
         store = self._store()
         try:
             state = await self._state(name)
-            return await self._migrator(store, options).abort(state)
+            with unserved():
+                return await self._migrator(store, options).abort(state)
         finally:
             await store.backend.aclose()
 
