@@ -25,7 +25,14 @@ from ..cluster._cluster import Cluster
 from ._layouts import PartLayouts
 from ._models import CatalogRules
 from ._physical import PhysicalIds
-from ._state import ID_META, ROUTING_META, SLOTS_META, CollectionState, StateCache
+from ._state import (
+    CONTROL_META,
+    ID_META,
+    ROUTING_META,
+    SLOTS_META,
+    CollectionState,
+    StateCache,
+)
 
 __all__ = ["Catalog"]
 
@@ -281,7 +288,7 @@ class Catalog:
             )
             stored = dict(raw.get("metadata") or {})
             meta = self._rules.policy_metadata(new_metadata, state.policy)
-            for key in (ROUTING_META, SLOTS_META):
+            for key in (ROUTING_META, SLOTS_META, CONTROL_META):
                 if key in stored:
                     meta[key] = stored[key]
 
@@ -310,8 +317,9 @@ class Catalog:
         state.configuration = dict(raw.get("configuration_json") or {})
 
     async def store_policy(self, state: CollectionState, policy: Any) -> None:
-        """Make ``policy`` the collection's stored policy on every node (a finished migration
-        does, so the stored policy never lags the partition map once it is stable)."""
+        """Make ``policy`` the collection's stored policy on every node, marked as placed by the
+        control store (a migration does at its start, with the policy it starts from, and at
+        its end, so the stored policy never lags a stable map)."""
         cluster = self._cluster
         catalog_node = cluster.catalog_node
         raw = await catalog_node.transport.request(
@@ -320,6 +328,7 @@ class Catalog:
         meta = {
             **(raw.get("metadata") or {}),
             **self._rules.policy_metadata(None, policy),
+            CONTROL_META: 1,
         }
         meta.pop(ID_META, None)
 

@@ -15,6 +15,7 @@ from .._policies import HashPolicy, PolicyLike, build_policy, policy_from_json, 
 from .._topology import Topology
 from ._reserved import escape_metadata, visible_collection_metadata
 from ._state import (
+    CONTROL_META,
     ID_META,
     ROUTING_META,
     SLOTS_META,
@@ -98,6 +99,12 @@ class CatalogRules:
         meta = catalog.metadata or {}
         routing = meta.get(ROUTING_META)
         slots = meta.get(SLOTS_META)
+        if meta.get(CONTROL_META) and self._topology.control is None:
+            raise ConfigurationError(
+                f"collection {catalog.name!r} is placed by the control store's partition map "
+                "(it has been rebalanced): open it with a topology that has the [control] table "
+                "its other clients use"
+            )
         policy = self.stored_policy(catalog.name, routing, slots)
         # With a control store the partition map decides; a declaration only shapes creation
         # (a rebalanced collection no longer has the policy it was declared with).

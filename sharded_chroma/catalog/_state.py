@@ -17,6 +17,7 @@ from uuid import UUID
 
 __all__ = [
     "BUCKET_META",
+    "CONTROL_META",
     "ID_META",
     "PARENT_META",
     "RESERVED_PREFIX",
@@ -42,6 +43,9 @@ ID_META = "_sc_id"
 PARENT_META = "_sc_parent"
 """On a time bucket's physical collection: the cluster id of the collection it belongs to."""
 BUCKET_META = "_sc_bucket"
+CONTROL_META = "_sc_ctl"
+"""On a collection a migration has touched: its placement is the control store's partition map,
+so a client without the control store must not open it (it would route by the stored policy)."""
 
 
 @dataclass

@@ -25,6 +25,11 @@ _T = TypeVar("_T")
 
 def _split(endpoint: str) -> tuple[str, int]:
     text = endpoint.split("://", 1)[-1].rstrip("/")
+    if "@" in text:
+        # Never echoed: it may hold a password. Credentials go in username / password_env.
+        raise ConfigurationError(
+            "an etcd endpoint must not carry credentials; use username and password_env"
+        )
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
         raise ConfigurationError(f"etcd endpoint {endpoint!r} must be host:port")

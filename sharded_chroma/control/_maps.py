@@ -15,6 +15,9 @@ A migration from policy A to policy B takes four epochs after the one it starts 
   once every client serves this epoch, deletes them.
 - ``stable``: B alone, no marks consulted.
 
+An abort before cutover goes through ``aborting``: A alone, writes no longer mirrored, incoming
+copies still hidden until the migrator has deleted them; then ``stable`` under A.
+
 Epochs only grow; every change of ownership is a new epoch, written by compare-and-swap.
 """
 
@@ -35,7 +38,7 @@ INCOMING_KEY = "_sc_mig"
 OUTGOING_KEY = "_sc_out"
 """On a record at the place a migration moves it away from: the migration's tag."""
 
-Phase = Literal["stable", "dual", "cutover", "cleanup"]
+Phase = Literal["stable", "dual", "cutover", "cleanup", "aborting"]
 
 
 class PartitionMap(BaseModel):
@@ -68,7 +71,7 @@ class PartitionMap(BaseModel):
 
     def read_filter(self) -> dict[str, Any] | None:
         """What every read of every part adds to its filter in this phase."""
-        if self.phase == "dual":
+        if self.phase in ("dual", "aborting"):
             return {INCOMING_KEY: {"$ne": self.tag}}
         if self.phase in ("cutover", "cleanup"):
             return {OUTGOING_KEY: {"$ne": self.tag}}
@@ -78,12 +81,13 @@ class PartitionMap(BaseModel):
         """Where writes also go: the other policy, in ``dual`` and ``cutover``."""
         return self.other if self.phase in ("dual", "cutover") else None
 
-    def marks(self) -> tuple[str | None, str]:
-        """The marks of a mirrored write: for the record's own place (None: none) and for the
-        copy at the other place."""
+    def marks(self) -> tuple[str, str]:
+        """The marks of a mirrored write: for the record's own place and for the copy at the
+        other place. In ``cutover`` the new place is marked incoming too, so a client still
+        in ``dual`` (which hides incoming copies) does not see a record written there twice."""
         if self.phase == "dual":
             return OUTGOING_KEY, INCOMING_KEY
-        return None, OUTGOING_KEY
+        return INCOMING_KEY, OUTGOING_KEY
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json", exclude_none=True))

@@ -147,6 +147,9 @@ class Migrator:
                 f"the goal names shard(s) {unknown} that this topology does not have"
             )
         await self._targets.ensure(state, sorted(goal.shards_named()))
+        # From now on a client without the control store is refused: it would route by the
+        # stored policy and write past the mirroring.
+        await self._targets.store_policy(state, current.policy)
         record = {
             "tag": uuid.uuid4().hex[:12],
             "name": state.name,
@@ -190,6 +193,15 @@ class Migrator:
             fence=self._fence,
         )
         step = record["step"]
+        if step == "aborting":
+            raise ConfigurationError(
+                f"an abort of the migration of {state.name!r} is under way; run abort again "
+                "to finish it"
+            )
+        if step in ("copy", "verify"):
+            # Copies are only worth anything while clients mirror: the map must be in dual
+            # for this migration (an abort or a damaged store would leave it elsewhere).
+            await self._expect_phase(cid, ("dual",), tag)
         if step == "dual":
             await self._to_phase(cid, "dual", source, target, tag, report)
             await advance("copy")
@@ -221,6 +233,7 @@ class Migrator:
             await advance("cutover")
             step = "cutover"
         if step == "cutover":
+            await self._expect_phase(cid, ("dual", "cutover"), tag)
             await self._to_phase(cid, "cutover", target, source, tag, report)
             await advance("cleanup")
             step = "cleanup"
@@ -238,6 +251,15 @@ class Migrator:
             report.steps.append("done")
             logger.info("migration %s of %s: done at epoch %d", tag, state.name, report.epoch)
         return report
+
+    async def _expect_phase(self, cid: str, phases: tuple[str, ...], tag: str) -> None:
+        found = await self._store.load_map(cid)
+        if found is None or found[0].phase not in phases or found[0].tag != tag:
+            shown = "none" if found is None else f"epoch {found[0].epoch}, {found[0].phase}"
+            raise ControlStoreError(
+                f"the partition map of collection {cid} ({shown}) is not in {'/'.join(phases)} "
+                f"for migration {tag}; nothing was changed"
+            )
 
     async def _verify(self, passes: Passes, shards: list[str], report: MigrationReport) -> None:
         for n in range(1, self._max_passes + 1):
@@ -292,7 +314,7 @@ class Migrator:
 
     async def abort(self, state: CollectionState) -> MigrationReport:
         """Roll back a migration that has not cut over: the map returns to the source policy
-        and the copies made so far are deleted."""
+        and the copies made so far are deleted. Resumable like the migration itself."""
         cid = str(state.id)
         self._took_lease(await self._store.acquire_migrator(cid, self._lease_ttl))
         try:
@@ -302,20 +324,31 @@ class Migrator:
             record, revision = found
             source = policy_of_record(record["from"])
             target = policy_of_record(record["to"])
-            report = MigrationReport(state.name, record["tag"])
+            tag = record["tag"]
+            report = MigrationReport(state.name, tag)
             current = await self._store.load_map(cid)
-            phase = "stable" if current is None else current[0].phase
-            if phase in ("cutover", "cleanup"):
+            if current is None:
+                raise ControlStoreError(f"collection {state.name!r} has no partition map")
+            now = current[0]
+            before_cutover = now.phase in ("dual", "aborting") and now.tag == tag
+            untouched = same_phase(now, stable(source))
+            if record["step"] != "aborting" and not (before_cutover or untouched):
                 raise ConfigurationError(
-                    f"the migration of {state.name!r} has cut over (phase {phase}); it can "
-                    "only be finished (rebalance without a goal), then planned back"
+                    f"the migration of {state.name!r} has cut over (epoch {now.epoch}, phase "
+                    f"{now.phase}); it can only be finished (rebalance without a goal), then "
+                    "planned back"
                 )
-            await self._to_phase(cid, "stable", source, None, None, report)
-            # Acknowledged at the stable epoch: no client mirrors any more.
-            await self._store.wait_for_acks(cid, report.epoch, self._ack_timeout, tick=self._fence)
-            for shard in sorted(target.shards_named()):
-                body = {"where": {INCOMING_KEY: record["tag"]}}
-                await self._io.write(Target(shard, state), "delete", body)
+            # Recorded first: a killed abort is resumed as an abort, never as the migration.
+            record["step"] = "aborting"
+            revision = await self._store.save_migration(cid, record, revision)
+            if not untouched:
+                # Writes stop being mirrored while the copies stay hidden; then they go.
+                await self._to_phase(cid, "aborting", source, target, tag, report)
+                for shard in sorted(target.shards_named()):
+                    body = {"where": {INCOMING_KEY: tag}}
+                    delete = functools.partial(self._io.write, Target(shard, state), "delete", body)
+                    await again(f"deleting the copies on shard {shard}", delete)
+                await self._to_phase(cid, "stable", source, None, None, report)
             await self._store.drop_migration(cid, revision)
             report.steps.append("aborted")
             return report

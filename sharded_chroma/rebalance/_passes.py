@@ -113,8 +113,13 @@ class Passes:
         return out
 
     async def _throttle(self, started: float, records: int) -> None:
-        if self._rate:
-            await anyio.sleep(max(0.0, records / self._rate - (time.monotonic() - started)))
+        if not self._rate:
+            return
+        until = started + records / self._rate
+        # In slices, renewing the lease between them: a low rate must not outlast it.
+        while (left := until - time.monotonic()) > 0:
+            await anyio.sleep(min(left, 1.0))
+            await self._fence()
 
     async def _source_pages(self, shard: str, after: int | None) -> Any:
         body: dict[str, Any] = {"include": FULL}
@@ -232,9 +237,10 @@ class Passes:
         return out
 
     async def _fix(self, shard: str, home: str, moving: Sequence[Mapping[str, Any]]) -> int:
-        """Send again the copies on ``home`` that stay wrong. A difference whose source changed
-        meanwhile is a client's write under way, which reaches both places; only one that
-        holds still (the copy went out of date while the source did not move) is fixed."""
+        """Send again the copies on ``home`` that stay wrong; returns how many differed at
+        first. A difference whose source changed meanwhile is a client's write under way,
+        which reaches both places, and is left to it; only one that holds (the copy went out
+        of date while the source stayed) is fixed. Either way the pass is not clean."""
         target = Target(home, self._state)
         first = await self._differing(target, moving)
         if not first:
@@ -260,7 +266,9 @@ class Passes:
         if stale:
             logger.info("reconcile: %d copy(ies) on %s differed; sent again", len(stale), home)
             await self._io.write(target, "upsert", self._copy_body(stale))
-        return len(wrong)
+        # Every difference seen counts, fixed or left to a write under way: a pass is clean
+        # only when it saw none at all.
+        return len(first)
 
     async def _delete_copy(self, target: Target, copy: Mapping[str, Any]) -> bool:
         """Delete one copy while it is the one read; whether it was deleted."""
@@ -299,4 +307,6 @@ class Passes:
             removed += await self._delete_copy(target, copy)
         if removed:
             logger.info("reconcile: %d copy(ies) on %s had no source; deleted", removed, home)
-        return removed
+        # Counted all the same when kept (a source appeared) or not deleted (changed): the
+        # next pass compares them.
+        return len(candidates)
