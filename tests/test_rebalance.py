@@ -267,3 +267,27 @@ async def test_rebalance_needs_a_control_store(shard_urls: list[str]) -> None:
         await client.create_collection(NAME, embedding_function=None)
         with pytest.raises(ConfigurationError, match=r"\[control\]"):
             await client.rebalance(NAME, HashPolicy())
+
+
+async def test_a_client_without_the_control_store_is_refused_once_a_move_began(
+    four_urls: list[str], tmp_path: Path
+) -> None:
+    """It would route by the stored policy and write past the mirroring: refused on open, with
+    the reason, from the moment the migration starts (and after it ends)."""
+    topology = topology_for(four_urls, {"backend": "sqlite", "path": str(tmp_path / "c.db")})
+    plain = sharded_chroma.Topology.build({k: v for k, v in topology.items() if k != "control"})
+    async with await client_of(topology) as client:
+        col = await client.create_collection(
+            NAME, embedding_function=None, policy=HashPolicy(shards=THREE)
+        )
+        await col.add(ids=["a", "b", "c"], embeddings=[[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+        async with await sharded_chroma.AsyncHttpClient(topology=plain) as other:
+            assert await (await other.get_collection(NAME, embedding_function=None)).count() == 3
+        policy = (await client.partition_map(NAME)).policy
+        await client.rebalance(NAME, plan_hash(policy, shards=[*THREE, "s3"]).goal)
+        async with await sharded_chroma.AsyncHttpClient(topology=plain) as other:
+            with pytest.raises(ConfigurationError, match=r"\[control\]"):
+                await other.get_collection(NAME, embedding_function=None)
+        # Its own clients still see every record, and the user's metadata shows no mark.
+        assert sorted((await col.get())["ids"]) == ["a", "b", "c"]
+        assert (await client.get_collection(NAME, embedding_function=None)).metadata is None
