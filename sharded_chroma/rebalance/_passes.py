@@ -148,6 +148,24 @@ class Passes:
             body = {"ids": list(ids), "metadatas": [{OUTGOING_KEY: self._tag} for _ in ids]}
             await self._io.write(Target(shard, self._state), "update", body)
 
+    def _moving(
+        self, shard: str, page: Mapping[str, Any]
+    ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]], list[str]]:
+        """A source page's rows, those the goal moves grouped by their new shard, and the ids
+        of those not yet carrying the outgoing mark."""
+        rows = _rows(page)
+        by_home: dict[str, list[dict[str, Any]]] = {}
+        for row, home in zip(rows, self._homes(page), strict=True):
+            if home is not None and home != shard:
+                by_home.setdefault(home, []).append(row)
+        unmarked = [
+            r["ids"]
+            for moving in by_home.values()
+            for r in moving
+            if (r["metadatas"] or {}).get(OUTGOING_KEY) != self._tag
+        ]
+        return rows, by_home, unmarked
+
     async def copy(
         self, shard: str, after: int | None, save: Callable[[int], Awaitable[None]]
     ) -> int:
@@ -156,21 +174,10 @@ class Passes:
         copied = 0
         async for page in self._source_pages(shard, after):
             started = time.monotonic()
-            rows = _rows(page)
-            homes = self._homes(page)
-            by_home: dict[str, list[dict[str, Any]]] = {}
-            for row, home in zip(rows, homes, strict=True):
-                if home is not None and home != shard:
-                    by_home.setdefault(home, []).append(row)
+            rows, by_home, unmarked = self._moving(shard, page)
             await self._fence()
             for home, moving in by_home.items():
                 await self._io.write(Target(home, self._state), "upsert", self._copy_body(moving))
-            unmarked = [
-                r["ids"]
-                for rs in by_home.values()
-                for r in rs
-                if (r["metadatas"] or {}).get(OUTGOING_KEY) != self._tag
-            ]
             await self._mark_outgoing(shard, unmarked)
             moved = sum(len(v) for v in by_home.values())
             copied += moved
@@ -198,19 +205,9 @@ class Passes:
         found = 0
         async for page in self._source_pages(shard, None):
             started = time.monotonic()
-            rows = _rows(page)
-            homes = self._homes(page)
-            by_home: dict[str, list[dict[str, Any]]] = {}
-            for row, home in zip(rows, homes, strict=True):
-                if home is not None and home != shard:
-                    by_home.setdefault(home, []).append(row)
-                    expected.setdefault(home, set()).add(row["ids"])
-            unmarked = [
-                r["ids"]
-                for rs in by_home.values()
-                for r in rs
-                if (r["metadatas"] or {}).get(OUTGOING_KEY) != self._tag
-            ]
+            rows, by_home, unmarked = self._moving(shard, page)
+            for home, moving in by_home.items():
+                expected.setdefault(home, set()).update(r["ids"] for r in moving)
             await self._fence()
             await self._mark_outgoing(shard, unmarked)
             found += len(unmarked)
