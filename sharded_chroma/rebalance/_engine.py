@@ -17,16 +17,16 @@ A killed migrator is resumed by running it again: the record names the step and 
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 
 from .._errors import ConfigurationError, ControlStoreError
+from .._options import options
 from .._policies import policy_to_json
 from ..catalog._layouts import Target
 from ..catalog._state import CollectionState
@@ -252,6 +252,20 @@ class Migrator:
             logger.info("migration %s of %s: done at epoch %d", tag, state.name, report.epoch)
         return report
 
+    def _delete_everywhere(
+        self, state: CollectionState, shard: str, body: dict[str, Any]
+    ) -> Callable[[], Awaitable[Any]]:
+        """A filter delete that every copy of the shard must store: such a delete leaves no
+        tombstone, so a copy that missed it would keep the old records for good (and could
+        hand them back to the others in a repair). A copy that is down stops the step, to be
+        resumed."""
+
+        async def run() -> Any:
+            with options(write_concern="all"):
+                return await self._io.write(Target(shard, state), "delete", body)
+
+        return run
+
     async def _expect_phase(self, cid: str, phases: tuple[str, ...], tag: str) -> None:
         found = await self._store.load_map(cid)
         if found is None or found[0].phase not in phases or found[0].tag != tag:
@@ -307,8 +321,7 @@ class Migrator:
         for shard in sorted(source.shards_named()):
             await self._fence()
             body = {"where": {OUTGOING_KEY: tag}}
-            delete = functools.partial(self._io.write, Target(shard, state), "delete", body)
-            await again(f"cleanup of shard {shard}", delete)
+            await again(f"cleanup of shard {shard}", self._delete_everywhere(state, shard, body))
 
     # -- abort ----------------------------------------------------------------------------
 
@@ -346,7 +359,7 @@ class Migrator:
                 await self._to_phase(cid, "aborting", source, target, tag, report)
                 for shard in sorted(target.shards_named()):
                     body = {"where": {INCOMING_KEY: tag}}
-                    delete = functools.partial(self._io.write, Target(shard, state), "delete", body)
+                    delete = self._delete_everywhere(state, shard, body)
                     await again(f"deleting the copies on shard {shard}", delete)
                 await self._to_phase(cid, "stable", source, None, None, report)
             await self._store.drop_migration(cid, revision)
