@@ -136,8 +136,9 @@ class ShardedClient:
     ) -> MigrationReport:
         """Move a collection to ``policy`` while it stays in use (None: resume the migration
         a killed run left). Needs ``[control]`` in the topology; see ``rebalance._engine``.
-        Options: ``batch`` (records per page), ``rate`` (records/s), ``progress`` (called
-        with a step and a record count), ``ack_timeout``."""
+        Options: ``batch`` (records per page), ``rate`` (records/s per source shard),
+        ``concurrency`` (source shards copied at once), ``progress`` (called with a step and a
+        record count), ``ack_timeout``."""
         goal = None if policy is None else build_policy(policy)
         return await self._live().rebalancing.run(name, goal, **options)
 

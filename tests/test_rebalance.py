@@ -124,7 +124,7 @@ def run_migration_under_writers(
             await asyncio.to_thread(gate.wait, 120)
             await asyncio.sleep(1.0)
             began = time.monotonic()
-            report = await client.rebalance(NAME, goal, batch=25)
+            report = await client.rebalance(NAME, goal, batch=25, concurrency=2)
             ended = time.monotonic()
             # The writers go on a little under the final map, then stop.
             await asyncio.sleep(2.0)

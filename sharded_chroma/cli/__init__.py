@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     goal_args(rebalance)
     rebalance.add_argument("--batch", type=int, default=500, help="records per page")
     rebalance.add_argument("--rate", type=float, default=None, help="records/s at most")
+    rebalance.add_argument(
+        "--concurrency", type=int, default=1, help="source shards copied at once"
+    )
     abort = sub.add_parser("abort", help="roll back a migration that has not cut over")
     abort.add_argument("--topology", type=Path, required=True)
     abort.add_argument("--collection", required=True, metavar="NAME")
@@ -141,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.command == "rebalance":
                 _positive("batch", args.batch)
+                _positive("concurrency", args.concurrency)
             run = {
                 "plan": _rebalance.run_plan,
                 "rebalance": _rebalance.run_rebalance,

@@ -120,7 +120,12 @@ async def run_rebalance(args: Any, out: Out) -> int:
             bar.advance(n)
 
         report = await client.rebalance(
-            args.collection, goal, batch=args.batch, rate=args.rate, progress=progress
+            args.collection,
+            goal,
+            batch=args.batch,
+            rate=args.rate,
+            concurrency=args.concurrency,
+            progress=progress,
         )
         for bar in bars.values():
             bar.finish()

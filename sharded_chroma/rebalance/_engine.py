@@ -34,7 +34,15 @@ from ..control._maps import INCOMING_KEY, OUTGOING_KEY
 from ..control._store import ControlStore
 from ..ops._partio import PartIO
 from ._passes import Passes, Progress
-from ._support import MigrationReport, again, check_goal, policy_of_record, same_phase, stable
+from ._support import (
+    MigrationReport,
+    again,
+    check_goal,
+    policy_of_record,
+    same_phase,
+    single_error,
+    stable,
+)
 from ._targets import TargetCollections
 
 __all__ = ["MigrationReport", "Migrator"]
@@ -57,6 +65,7 @@ class Migrator:
         ack_timeout: float = 120.0,
         lease_ttl: float = 15.0,
         max_passes: int = 20,
+        concurrency: int = 1,
         progress: Progress | None = None,
     ) -> None:
         self._store = store
@@ -68,6 +77,9 @@ class Migrator:
         self._ack_timeout = ack_timeout
         self._lease_ttl = lease_ttl
         self._max_passes = max_passes
+        if concurrency < 1:
+            raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
+        self._concurrency = concurrency
         self._progress: Progress = progress or (lambda step, n: None)
         self._lease: int | None = None
         self._refreshed = 0.0
@@ -207,25 +219,41 @@ class Migrator:
             await advance("copy")
             step = "copy"
         if step == "copy":
-            for shard in sorted(source.shards_named()):
-                cursors: dict[str, Any] = record["cursors"]
-                if cursors.get(shard) == "done":
-                    continue
+            # Source shards are copied ``concurrency`` at a time; the record (one key, written
+            # by compare-and-swap) takes their cursors one save at a time.
+            saving = anyio.Lock()
+            limit = anyio.CapacityLimiter(self._concurrency)
 
-                async def save(seq: int, shard: str = shard) -> None:
-                    nonlocal revision
+            async def save_record() -> None:
+                nonlocal revision
+                async with saving:
                     await self._fence()
-                    record["cursors"][shard] = seq
                     record["copied"] = report.copied
                     revision = await self._store.save_migration(cid, record, revision)
 
-                def copy_rest(shard: str = shard, save: Any = save) -> Awaitable[int]:
+            async def copy_shard(shard: str) -> None:
+                async def save(seq: int) -> None:
+                    record["cursors"][shard] = seq
+                    await save_record()
+
+                def copy_rest() -> Awaitable[int]:
                     return passes.copy(shard, record["cursors"].get(shard), save)
 
-                report.copied += await again(f"copy of shard {shard}", copy_rest)
+                async with limit:
+                    report.copied += await again(f"copy of shard {shard}", copy_rest)
                 record["cursors"][shard] = "done"
-                record["copied"] = report.copied
-                revision = await self._store.save_migration(cid, record, revision)
+                await save_record()
+
+            try:
+                async with anyio.create_task_group() as tg:
+                    for shard in sorted(source.shards_named()):
+                        if record["cursors"].get(shard) != "done":
+                            tg.start_soon(copy_shard, shard)
+            except Exception as exc:
+                inner = single_error(exc)
+                if inner is exc:
+                    raise
+                raise inner from inner.__cause__
             await advance("verify")
             step = "verify"
         if step == "verify":

@@ -24,6 +24,7 @@ __all__ = [
     "check_goal",
     "policy_of_record",
     "same_phase",
+    "single_error",
     "stable",
 ]
 
@@ -89,6 +90,16 @@ async def again(what: str, run: Callable[[], Awaitable[_T]], attempts: int = 6) 
             logger.warning("%s failed (%s); again in %.1f s", what, exc, pause)
             await anyio.sleep(pause)
     raise AssertionError("unreachable")
+
+
+def single_error(exc: BaseException) -> BaseException:
+    """The one error inside a task group's exception group (anyio wraps even a single one),
+    so callers see the error class they can handle; a group of several is kept."""
+    inner = getattr(exc, "exceptions", None)
+    while isinstance(inner, tuple) and len(inner) == 1 and isinstance(inner[0], BaseException):
+        exc = inner[0]
+        inner = getattr(exc, "exceptions", None)
+    return exc
 
 
 def stable(policy: Any) -> dict[str, Any]:
