@@ -31,6 +31,7 @@ from tests.test_concurrent_writes import (
     pool_of,
     raw_parts,
     seen,
+    skip_unless_slow,
     summary,
 )
 from tests.test_rebalance import preload
@@ -100,6 +101,26 @@ async def resume(client: Any, ttl: float) -> Any:
 @pytest.mark.anyio
 @pytest.mark.parametrize(("step", "after", "phase"), KILL_POINTS)
 async def test_migrator_killed_at_each_step_is_resumed(
+    shard_urls: list[str], tmp_path: Path, step: str, after: int, phase: str
+) -> None:
+    await killed_and_resumed(shard_urls, tmp_path, step, after, phase)
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+@pytest.mark.parametrize("seed", range(8))
+async def test_migrator_killed_at_random_points_is_resumed(
+    shard_urls: list[str], tmp_path: Path, seed: int, request: pytest.FixtureRequest
+) -> None:
+    """The long form: a seeded step and a seeded number of records into it."""
+    skip_unless_slow(request.config)
+    rng = random.Random(seed)
+    step, _, phase = rng.choice(KILL_POINTS)
+    after = rng.randrange(1, 80) if step in ("copy", "verify") else 0
+    await killed_and_resumed(shard_urls, tmp_path, step, after, phase)
+
+
+async def killed_and_resumed(
     shard_urls: list[str], tmp_path: Path, step: str, after: int, phase: str
 ) -> None:
     topology = topology_for(shard_urls, {"backend": "sqlite", "path": str(tmp_path / "c.db")})
