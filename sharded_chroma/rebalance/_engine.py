@@ -203,6 +203,7 @@ class Migrator:
             rate=self._rate,
             progress=self._progress,
             fence=self._fence,
+            lease_left=lambda: self._lease_ok_until - time.monotonic(),
         )
         step = record["step"]
         if step == "aborting":

@@ -89,6 +89,7 @@ class Passes:
         rate: float | None,
         progress: Progress,
         fence: Callable[[], Awaitable[None]],
+        lease_left: Callable[[], float],
     ) -> None:
         self._io = io
         self._state = state
@@ -99,6 +100,15 @@ class Passes:
         self._rate = rate
         self._progress = progress
         self._fence = fence
+        self._lease_left = lease_left
+
+    async def _write(self, target: Target, op: str, body: Mapping[str, Any]) -> Any:
+        """One write of the migrator, given up on (``TimeoutError``: the run stops, to be
+        resumed) once this migrator's lease may have expired: a stalled migrator must not go
+        on writing where a second one may have taken over."""
+        await self._fence()
+        with anyio.fail_after(max(0.0, self._lease_left())):
+            return await self._io.write(target, op, body)
 
     def _homes(self, page: Mapping[str, Any]) -> list[str | None]:
         """The goal's shard of every record of a page (None: a record the goal cannot place,
@@ -146,7 +156,7 @@ class Passes:
     async def _mark_outgoing(self, shard: str, ids: Sequence[str]) -> None:
         if ids:
             body = {"ids": list(ids), "metadatas": [{OUTGOING_KEY: self._tag} for _ in ids]}
-            await self._io.write(Target(shard, self._state), "update", body)
+            await self._write(Target(shard, self._state), "update", body)
 
     def _moving(
         self, shard: str, page: Mapping[str, Any]
@@ -177,7 +187,7 @@ class Passes:
             rows, by_home, unmarked = self._moving(shard, page)
             await self._fence()
             for home, moving in by_home.items():
-                await self._io.write(Target(home, self._state), "upsert", self._copy_body(moving))
+                await self._write(Target(home, self._state), "upsert", self._copy_body(moving))
             await self._mark_outgoing(shard, unmarked)
             moved = sum(len(v) for v in by_home.values())
             copied += moved
@@ -262,7 +272,7 @@ class Passes:
                 stale.append(row)
         if stale:
             logger.info("reconcile: %d copy(ies) on %s differed; sent again", len(stale), home)
-            await self._io.write(target, "upsert", self._copy_body(stale))
+            await self._write(target, "upsert", self._copy_body(stale))
         # Every difference seen counts, fixed or left to a write under way: a pass is clean
         # only when it saw none at all.
         return len(first)
@@ -271,7 +281,7 @@ class Passes:
         """Delete one copy while it is the one read; whether it was deleted."""
         version = _version(copy.get("metadatas"))
         where = None if version is None else {VERSION_KEY: version}
-        answer = await self._io.write(target, "delete", {"ids": [copy["ids"]], "where": where})
+        answer = await self._write(target, "delete", {"ids": [copy["ids"]], "where": where})
         return bool((answer or {}).get("deleted", 1))
 
     async def _remove_extras(self, home: str, expected: set[str], sources: Sequence[str]) -> int:
