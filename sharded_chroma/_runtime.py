@@ -87,7 +87,7 @@ class Runtime:
             self.epochs = Epochs(
                 lambda: open_backend(topology), lease_ttl=topology.control.lease_ttl
             )
-        self.rebalancing = Rebalancing(topology, self.catalog, self.io, self.cluster)
+        self.rebalancing = Rebalancing(topology, self.catalog, self.io, self.cluster, self.layouts)
         self.server = ShardedServer(
             self.catalog, self.layouts, self.reader, self.writer, self.epochs
         )

@@ -127,6 +127,13 @@ class TimePolicy(BaseModel):
             return next(r.shard for r in self.ranges if r.name == bucket)
         return self.buckets.get(bucket) or str(self.hot)
 
+    def owner_of(self, bucket: str) -> str | None:
+        """``shard_of`` for a bucket found on a shard: None when the policy names no such
+        bucket (an explicit range that no longer exists)."""
+        if self.ranges and not any(r.name == bucket for r in self.ranges):
+            return None
+        return self.shard_of(bucket)
+
     def place(self, record_id: str, metadata: Mapping[str, Any] | None) -> Placement:
         seconds = self.time_of(record_id, metadata)  # range-checked: bucket_of cannot overflow
         bucket = self.bucket_of(seconds)

@@ -82,6 +82,7 @@ class PartLayouts:
                 physical={},
                 policy=state.policy,
                 bucket=bucket,
+                parent=state.id,
             )
         return sub
 
@@ -283,18 +284,20 @@ class PartLayouts:
         if dry_run:
             return doomed
         for shard, label in doomed:
-            sub = self.bucket_state(state, label)
-            path = f"{sub.base}/{sub.name}"
-
-            async def drop(node: Node, path: str = path) -> Any:
-                return await node.transport.request("DELETE", path)
-
-            await self._cluster.on_every_node(
-                "drop_partitions",
-                drop,
-                self._cluster.shards[shard].nodes,
-                tolerate=(NotFoundError,),
-            )
-            state.buckets.pop(label, None)
-            logger.info("dropped bucket %s of %s on shard %s", label, state.name, shard)
+            await self.drop_bucket(state, shard, label)
         return doomed
+
+    async def drop_bucket(self, state: CollectionState, shard: str, label: str) -> None:
+        """Delete one bucket's physical collection from every copy of one shard (all must
+        answer; one already gone is fine)."""
+        sub = self.bucket_state(state, label)
+        path = f"{sub.base}/{sub.name}"
+
+        async def drop(node: Node) -> Any:
+            return await node.transport.request("DELETE", path)
+
+        await self._cluster.on_every_node(
+            "drop_partitions", drop, self._cluster.shards[shard].nodes, tolerate=(NotFoundError,)
+        )
+        state.buckets.pop(label, None)
+        logger.info("dropped bucket %s of %s on shard %s", label, state.name, shard)

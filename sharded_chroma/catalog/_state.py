@@ -72,6 +72,9 @@ class CollectionState:
     """States of this collection's time buckets by label, as this client has met them."""
     tombstones: CollectionState | None = None
     """State of the collection's delete marks, once addressed (see ``PartLayouts``)."""
+    parent: UUID | None = None
+    """On a time bucket's state: the cluster id of the collection it is a part of (the delete
+    marks' state has none: they are not records of the collection)."""
 
     @property
     def base(self) -> str:

@@ -51,10 +51,17 @@ class Served:
             _SERVED.reset(token)
 
 
+def _of(served: Served, state: Any) -> bool:
+    """Whether ``state`` is the served collection or one of its time buckets."""
+    owner = getattr(state, "parent", None) or state.id
+    return served.collection == str(owner)
+
+
 def served_map(state: Any) -> PartitionMap | None:
-    """The map the running call serves, if it concerns ``state``'s collection."""
+    """The map the running call serves, if it concerns ``state``'s collection (or one of its
+    time buckets)."""
     served = _SERVED.get()
-    if served is None or served.collection != str(state.id):
+    if served is None or not _of(served, state):
         return None
     return served.map
 
@@ -69,7 +76,7 @@ def check_write_lease(state: Any) -> None:
     """Before each write request of a served call: refuse once the client's lease may have
     expired (a long batch must not outlive it)."""
     served = _SERVED.get()
-    if served is not None and served.collection == str(state.id):
+    if served is not None and _of(served, state):
         served.check_lease()
 
 

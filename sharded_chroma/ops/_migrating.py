@@ -1,11 +1,16 @@
 """What a migration changes about one request to a part (pure): the filter reads add, and the
 copies a write also sends to the places the other policy gives its records.
 
-See ``control._maps`` for the phases. Only hash of the record id is mirrored: there a
-record's two places follow from its id alone, so one shard never has to hold a record's own
-copy and its incoming copy at once. Under a policy that routes by metadata a record that
-changes its routing value can need both in one collection (see the design notes); the
-migrator refuses those policies.
+See ``control._maps`` for the phases. Two kinds of move are mirrored, both where a record's
+other place never is the collection that holds its own copy:
+
+- hash of the record id: a record's two places follow from its id alone;
+- time buckets: a bucket is its own physical collection, so a write to a bucket goes whole to
+  the same bucket on the shard the other policy gives it.
+
+Under a policy that routes by other metadata, a record that changes its routing value can need
+its own and an incoming copy in one collection (see the design notes); the migrator refuses
+those policies.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .._policies import HashPolicy
+from .._policies import HashPolicy, TimePolicy
 from ..control._maps import INCOMING_KEY, OUTGOING_KEY, PartitionMap
 
 __all__ = ["filtered", "mirrorable", "split_write"]
@@ -22,8 +27,10 @@ _COLUMNS = ("ids", "embeddings", "metadatas", "documents", "uris")
 
 
 def mirrorable(policy: Any) -> bool:
-    """Whether writes can be mirrored under ``policy``: hash of the record id."""
-    return isinstance(policy, HashPolicy) and policy.field is None
+    """Whether writes can be mirrored under ``policy``: hash of the record id, or time."""
+    return (isinstance(policy, HashPolicy) and policy.field is None) or isinstance(
+        policy, TimePolicy
+    )
 
 
 def filtered(body: Mapping[str, Any], served: PartitionMap) -> dict[str, Any]:
@@ -58,7 +65,11 @@ def _homes(policy: HashPolicy, body: Mapping[str, Any]) -> list[str]:
 
 
 def split_write(
-    op: str, shard: str, body: Mapping[str, Any], served: PartitionMap
+    op: str,
+    shard: str,
+    body: Mapping[str, Any],
+    served: PartitionMap,
+    bucket: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """For a write of ``op`` to ``shard`` while writes are mirrored (``dual``, ``cutover``):
     the request for ``shard`` itself and one request per other shard that the other policy
@@ -68,7 +79,11 @@ def split_write(
     shards itself. An update without metadata leaves the marks as they are."""
     nxt = served.mirror_policy()
     tag = served.tag
-    if nxt is None or tag is None or not body.get("ids"):
+    if nxt is None or tag is None:
+        return dict(body), {}
+    if isinstance(nxt, TimePolicy):
+        return _split_bucket(op, shard, body, nxt, bucket, served)
+    if not body.get("ids"):
         return dict(body), {}
     if not mirrorable(nxt):
         raise NotImplementedError(f"mirroring writes under a {nxt.kind} policy")
@@ -95,6 +110,30 @@ def split_write(
             part["metadatas"] = _marked(part["metadatas"], None, mirror_mark, tag)
         mirrors[home] = part
     return own, mirrors
+
+
+def _split_bucket(
+    op: str,
+    shard: str,
+    body: Mapping[str, Any],
+    nxt: TimePolicy,
+    bucket: str | None,
+    served: PartitionMap,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A write to one time bucket: all of it (a delete by filter too) also goes to the same
+    bucket where the other policy puts it, if that is another shard."""
+    if bucket is None:
+        return dict(body), {}  # not a bucket (the delete marks)
+    home = nxt.shard_of(bucket)
+    if home == shard:
+        return dict(body), {}
+    own_mark, mirror_mark = served.marks()
+    own, mirror = dict(body), dict(body)
+    if op != "delete" and body.get("metadatas") is not None:
+        assert served.tag is not None
+        own["metadatas"] = _marked(body["metadatas"], None, own_mark, served.tag)
+        mirror["metadatas"] = _marked(body["metadatas"], None, mirror_mark, served.tag)
+    return own, {home: mirror}
 
 
 def strip_marks(metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -161,21 +161,31 @@ class PartIO:
         served = served_map(target.state)
         if served is None or served.mirror_policy() is None:
             return await self._write_one(target, op, body, removes)
-        own, mirrors = split_write(op, target.shard, body, served)
+        own, mirrors = split_write(op, target.shard, body, served, target.state.bucket)
         if not mirrors:
             return await self._write_one(target, op, own, removes)
 
         def removal_of(part: Mapping[str, Any]) -> Removal | None:
-            if removes is None:
+            if removes is None or not part.get("ids"):
                 return None
             mine = set(part["ids"])
             return Removal(tuple(i for i in removes.ids if i in mine), removes.version)
 
+        async def mirror(shard: str, part: Mapping[str, Any]) -> Any:
+            try:
+                return await self._write_one(
+                    Target(shard, target.state), op, part, removal_of(part)
+                )
+            except NotFoundError:
+                # A time bucket not made at its other place: a delete or an update finds
+                # nothing to change there (writes that create records make it first).
+                if op not in ("delete", "update") or target.state.bucket is None:
+                    raise
+                return None
+
         calls = {target.shard: functools.partial(self._write_one, target, op, own, removes)}
         for shard, part in mirrors.items():
-            calls[shard] = functools.partial(
-                self._write_one, Target(shard, target.state), op, part, removal_of(part)
-            )
+            calls[shard] = functools.partial(mirror, shard, part)
         answers, failures = await fan_out(calls)
         raise_for_failures(op, failures, all_failed=len(failures) == len(calls))
         return answers[target.shard]

@@ -13,7 +13,7 @@ from .._fanout import fan_out, raise_for_failures
 from .._policies import HashPolicy, Placement, Scope, TimePolicy
 from ..catalog._layouts import PartLayouts, Target
 from ..catalog._state import CollectionState
-from ..control._served import serving_policy
+from ..control._served import served_map, serving_policy
 
 __all__ = ["Plan", "Router", "shards_of"]
 
@@ -130,8 +130,12 @@ class Router:
             {s: functools.partial(layouts.list_buckets, state, s) for s in by_shard}
         )
         targets = {}
+        served = served_map(state)
+        moving = served is not None and served.migrating
         for shard in by_shard:
             for label in listed.get(shard, ()):
+                if moving and policy.owner_of(label) not in (shard, None):
+                    continue  # a move's copy of the bucket, or its old place: not read here
                 if policy.bucket_may_match(label, scope):
                     t = layouts.target(state, shard, label, by_shard[shard])
                     targets[t.key] = t

@@ -14,11 +14,13 @@ from chromadb.api.types import Documents, Embeddings, IDs, Metadatas, URIs, seri
 from chromadb.errors import NotFoundError
 
 from .._fanout import fan_out, raise_for_failures
+from .._policies import TimePolicy
 from ..catalog._layouts import PartLayouts, Target
 from ..catalog._physical import PhysicalIds
 from ..catalog._reserved import escape_metadata
 from ..catalog._state import SEQ_KEY, VERSION_KEY, CollectionState
 from ..cluster._cluster import Cluster
+from ..control._served import served_map
 from ._clock import HybridClock
 from ._locator import stamp_of
 from ._ordering import KeyedLocks
@@ -108,6 +110,11 @@ class RecordSender:
                 await in_order(key)
                 return
             await self._layouts.ensure_bucket(state, target.shard, bucket)
+            served = served_map(state)
+            other = None if served is None else served.mirror_policy()
+            if isinstance(other, TimePolicy) and other.shard_of(bucket) != target.shard:
+                # A move mirrors this bucket's writes to its other place: it must exist there.
+                await self._layouts.ensure_bucket(state, other.shard_of(bucket), bucket)
             try:
                 await in_order(key)
             except NotFoundError:

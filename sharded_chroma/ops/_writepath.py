@@ -27,6 +27,7 @@ from chromadb.api.types import (
 )
 
 from .._fanout import raise_for_failures
+from .._policies import TimePolicy
 from ..catalog._layouts import PartLayouts, Target
 from ..catalog._reserved import escape_where
 from ..catalog._state import CollectionState
@@ -270,7 +271,8 @@ class WritePath:
             )
             served = served_map(state)
             nxt = None if served is None else served.mirror_policy()
-            if nxt is not None:
+            # (Time buckets are mirrored bucket by bucket, by the part I/O.)
+            if nxt is not None and not isinstance(nxt, TimePolicy):
                 # The next policy's other shards hold copies the filter may match too; what
                 # they delete are copies, so it is not counted again.
                 extra = {

@@ -3,15 +3,14 @@ keep reading and writing, resumable at every step, one migrator at a time.
 
 Steps, each recorded in the control store before the next begins (see ``control._maps``):
 
-1. ``dual``: the map's next epoch mirrors writes to the goal's places; wait until every live
-   client acknowledged it (so no write can still skip the goal's place).
-2. ``copy``: every source shard's moved records are copied, with a cursor saved per page.
-3. ``verify``: reconcile passes until one finds the copies equal to their sources.
-4. ``cutover``: the goal serves reads (writes mirrored back); wait for acknowledgements.
-5. ``cleanup``: writes stop being mirrored; once acknowledged, the sources' moved records
-   are deleted; the map becomes stable under the goal.
+1. ``dual``: the next epoch mirrors writes to the goal's places; wait until every client
+   acknowledged it (so no write can still skip the goal's place).
+2. ``copy``: every source part's moved records are copied (cursor saved per page); then
+   ``verify``: reconcile passes until one finds the copies equal to their sources.
+3. ``cutover``: the goal serves reads (writes mirrored back); wait for acknowledgements.
+4. ``cleanup``: writes stop being mirrored; once acknowledged, old copies go; then stable.
 
-A killed migrator is resumed by running it again: the record names the step and cursors.
+A killed migrator is resumed by running it again (the record names the step and cursors);
 ``abort`` rolls back a migration that has not cut over.
 """
 
@@ -26,13 +25,13 @@ from typing import Any
 import anyio
 
 from .._errors import ConfigurationError, ControlStoreError
-from .._options import options
 from .._policies import policy_to_json
-from ..catalog._layouts import Target
+from ..catalog._layouts import PartLayouts, Target
 from ..catalog._state import CollectionState
-from ..control._maps import INCOMING_KEY, OUTGOING_KEY
+from ..control._maps import INCOMING_KEY
 from ..control._store import ControlStore
 from ..ops._partio import PartIO
+from ._cleanup import delete_everywhere, delete_moved
 from ._passes import Passes, Progress
 from ._support import (
     MigrationReport,
@@ -44,6 +43,7 @@ from ._support import (
     stable,
 )
 from ._targets import TargetCollections
+from ._units import Units, moving_units
 
 __all__ = ["MigrationReport", "Migrator"]
 
@@ -57,6 +57,7 @@ class Migrator:
         self,
         store: ControlStore,
         io: PartIO,
+        layouts: PartLayouts,
         targets: TargetCollections,
         shard_names: tuple[str, ...],
         *,
@@ -70,6 +71,7 @@ class Migrator:
     ) -> None:
         self._store = store
         self._io = io
+        self._layouts = layouts
         self._targets = targets
         self._shard_names = shard_names
         self._batch = batch
@@ -193,18 +195,19 @@ class Migrator:
             record["step"] = step
             revision = await self._store.save_migration(cid, record, revision)
 
-        passes = Passes(
-            self._io,
-            state,
-            source,
-            target,
-            tag,
-            batch=self._batch,
-            rate=self._rate,
-            progress=self._progress,
-            fence=self._fence,
-            lease_left=lambda: self._lease_ok_until - time.monotonic(),
-        )
+        def passes_for(units: Units) -> Passes:
+            return Passes(
+                self._io,
+                state,
+                units.homes,
+                tag,
+                batch=self._batch,
+                rate=self._rate,
+                progress=self._progress,
+                fence=self._fence,
+                lease_left=lambda: self._lease_ok_until - time.monotonic(),
+            )
+
         step = record["step"]
         if step == "aborting":
             raise ConfigurationError(
@@ -232,24 +235,27 @@ class Migrator:
                     record["copied"] = report.copied
                     revision = await self._store.save_migration(cid, record, revision)
 
-            async def copy_shard(shard: str) -> None:
+            units = await moving_units(self._layouts, state, source, target)
+            passes = passes_for(units)
+
+            async def copy_part(part: Target) -> None:
                 async def save(seq: int) -> None:
-                    record["cursors"][shard] = seq
+                    record["cursors"][part.key] = seq
                     await save_record()
 
                 def copy_rest() -> Awaitable[int]:
-                    return passes.copy(shard, record["cursors"].get(shard), save)
+                    return passes.copy(part, record["cursors"].get(part.key), save)
 
                 async with limit:
-                    report.copied += await again(f"copy of shard {shard}", copy_rest)
-                record["cursors"][shard] = "done"
+                    report.copied += await again(f"copy of {part.key}", copy_rest)
+                record["cursors"][part.key] = "done"
                 await save_record()
 
             try:
                 async with anyio.create_task_group() as tg:
-                    for shard in sorted(source.shards_named()):
-                        if record["cursors"].get(shard) != "done":
-                            tg.start_soon(copy_shard, shard)
+                    for part in units.sources:
+                        if record["cursors"].get(part.key) != "done":
+                            tg.start_soon(copy_part, part)
             except Exception as exc:
                 inner = single_error(exc)
                 if inner is exc:
@@ -258,7 +264,7 @@ class Migrator:
             await advance("verify")
             step = "verify"
         if step == "verify":
-            await self._verify(passes, sorted(source.shards_named()), report)
+            await self._verify(state, source, target, passes_for, report)
             await advance("cutover")
             step = "cutover"
         if step == "cutover":
@@ -271,7 +277,7 @@ class Migrator:
             if found is None or not same_phase(found[0], stable(target)):
                 # (A run killed after the map became stable has nothing left but the record.)
                 await self._to_phase(cid, "cleanup", target, source, tag, report)
-                await self._delete_moved(state, source, tag)
+                await delete_moved(self._io, self._layouts, state, source, target, tag, self._fence)
                 await self._to_phase(cid, "stable", target, None, None, report)
             # The stored policy follows, so a client that opens the collection without the
             # map (or after losing the control store) still finds every record.
@@ -280,20 +286,6 @@ class Migrator:
             report.steps.append("done")
             logger.info("migration %s of %s: done at epoch %d", tag, state.name, report.epoch)
         return report
-
-    def _delete_everywhere(
-        self, state: CollectionState, shard: str, body: dict[str, Any]
-    ) -> Callable[[], Awaitable[Any]]:
-        """A filter delete that every copy of the shard must store: such a delete leaves no
-        tombstone, so a copy that missed it would keep the old records for good (and could
-        hand them back to the others in a repair). A copy that is down stops the step, to be
-        resumed."""
-
-        async def run() -> Any:
-            with options(write_concern="all"):
-                return await self._io.write(Target(shard, state), "delete", body)
-
-        return run
 
     async def _expect_phase(self, cid: str, phases: tuple[str, ...], tag: str) -> None:
         found = await self._store.load_map(cid)
@@ -304,9 +296,22 @@ class Migrator:
                 f"for migration {tag}; nothing was changed"
             )
 
-    async def _verify(self, passes: Passes, shards: list[str], report: MigrationReport) -> None:
+    async def _verify(
+        self,
+        state: CollectionState,
+        source: Any,
+        target: Any,
+        passes_for: Callable[[Units], Passes],
+        report: MigrationReport,
+    ) -> None:
         for n in range(1, self._max_passes + 1):
-            found = await again("verify pass", lambda: passes.reconcile(shards))
+
+            async def one_pass() -> int:
+                # Listed again each pass: a time bucket made during the move moves too.
+                units = await moving_units(self._layouts, state, source, target)
+                return await passes_for(units).reconcile(units.sources, units.targets)
+
+            found = await again("verify pass", one_pass)
             report.passes += 1
             report.fixed += found
             logger.info("verify pass %d: %d difference(s)", n, found)
@@ -346,12 +351,6 @@ class Migrator:
             await self._store.wait_for_acks(cid, current.epoch, self._ack_timeout, tick=self._fence)
         report.steps.append(phase)
 
-    async def _delete_moved(self, state: CollectionState, source: Any, tag: str) -> None:
-        for shard in sorted(source.shards_named()):
-            await self._fence()
-            body = {"where": {OUTGOING_KEY: tag}}
-            await again(f"cleanup of shard {shard}", self._delete_everywhere(state, shard, body))
-
     # -- abort ----------------------------------------------------------------------------
 
     async def abort(self, state: CollectionState) -> MigrationReport:
@@ -386,10 +385,11 @@ class Migrator:
             if not untouched:
                 # Writes stop being mirrored while the copies stay hidden; then they go.
                 await self._to_phase(cid, "aborting", source, target, tag, report)
-                for shard in sorted(target.shards_named()):
+                units = await moving_units(self._layouts, state, source, target)
+                for part in units.targets:
                     body = {"where": {INCOMING_KEY: tag}}
-                    delete = self._delete_everywhere(state, shard, body)
-                    await again(f"deleting the copies on shard {shard}", delete)
+                    delete = delete_everywhere(self._io, part, body)
+                    await again(f"deleting the copies on {part.key}", delete)
                 await self._to_phase(cid, "stable", source, None, None, report)
             await self._store.drop_migration(cid, revision)
             report.steps.append("aborted")

@@ -14,10 +14,11 @@ would be wrong there.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import orjson
@@ -32,7 +33,7 @@ from ..ops._locator import FULL
 from ..ops._migrating import strip_marks
 from ..ops._partio import PartIO
 
-__all__ = ["Passes", "Progress"]
+__all__ = ["BucketHomes", "HashHomes", "Homes", "Passes", "Progress"]
 
 logger = logging.getLogger("sharded_chroma.rebalance")
 
@@ -42,6 +43,43 @@ _SETTLE_S = 0.3
 
 Progress = Callable[[str, int], None]
 """Called with a step name and how many records it handled since the last call."""
+
+
+class Homes(Protocol):
+    """Where the goal puts each record of a source part's page (None: it stays)."""
+
+    def of(self, source: Target, page: Mapping[str, Any]) -> list[Target | None]: ...
+
+
+class HashHomes:
+    """Records hashed by id: each goes to the goal's shard for it, in the root collection."""
+
+    def __init__(self, goal: Any, state: CollectionState) -> None:
+        self._goal = goal
+        self._state = state
+
+    def of(self, source: Target, page: Mapping[str, Any]) -> list[Target | None]:
+        metas = page.get("metadatas") or [None] * len(page["ids"])
+        out: list[Target | None] = []
+        for rid, meta in zip(page["ids"], metas, strict=True):
+            try:
+                shard = self._goal.place(rid, visible_metadata(meta)).shard
+            except RoutingError:
+                shard = source.shard  # one the goal cannot place stays where it is
+            out.append(None if shard == source.shard else Target(shard, self._state))
+        return out
+
+
+class BucketHomes:
+    """Whole time buckets: every record of a moving bucket goes to the same bucket elsewhere."""
+
+    def __init__(self, moves: Mapping[str, Target]) -> None:
+        self._moves = dict(moves)
+        """Target part by source part key."""
+
+    def of(self, source: Target, page: Mapping[str, Any]) -> list[Target | None]:
+        home = self._moves.get(source.key)
+        return [home] * len(page["ids"])
 
 
 def _digest(row: Mapping[str, Any]) -> bytes:
@@ -81,8 +119,7 @@ class Passes:
         self,
         io: PartIO,
         state: CollectionState,
-        source: Any,
-        goal: Any,
+        homes: Homes,
         tag: str,
         *,
         batch: int,
@@ -93,8 +130,7 @@ class Passes:
     ) -> None:
         self._io = io
         self._state = state
-        self._source = source
-        self._goal = goal
+        self._homes_of = homes
         self._tag = tag
         self._batch = batch
         self._rate = rate
@@ -110,18 +146,6 @@ class Passes:
         with anyio.fail_after(max(0.0, self._lease_left())):
             return await self._io.write(target, op, body)
 
-    def _homes(self, page: Mapping[str, Any]) -> list[str | None]:
-        """The goal's shard of every record of a page (None: a record the goal cannot place,
-        such as one written outside this library without its routing field; it stays)."""
-        metas = page.get("metadatas") or [None] * len(page["ids"])
-        out: list[str | None] = []
-        for rid, meta in zip(page["ids"], metas, strict=True):
-            try:
-                out.append(self._goal.place(rid, visible_metadata(meta)).shard)
-            except RoutingError:
-                out.append(None)
-        return out
-
     async def _throttle(self, started: float, records: int) -> None:
         if not self._rate:
             return
@@ -131,12 +155,12 @@ class Passes:
             await anyio.sleep(min(left, 1.0))
             await self._fence()
 
-    async def _source_pages(self, shard: str, after: int | None) -> Any:
+    async def _source_pages(self, source: Target, after: int | None) -> Any:
         body: dict[str, Any] = {"include": FULL}
         if after is not None:
             # Records at the cursor's own sequence value are sent again: copies are idempotent.
             body["where"] = {SEQ_KEY: {"$gte": after}}
-        async for page in self._io.pages(Target(shard, self._state), body, self._batch, raw=True):
+        async for page in self._io.pages(source, body, self._batch, raw=True):
             yield page
 
     def _copy_body(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -153,44 +177,43 @@ class Passes:
             "uris": [r["uris"] for r in rows],
         }
 
-    async def _mark_outgoing(self, shard: str, ids: Sequence[str]) -> None:
+    async def _mark_outgoing(self, source: Target, ids: Sequence[str]) -> None:
         if ids:
             body = {"ids": list(ids), "metadatas": [{OUTGOING_KEY: self._tag} for _ in ids]}
-            await self._write(Target(shard, self._state), "update", body)
+            await self._write(source, "update", body)
 
     def _moving(
-        self, shard: str, page: Mapping[str, Any]
-    ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]], list[str]]:
-        """A source page's rows, those the goal moves grouped by their new shard, and the ids
-        of those not yet carrying the outgoing mark."""
+        self, source: Target, page: Mapping[str, Any]
+    ) -> tuple[list[dict[str, Any]], dict[str, tuple[Target, list[dict[str, Any]]]], list[str]]:
+        """A source page's rows, those the goal moves grouped by the part they go to (by part
+        key), and the ids of those not yet carrying the outgoing mark."""
         rows = _rows(page)
-        by_home: dict[str, list[dict[str, Any]]] = {}
-        for row, home in zip(rows, self._homes(page), strict=True):
-            if home is not None and home != shard:
-                by_home.setdefault(home, []).append(row)
+        by_home: dict[str, tuple[Target, list[dict[str, Any]]]] = {}
+        for row, home in zip(rows, self._homes_of.of(source, page), strict=True):
+            if home is not None:
+                by_home.setdefault(home.key, (home, []))[1].append(row)
         unmarked = [
             r["ids"]
-            for moving in by_home.values()
+            for _, moving in by_home.values()
             for r in moving
             if (r["metadatas"] or {}).get(OUTGOING_KEY) != self._tag
         ]
         return rows, by_home, unmarked
 
     async def copy(
-        self, shard: str, after: int | None, save: Callable[[int], Awaitable[None]]
+        self, source: Target, after: int | None, save: Callable[[int], Awaitable[None]]
     ) -> int:
-        """Copy every record of ``shard`` the goal moves, from sequence ``after`` on; the
-        cursor is saved after every page. Returns how many records were copied."""
+        """Copy every record of the ``source`` part the goal moves, from sequence ``after``
+        on; the cursor is saved after every page. Returns how many records were copied."""
         copied = 0
-        async for page in self._source_pages(shard, after):
+        async for page in self._source_pages(source, after):
             started = time.monotonic()
-            rows, by_home, unmarked = self._moving(shard, page)
+            rows, by_home, unmarked = self._moving(source, page)
             await self._fence()
-            for home, moving in by_home.items():
-                await self._write(Target(home, self._state), "upsert", self._copy_body(moving))
-            await self._mark_outgoing(shard, unmarked)
-            moved = sum(len(v) for v in by_home.values())
-            copied += moved
+            for home, moving in by_home.values():
+                await self._write(home, "upsert", self._copy_body(moving))
+            await self._mark_outgoing(source, unmarked)
+            copied += sum(len(moving) for _, moving in by_home.values())
             seqs = [m.get(SEQ_KEY) for m in page.get("metadatas") or [] if m]
             last = max((s for s in seqs if isinstance(s, int)), default=None)
             if last is not None:
@@ -199,30 +222,30 @@ class Passes:
             await self._throttle(started, len(rows))
         return copied
 
-    async def reconcile(self, shards: Sequence[str]) -> int:
-        """One pass over every source shard and every target: returns how many copies it
+    async def reconcile(self, sources: Sequence[Target], targets: Sequence[Target]) -> int:
+        """One pass over every source part and every target part: returns how many copies it
         found wrong (and fixed). Zero means every target held exactly its sources' moved
         records, apart from writes clients were making (which reach both places)."""
         expected: dict[str, set[str]] = {}
         found = 0
-        for shard in shards:
-            found += await self._reconcile_source(shard, expected)
-        for home in sorted(self._goal.shards_named()):
-            found += await self._remove_extras(home, expected.get(home, set()), shards)
+        for source in sources:
+            found += await self._reconcile_source(source, expected)
+        for target in targets:
+            found += await self._remove_extras(target, expected.get(target.key, set()), sources)
         return found
 
-    async def _reconcile_source(self, shard: str, expected: dict[str, set[str]]) -> int:
+    async def _reconcile_source(self, source: Target, expected: dict[str, set[str]]) -> int:
         found = 0
-        async for page in self._source_pages(shard, None):
+        async for page in self._source_pages(source, None):
             started = time.monotonic()
-            rows, by_home, unmarked = self._moving(shard, page)
-            for home, moving in by_home.items():
-                expected.setdefault(home, set()).update(r["ids"] for r in moving)
+            rows, by_home, unmarked = self._moving(source, page)
+            for key, (_, moving) in by_home.items():
+                expected.setdefault(key, set()).update(r["ids"] for r in moving)
             await self._fence()
-            await self._mark_outgoing(shard, unmarked)
+            await self._mark_outgoing(source, unmarked)
             found += len(unmarked)
-            for home, moving in by_home.items():
-                found += await self._fix(shard, home, moving)
+            for home, moving in by_home.values():
+                found += await self._fix(source, home, moving)
             self._progress("verify", len(rows))
             await self._throttle(started, len(rows))
         return found
@@ -243,20 +266,19 @@ class Passes:
                 out.append((row, copy))
         return out
 
-    async def _fix(self, shard: str, home: str, moving: Sequence[Mapping[str, Any]]) -> int:
+    async def _fix(
+        self, source: Target, target: Target, moving: Sequence[Mapping[str, Any]]
+    ) -> int:
         """Send again the copies on ``home`` that stay wrong; returns how many differed at
         first. A difference whose source changed meanwhile is a client's write under way,
         which reaches both places, and is left to it; only one that holds (the copy went out
         of date while the source stayed) is fixed. Either way the pass is not clean."""
-        target = Target(home, self._state)
         first = await self._differing(target, moving)
         if not first:
             return 0
         await anyio.sleep(_SETTLE_S)
         ids = [row["ids"] for row, _ in first]
-        answer = await self._io.read(
-            Target(shard, self._state), "/get", {"ids": ids, "include": FULL}, raw=True
-        )
+        answer = await self._io.read(source, "/get", {"ids": ids, "include": FULL}, raw=True)
         now = {r["ids"]: r for r in _rows(answer)}
         held = [
             row
@@ -271,7 +293,9 @@ class Passes:
             if copy is None or await self._delete_copy(target, copy):
                 stale.append(row)
         if stale:
-            logger.info("reconcile: %d copy(ies) on %s differed; sent again", len(stale), home)
+            logger.info(
+                "reconcile: %d copy(ies) on %s differed; sent again", len(stale), target.key
+            )
             await self._write(target, "upsert", self._copy_body(stale))
         # Every difference seen counts, fixed or left to a write under way: a pass is clean
         # only when it saw none at all.
@@ -284,11 +308,13 @@ class Passes:
         answer = await self._write(target, "delete", {"ids": [copy["ids"]], "where": where})
         return bool((answer or {}).get("deleted", 1))
 
-    async def _remove_extras(self, home: str, expected: set[str], sources: Sequence[str]) -> int:
-        """Incoming copies on ``home`` whose source no longer has them (a delete raced the
+    async def _remove_extras(
+        self, target: Target, expected: set[str], sources: Sequence[Target]
+    ) -> int:
+        """Incoming copies on ``target`` whose source no longer has them (a delete raced the
         copy): deleted, each only while it is the copy seen. A copy whose record a client
-        moved into a source meanwhile (after that source's pages were read) is no extra."""
-        target = Target(home, self._state)
+        moved into a source meanwhile (after that source's pages were read) is no extra.
+        Every candidate counts: the pass is clean only when there was none."""
         candidates: list[dict[str, Any]] = []
         body = {"where": {INCOMING_KEY: self._tag}, "include": ["metadatas"]}
         async for page in self._io.pages(target, body, self._batch, raw=True):
@@ -300,12 +326,15 @@ class Passes:
         await anyio.sleep(_SETTLE_S)
         ids = [c["ids"] for c in candidates]
         sourced: set[str] = set()
-        for shard in sources:
-            answer = await self._io.read(
-                Target(shard, self._state), "/get", {"ids": ids, "include": ["metadatas"]}, raw=True
+        for source in sources:
+            read = functools.partial(
+                self._io.read, source, "/get", {"ids": ids, "include": ["metadatas"]}, raw=True
             )
-            for rid, home_now in zip(answer["ids"], self._homes(answer), strict=True):
-                if home_now == home:
+            answer = await self._io.guarded(source, read)
+            if answer is None:
+                continue  # a bucket dropped meanwhile
+            for rid, home in zip(answer["ids"], self._homes_of.of(source, answer), strict=True):
+                if home is not None and home.key == target.key:
                     sourced.add(rid)
         extras = [c for c in candidates if c["ids"] not in sourced]
         await self._fence()
@@ -313,7 +342,5 @@ class Passes:
         for copy in extras:
             removed += await self._delete_copy(target, copy)
         if removed:
-            logger.info("reconcile: %d copy(ies) on %s had no source; deleted", removed, home)
-        # Counted all the same when kept (a source appeared) or not deleted (changed): the
-        # next pass compares them.
+            logger.info("reconcile: %d copy(ies) on %s had no source; deleted", removed, target.key)
         return len(candidates)

@@ -10,6 +10,7 @@ from typing import Any
 from .._errors import ConfigurationError
 from .._topology import Topology
 from ..catalog._catalog import Catalog
+from ..catalog._layouts import PartLayouts
 from ..catalog._state import CollectionState
 from ..cluster._cluster import Cluster
 from ..control._maps import PartitionMap
@@ -27,7 +28,15 @@ __all__ = ["Rebalancing"]
 class Rebalancing:
     """Migrations of this client's collections (needs ``[control]`` in the topology)."""
 
-    def __init__(self, topology: Topology, catalog: Catalog, io: PartIO, cluster: Cluster):
+    def __init__(
+        self,
+        topology: Topology,
+        catalog: Catalog,
+        io: PartIO,
+        cluster: Cluster,
+        layouts: PartLayouts,
+    ) -> None:
+        self._layouts = layouts
         self._topology = topology
         self._catalog = catalog
         self._io = io
@@ -52,6 +61,7 @@ class Rebalancing:
         return Migrator(
             store,
             self._io,
+            self._layouts,
             TargetCollections(self._cluster, self._catalog),
             self._cluster.shard_names,
             ack_timeout=options.pop("ack_timeout", control.ack_timeout),

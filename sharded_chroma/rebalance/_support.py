@@ -55,9 +55,24 @@ def check_goal(current: Any, goal: Any) -> None:
             what = "hash of a metadata field" if policy.kind == "hash" else policy.kind
             raise ConfigurationError(
                 f"online moves of a collection placed by {what} are not supported yet, only "
-                "hash of the record id (a record that changes its routing value could need "
-                "two copies in one collection mid-move); nothing was changed"
+                "hash of the record id and time buckets (a record that changes its routing "
+                "value could need two copies in one collection mid-move); nothing was changed"
             )
+    if current.kind != goal.kind:
+        raise ConfigurationError(
+            f"the goal is a {goal.kind} policy but the collection is placed by a "
+            f"{current.kind} one (nothing was changed)"
+        )
+    if current.kind == "time":
+        same = ("field", "granularity") if not current.ranges else ("field",)
+        if any(getattr(current, k) != getattr(goal, k) for k in same) or bool(
+            current.ranges
+        ) != bool(goal.ranges):
+            raise ConfigurationError(
+                "a time goal must bucket the same field the same way (field, granularity or "
+                "ranges); only the shards of buckets may change (nothing was changed)"
+            )
+        return
     if current.slots != goal.slots:
         raise ConfigurationError(
             "the goal must hash into the same slot space as the current policy "
