@@ -14,7 +14,7 @@ import pytest
 
 import sharded_chroma
 from sharded_chroma import ConfigurationError, ControlStoreError, HashPolicy
-from sharded_chroma.rebalance import plan_hash
+from sharded_chroma.rebalance import plan_hash, plan_time
 from sharded_chroma.testing._etcd import LocalEtcd
 from tests._history import Op, Value, check
 from tests._rebalancing import (
@@ -24,8 +24,11 @@ from tests._rebalancing import (
     writer_process,
 )
 from tests.test_concurrent_writes import (
+    DAY,
     NAME,
+    POLICIES,
     REPAIR_AFTER,
+    T0,
     Log,
     assert_busy,
     pool_of,
@@ -62,15 +65,19 @@ async def client_of(topology: dict[str, Any]) -> Any:
     return await sharded_chroma.AsyncHttpClient(topology=sharded_chroma.Topology.build(topology))
 
 
+def preloaded(rid: str) -> dict[str, Any]:
+    """A record's first metadata: every policy's routing fields (the time spread over four
+    days, as the writers' are)."""
+    n = int(rid[2:])
+    return {"w": f"pre-{rid}", "region": "eu", "user": f"u{n % 4}", "ts": T0 + (n % 4) * DAY}
+
+
 async def preload(col: Any, log: Log, ids: int) -> None:
     """Every id of the pool written once (logged, so the checker knows the values)."""
     pool = pool_of(ids)
     for start in range(0, len(pool), 40):
         chunk = tuple(pool[start : start + 40])
-        values = tuple(
-            Value({"w": f"pre-{rid}", "region": "eu", "user": f"u{int(rid[2:]) % 4}"}, f"pre-{rid}")
-            for rid in chunk
-        )
+        values = tuple(Value(preloaded(rid), f"pre-{rid}") for rid in chunk)
         record = {
             "ids": list(chunk),
             "embeddings": [[0.1 * (i % 7), 0.2, 0.3] for i in range(len(chunk))],
@@ -213,6 +220,37 @@ def test_shrink_four_to_three_under_two_writer_processes(
     final_checks(four_urls, topology, goal, ops, errors)
 
 
+def test_move_time_buckets_and_the_hot_shard_under_two_writer_processes(
+    four_urls: list[str], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Day 0's bucket moves s0 -> s3, and the hot shard moves s2 -> s3 taking day 2's bucket
+    with it (day 3's stays on s2, pinned), while the writers move records between days."""
+    topology = topology_for(four_urls, control_table("sqlite", tmp_path, request))
+    days = ["2025-11-26", "2025-11-27", "2025-11-28", "2025-11-29"]
+
+    def move(policy: Any) -> Any:
+        existing = {days[0]: "s0", days[1]: "s1", days[2]: "s2", days[3]: "s2"}
+        plan = plan_time(
+            policy,
+            existing_buckets=existing,
+            move={days[0]: "s3", days[2]: "s3"},
+            hot="s3",
+            known_shards=[*THREE, "s3"],
+        )
+        assert not plan.problems, plan.problems
+        return plan.goal
+
+    report, goal, ops, errors, dupes = run_migration_under_writers(
+        four_urls, topology, tmp_path, POLICIES["time"], move, seconds=120.0
+    )
+    assert report.steps[-1] == "done", report
+    assert goal.shard_of(days[0]) == goal.shard_of(days[2]) == "s3"
+    assert goal.shard_of(days[3]) == "s2"
+    assert not dupes, dupes[:5]
+    assert_busy(ops, errors)
+    final_checks(four_urls, topology, goal, ops, errors)
+
+
 async def test_a_second_migrator_is_refused(four_urls: list[str], tmp_path: Path) -> None:
     topology = topology_for(four_urls, {"backend": "sqlite", "path": str(tmp_path / "c.db")})
     async with await client_of(topology) as client:
@@ -251,7 +289,6 @@ async def test_bad_goals_are_refused_before_anything_moves(
             await client.rebalance(NAME, HashPolicy(shards=(*THREE, "s3"), slots=1024))
         for goal in (
             {"kind": "field", "field": "region", "partitions": {"eu": ["s3"]}},
-            {"kind": "time", "field": "ts", "hot": "s3"},
             {"kind": "hash", "field": "user", "shards": [*THREE, "s3"]},
         ):
             with pytest.raises(ConfigurationError, match="not supported yet"):
