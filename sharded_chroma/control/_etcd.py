@@ -114,10 +114,14 @@ class EtcdControl:
                 last = exc
                 await self._drop(client)
             except errors.UnauthenticatedError as exc:
+                await self._drop(client)
                 raise ControlUnavailableError(
                     "authentication refused", backend=self.name, endpoint=self.endpoint
                 ) from exc
             except errors.ClientError as exc:
+                # A watch that timed out or a stream the server cut can leave the connection
+                # unusable: the next call starts on a fresh one.
+                await self._drop(client)
                 raise ControlUnavailableError(
                     f"{type(exc).__name__}: {exc}", backend=self.name, endpoint=self.endpoint
                 ) from exc
