@@ -103,8 +103,7 @@ class LocalEtcd:
                 start_new_session=True,
             )
         self._proc = proc
-        with _ports.live_lock:
-            _ports.live_processes[proc.pid] = proc
+        _ports.track(proc)
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -141,11 +140,7 @@ class LocalEtcd:
             return
         if proc.poll() is None:
             proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _ports.wait_or_kill(proc, timeout, "etcd")
         self._forget(proc)
 
     def kill(self) -> None:
@@ -165,8 +160,7 @@ class LocalEtcd:
         self.start(timeout)
 
     def _forget(self, proc: subprocess.Popen[bytes]) -> None:
-        with _ports.live_lock:
-            _ports.live_processes.pop(proc.pid, None)
+        _ports.untrack(proc)
         if self._proc is proc:
             self._proc = None
 

@@ -26,6 +26,9 @@ __all__ = [
     "live_processes",
     "pid_listens_on",
     "port_is_bindable",
+    "track",
+    "untrack",
+    "wait_or_kill",
 ]
 
 logger = logging.getLogger("sharded_chroma.local_cluster")
@@ -60,6 +63,27 @@ def kill_leftovers() -> None:
 
 
 atexit.register(kill_leftovers)
+
+
+def track(proc: subprocess.Popen[bytes]) -> None:
+    """A child this process started: killed at exit if its owner never stopped it."""
+    with live_lock:
+        live_processes[proc.pid] = proc
+
+
+def untrack(proc: subprocess.Popen[bytes]) -> None:
+    with live_lock:
+        live_processes.pop(proc.pid, None)
+
+
+def wait_or_kill(proc: subprocess.Popen[bytes], seconds: float, what: str) -> None:
+    """Wait for a child sent SIGTERM; SIGKILL it if it has not exited within ``seconds``."""
+    try:
+        proc.wait(max(seconds, 0.0))
+    except subprocess.TimeoutExpired:
+        logger.warning("%s pid %d ignored SIGTERM; sending SIGKILL", what, proc.pid)
+        proc.kill()
+        proc.wait()
 
 
 def address_family(host: str) -> socket.AddressFamily:

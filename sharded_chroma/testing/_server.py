@@ -228,8 +228,7 @@ class LocalChromaServer:
                 start_new_session=True,
             )
         self._proc = proc
-        with _ports.live_lock:
-            _ports.live_processes[proc.pid] = proc
+        _ports.track(proc)
         logger.debug("launched chroma server pid %d on port %d", proc.pid, self._port)
 
     def _await_ready(self, deadline: float) -> None:
@@ -293,17 +292,11 @@ class LocalChromaServer:
         proc = self._proc
         if proc is None:
             return
-        try:
-            proc.wait(max(deadline - time.monotonic(), 0.0))
-        except subprocess.TimeoutExpired:
-            logger.warning("chroma server pid %d ignored SIGTERM; sending SIGKILL", proc.pid)
-            proc.kill()
-            proc.wait()
+        _ports.wait_or_kill(proc, deadline - time.monotonic(), "chroma server")
         self._forget(proc)
 
     def _forget(self, proc: subprocess.Popen[bytes]) -> None:
-        with _ports.live_lock:
-            _ports.live_processes.pop(proc.pid, None)
+        _ports.untrack(proc)
         if self._proc is proc:
             self._proc = None
 
