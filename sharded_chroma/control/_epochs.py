@@ -244,11 +244,6 @@ class Epochs:
 
         return await self._on_loop(run)
 
-    def current(self, state: Any) -> PartitionMap | None:
-        with self._lock:
-            slot = self._followed.get(str(state.id))
-            return None if slot is None else slot.current
-
     @contextlib.asynccontextmanager
     async def hold(self, state: Any, *, writes: bool) -> AsyncIterator[Served | None]:
         """Hold ``state``'s collection's current map for one call (counted in flight until

@@ -101,9 +101,6 @@ class NoEpochs:
     async def serving(self, state: Any, *, writes: bool) -> AsyncIterator[None]:
         yield
 
-    def current(self, state: Any) -> PartitionMap | None:
-        return None
-
     def close(self) -> None:
         pass
 

@@ -96,9 +96,6 @@ class ControlStore:
             )
         return done
 
-    async def drop_map(self, collection: str) -> None:
-        await self.backend.delete(f"maps/{collection}")
-
     # -- acknowledgements -------------------------------------------------------------------
 
     async def ack(self, collection: str, client: str, epoch: int, lease: int) -> bool:
@@ -170,10 +167,6 @@ class ControlStore:
             f"a migration of collection {collection} is already run by {who} ({self.where}); "
             "only one migrator may change a collection's map"
         )
-
-    async def holds_migrator(self, collection: str, lease: int) -> bool:
-        entry = await self.backend.get(f"migrators/{collection}")
-        return entry is not None and entry.lease == lease
 
     async def release_migrator(self, lease: int) -> None:
         """End the migrator lease; when the store cannot be reached it expires by itself

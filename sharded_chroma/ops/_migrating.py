@@ -18,12 +18,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .._merge import RECORD_COLUMNS, take_rows
 from .._policies import HashPolicy, TimePolicy
 from ..control._maps import INCOMING_KEY, OUTGOING_KEY, PartitionMap
 
 __all__ = ["filtered", "mirrorable", "split_write"]
 
-_COLUMNS = ("ids", "embeddings", "metadatas", "documents", "uris")
+_COLUMNS = ("ids", *RECORD_COLUMNS)
 
 
 def mirrorable(policy: Any) -> bool:
@@ -41,14 +42,6 @@ def filtered(body: Mapping[str, Any], served: PartitionMap) -> dict[str, Any]:
         return out
     where = out.get("where")
     out["where"] = extra if not where else {"$and": [where, extra]}
-    return out
-
-
-def _rows(body: Mapping[str, Any], positions: Sequence[int]) -> dict[str, Any]:
-    out = {k: v for k, v in body.items() if k not in _COLUMNS}
-    for column in _COLUMNS:
-        values = body.get(column)
-        out[column] = None if values is None else [values[i] for i in positions]
     return out
 
 
@@ -105,7 +98,7 @@ def split_write(
             own["metadatas"] = metas
     mirrors = {}
     for home, rows in moving.items():
-        part = _rows(body, rows)
+        part = {**{k: v for k, v in body.items() if k not in _COLUMNS}, **take_rows(body, rows)}
         if op != "delete":
             part["metadatas"] = _marked(part["metadatas"], None, mirror_mark, tag)
         mirrors[home] = part
