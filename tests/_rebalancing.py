@@ -34,8 +34,10 @@ def topology_for(urls: list[str], control: dict[str, Any], **extra: Any) -> dict
 
 
 async def query_checker(col: Any, until: float, seed: str, stop: Any) -> list[str]:
-    """Queries and full gets until ``until`` or ``stop``; every result holding one id twice
-    is reported."""
+    """Queries and full gets until ``until`` or ``stop`` (read load on every phase). A result
+    holding one id twice is reported, though the merge drops repeated ids, so this guards the
+    merge rather than the marks: those are checked by ``count()`` in the kill tests and by
+    ``test_rebalance_review``."""
     rng = random.Random(seed)
     found: list[str] = []
     while time.monotonic() < until and not stop.is_set():
