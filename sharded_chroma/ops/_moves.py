@@ -31,7 +31,7 @@ from ._locator import Locator, Stamp
 from ._removal import Remover
 from ._router import Router
 from ._sender import RecordSender
-from ._tombstones import Tombstones
+from ._tombstones import Deleting, Tombstones
 
 __all__ = ["Mover", "merged_metadata", "routing_fields"]
 
@@ -198,6 +198,7 @@ class Mover:
         in_place = [i for i in order if undo_if_gone and pick[i] == dest[i]]
         rewrite = [i for i in order if not (undo_if_gone and pick[i] == dest[i])]
         version = 0
+        under_way: list[Deleting] = []
         if in_place:
             there: dict[str, list[int]] = {}
             for i in in_place:
@@ -218,6 +219,10 @@ class Mover:
             version = await self._rewrite(
                 state, ids, rewrite, dest, old, embeddings, metadatas, documents, uris
             )
+            if undo_if_gone:
+                # Looked for between writing the new copies and removing the old ones: a
+                # delete whose search could miss both is still announced now.
+                under_way = await self._tombstones.deleting(state, [ids[i] for i in rewrite])
         stale: dict[str, list[str]] = {}
         stale_stamps: dict[tuple[str, str], Stamp | None] = {}
         for i in order:
@@ -232,6 +237,8 @@ class Mover:
         _, short = await self._remover.remove(
             targets, stale_stamps, per_id=undo_if_gone, operation="move"
         )
+        if under_way:
+            await self._apply(state, ids, rewrite, dest, version, under_way)
         if not undo_if_gone or not short:
             return
         # The copy this update read went or changed since. Only if another process deleted
@@ -252,6 +259,32 @@ class Mover:
             back = {k: replace(self._layouts.part_of_key(state, k), ids=v) for k, v in undo.items()}
             mine = {(k, rid): (version, None) for k, v in undo.items() for rid in v}
             await self._remover.remove(back, mine, operation="move")
+
+    async def _apply(
+        self,
+        state: CollectionState,
+        ids: IDs,
+        moved: Sequence[int],
+        dest: Mapping[int, str],
+        version: int,
+        deletes: Sequence[Deleting],
+    ) -> None:
+        """Apply deletes under way elsewhere to the copies this update just wrote, each copy
+        only while it is still the one written (the update is ordered before them)."""
+        for d in deletes:
+            hit: dict[str, list[str]] = {}
+            for i in moved:
+                if d.covers(ids[i]):
+                    hit.setdefault(dest[i], []).append(ids[i])
+            if not hit:
+                continue
+            n = sum(len(v) for v in hit.values())
+            logger.info("update of %d record(s) of %s met a delete under way", n, state.name)
+            back = {k: replace(self._layouts.part_of_key(state, k), ids=v) for k, v in hit.items()}
+            mine = {(k, rid): (version, None) for k, v in hit.items() for rid in v}
+            await self._remover.remove(
+                back, mine, where=d.where, where_document=d.where_document, operation="move"
+            )
 
     async def _rewrite(
         self,

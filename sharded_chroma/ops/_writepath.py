@@ -262,6 +262,24 @@ class WritePath:
                 return DeleteResult(deleted=0)
             ids, where, where_document = picked["ids"], None, None
         stored_where = escape_where(where)
+        if self._router.ids_routed(state):
+            return await self._delete(state, ids, where, stored_where, where_document)
+        # Records can move between parts: the delete is announced while it runs, so a move
+        # that slips past its part-by-part search applies it (see ``Tombstones``).
+        rows = await self._tombstones.begin(state, ids, stored_where, where_document)
+        try:
+            return await self._delete(state, ids, where, stored_where, where_document)
+        finally:
+            await self._tombstones.end(state, rows)
+
+    async def _delete(
+        self,
+        state: CollectionState,
+        ids: IDs | None,
+        where: Where | None,
+        stored_where: Where | None,
+        where_document: WhereDocument | None,
+    ) -> DeleteResult:
         if ids is None:
             plan = await self._router.plan(state, None, where)
             raise_for_failures("delete", plan.failed)

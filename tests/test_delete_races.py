@@ -1,0 +1,115 @@
+"""A delete looks for its records part by part; a record moved by an update in another process
+between those looks must not slip past it (see ``ops._tombstones``).
+
+The interleaving is forced with real servers: the deleting client reaches the record's old
+shard through a proxy that holds each request back, and the updating client, with no proxy,
+moves the record to a shard the delete has already looked at while that request waits. An
+update and a delete that overlap leave the record absent in either order (an update never
+creates a record), so the record must be gone once both are done.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import httpx
+import pytest
+
+import sharded_chroma
+from sharded_chroma import FieldPolicy
+from tests._proxy import FaultProxy
+
+pytestmark = pytest.mark.anyio
+
+NAME = "delete-races"
+# Topology.from_urls names the shards s0, s1, s2 in URL order; the catalog lives on s0.
+POLICY = FieldPolicy(field="region", partitions={"eu": ("s0",), "us": ("s1",), "ap": ("s2",)})
+HOLD = 2.0  # seconds each request to the old shard is held back for the deleter
+START_AFTER = 0.4  # seconds after the delete began that the update begins
+
+
+async def timed(call: Any) -> tuple[float, float]:
+    start = time.monotonic()
+    await call()
+    return start, time.monotonic()
+
+
+@pytest.mark.parametrize("by", ["ids", "filter", "filter of the other"])
+async def test_a_record_moved_past_a_delete_under_way_is_deleted(
+    shard_urls: list[str], by: str
+) -> None:
+    """Also: a delete by a filter the moved record does not match leaves it alone."""
+    old = urlsplit(shard_urls[1])
+    with FaultProxy(old.hostname or "", old.port or 80) as proxy:
+        slow_urls = [shard_urls[0], proxy.url, shard_urls[2]]
+        async with (
+            await sharded_chroma.AsyncHttpClient(shards=shard_urls) as mover,
+            await sharded_chroma.AsyncHttpClient(shards=slow_urls) as deleter,
+        ):
+            col = await mover.create_collection(NAME, embedding_function=None, policy=POLICY)
+            await col.add(
+                ids=["r", "other"],
+                embeddings=[[0.1, 0.2, 0.3], [0.3, 0.2, 0.1]],
+                metadatas=[{"region": "us", "topic": 7}, {"region": "us", "topic": 8}],
+            )
+            slow = await deleter.get_collection(NAME, embedding_function=None)
+            # A first delete of nothing makes the delete marks' collection, at full speed.
+            await slow.delete(ids=["nothing"])
+            proxy.set_latency(HOLD)
+            spans: dict[str, tuple[float, float]] = {}
+
+            async def delete() -> None:
+                if by == "ids":
+                    call = lambda: slow.delete(ids=["r"])  # noqa: E731
+                else:
+                    topic = 7 if by == "filter" else 8
+                    call = lambda: slow.delete(where={"topic": topic})  # noqa: E731
+                spans["delete"] = await timed(call)
+
+            async def update() -> None:
+                await anyio.sleep(START_AFTER)
+                # Moves the record from s1 to s0, whose part the delete has looked at already.
+                spans["update"] = await timed(
+                    lambda: col.update(ids=["r"], metadatas=[{"region": "eu"}])
+                )
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(delete)
+                tg.start_soon(update)
+            proxy.set_latency(0)
+            # The race happened as intended: the update began after the delete and was done
+            # while the delete's request to the old shard was still held back.
+            assert spans["delete"][0] < spans["update"][0]
+            assert spans["update"][1] < spans["delete"][0] + HOLD
+            assert spans["update"][1] < spans["delete"][1]
+            got = await col.get(include=["metadatas"])
+            if by == "filter of the other":
+                assert got["ids"] == ["r"] and got["metadatas"] == [{"region": "eu", "topic": 7}]
+                expected = {"s0": ["r"]}
+            else:
+                assert got["ids"] == ["other"], got
+                expected = {"s1": ["other"]}
+            assert await col.count() == 1
+            # No other copy is on any shard either (the client's reads could hide one).
+            assert await stored_ids(shard_urls) == expected
+            await mover.delete_collection(NAME)
+
+
+async def stored_ids(urls: list[str]) -> dict[str, list[str]]:
+    """The ids each server stores for the collection, read with plain HTTP."""
+    base = "/api/v2/tenants/default_tenant/databases/default_database/collections"
+    out: dict[str, list[str]] = {}
+    for n, url in enumerate(urls):
+        # Loopback only: never through a proxy from the environment.
+        async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as http:
+            listed = (await http.get(base)).raise_for_status().json()
+            for col in listed:
+                if col["name"] == NAME:
+                    got = await http.post(f"{base}/{col['id']}/get", json={"include": []})
+                    ids = got.raise_for_status().json()["ids"]
+                    if ids:
+                        out[f"s{n}"] = sorted(ids)
+    return out
