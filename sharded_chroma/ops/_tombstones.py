@@ -57,10 +57,11 @@ logger = logging.getLogger("sharded_chroma.writes")
 _SWEEP_EVERY = 60.0
 
 ANNOUNCED_FOR = 60.0
-"""Seconds an announcement of a running delete counts (a delete by id takes well under one)."""
+"""Seconds an announcement of a running delete counts."""
 
 # The id an announcement row is about ("" for a delete by filter alone), and the prefix of its
-# row id (the rest is the delete's token and a row number, so no user id is ever hit).
+# row id (the rest is a fresh token and a row number, so no user id is ever hit). Every row of
+# one delete holds the same document (its token and filters), which groups them back.
 _ABOUT_KEY = RESERVED_PREFIX + "del"
 _ROW_PREFIX = RESERVED_PREFIX + "del-"
 _BY_FILTER = ""
@@ -124,7 +125,9 @@ class Tombstones:
         token = uuid.uuid4().hex
         rows = [f"{_ROW_PREFIX}{token}-{n}" for n in range(len(about))]
         version = self._clock.reserve()
-        filters = orjson.dumps({"where": where, "where_document": where_document}).decode()
+        filters = orjson.dumps(
+            {"token": token, "where": where, "where_document": where_document}
+        ).decode()
         metadatas = [{VERSION_KEY: version, _ABOUT_KEY: rid} for rid in about]
         await self._upsert(state, rows, metadatas, [filters] * len(rows))
         return rows
@@ -134,7 +137,7 @@ class Tombstones:
         ``ANNOUNCED_FOR`` seconds); runs to the end even when the caller is cancelled."""
         if not rows:
             return
-        target = Target(self._cluster.catalog_shard, self._layouts.tombstone_state(state))
+        target = self._marks(state)
         with anyio.CancelScope(shield=True), anyio.move_on_after(10.0):
             try:
                 await self._io.write(target, "delete", {"ids": list(rows)})
@@ -145,7 +148,7 @@ class Tombstones:
         """The deletes under way that may concern ``ids`` (announced, not yet taken back)."""
         if not ids:
             return []
-        target = Target(self._cluster.catalog_shard, self._layouts.tombstone_state(state))
+        target = self._marks(state)
         body = {
             "where": {_ABOUT_KEY: {"$in": [*sorted(set(ids)), _BY_FILTER]}},
             "include": ["metadatas", "documents"],
@@ -157,16 +160,12 @@ class Tombstones:
         if not found:
             return []
         oldest = self._clock.reserve() - int(ANNOUNCED_FOR * 1_000_000)
-        by_token: dict[str, tuple[set[str], str]] = {}
-        rows = zip(found["ids"], found["metadatas"] or [], found["documents"] or [], strict=False)
-        for row, meta, doc in rows:
-            if not meta or stamp_of(meta)[0] < oldest:
-                continue
-            token = str(row).removeprefix(_ROW_PREFIX).rsplit("-", 1)[0]
-            about = by_token.setdefault(token, (set(), doc or "{}"))[0]
-            about.add(str(meta.get(_ABOUT_KEY, _BY_FILTER)))
+        by_delete: dict[str, set[str]] = {}
+        for meta, doc in zip(found["metadatas"] or [], found["documents"] or [], strict=False):
+            if meta and doc and stamp_of(meta)[0] >= oldest:
+                by_delete.setdefault(doc, set()).add(str(meta.get(_ABOUT_KEY, _BY_FILTER)))
         out = []
-        for about, doc in by_token.values():
+        for doc, about in by_delete.items():
             filters: dict[str, Any] = orjson.loads(doc)
             out.append(
                 Deleting(
@@ -176,6 +175,10 @@ class Tombstones:
                 )
             )
         return out
+
+    def _marks(self, state: CollectionState) -> Target:
+        """The marks' collection, as a target (not made if missing)."""
+        return Target(self._cluster.catalog_shard, self._layouts.tombstone_state(state))
 
     async def _upsert(
         self,
@@ -206,7 +209,7 @@ class Tombstones:
         """Which of ``ids`` were marked deleted after the paired version."""
         if not ids:
             return set()
-        target = Target(self._cluster.catalog_shard, self._layouts.tombstone_state(state))
+        target = self._marks(state)
         try:
             found = await self._io.guarded(
                 target,
