@@ -9,17 +9,20 @@ The client has chromadb's ``AsyncClientAPI`` data-plane methods and returns coll
 from ._client import AsyncHttpClient, ShardedClient
 from ._collection import ShardedCollection
 from ._errors import (
+    AuthenticationError,
     ClientClosedError,
     ConfigurationError,
     ControlStoreError,
     ControlUnavailableError,
     HintLogFullError,
+    NodeAccessError,
     NodeUnavailableError,
     PartialWriteError,
     RoutingError,
     ShardedChromaError,
     ShardFailureError,
     ShardMismatchError,
+    TLSError,
     WriteConcernError,
 )
 from ._fanout import Coverage
@@ -32,6 +35,7 @@ from ._transport import NodeStats
 
 __all__ = [
     "AsyncHttpClient",
+    "AuthenticationError",
     "ClientClosedError",
     "CollectionLayout",
     "CollectionStatus",
@@ -43,6 +47,7 @@ __all__ = [
     "FieldPolicy",
     "HashPolicy",
     "HintLogFullError",
+    "NodeAccessError",
     "NodeConfig",
     "NodeStats",
     "NodeUnavailableError",
@@ -57,6 +62,7 @@ __all__ = [
     "ShardedChromaError",
     "ShardedClient",
     "ShardedCollection",
+    "TLSError",
     "TimePolicy",
     "TimeRange",
     "Topology",

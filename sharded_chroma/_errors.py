@@ -9,17 +9,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 __all__ = [
+    "AuthenticationError",
     "ClientClosedError",
     "ConfigurationError",
     "ControlStoreError",
     "ControlUnavailableError",
     "HintLogFullError",
+    "NodeAccessError",
     "NodeUnavailableError",
     "PartialWriteError",
     "RoutingError",
     "ShardFailureError",
     "ShardMismatchError",
     "ShardedChromaError",
+    "TLSError",
 ]
 
 
@@ -51,6 +54,34 @@ class NodeUnavailableError(ShardedChromaError):
             f"shard {shard!r} node {node} unavailable after "
             f"{len(self.attempts)} attempt(s): {tries}"
         )
+
+
+class NodeAccessError(ShardedChromaError):
+    """A node (or the proxy in front of it) refused this client's credentials or TLS setup.
+
+    This is a configuration fault: retrying, or asking another copy with the same
+    configuration, does not mend it, so it is raised at once and never reported as
+    ``NodeUnavailableError``. The text names the shard, the node and the cause, and never holds
+    a secret (any answer body in it is cut and scrubbed). ``status`` is the HTTP status when
+    the refusal was an answer, else None.
+    """
+
+    def __init__(self, message: str, *, shard: str, node: str, status: int | None = None) -> None:
+        self.shard = shard
+        self.node = node
+        self.status = status
+        super().__init__(f"shard {shard!r} node {node}: {message}")
+
+
+class AuthenticationError(NodeAccessError):
+    """The node or its proxy answered 401, 403 or 407: credentials missing, wrong or not
+    allowed. A Chroma server's own auth answer stays the ``chromadb.errors`` class it names."""
+
+
+class TLSError(NodeAccessError):
+    """The TLS connection was refused: the server's certificate did not verify (unknown CA,
+    expired, wrong host), the proxy wanted a client certificate or refused the one sent, or
+    one side spoke plain HTTP to the other's TLS port."""
 
 
 class ShardFailureError(ShardedChromaError):

@@ -9,7 +9,7 @@ from typing import Literal, TypeVar
 
 from chromadb.errors import ChromaError
 
-from ._errors import PartialWriteError, ShardFailureError
+from ._errors import NodeAccessError, PartialWriteError, ShardFailureError
 
 __all__ = ["Coverage", "OnShardError", "fan_out", "raise_for_failures"]
 
@@ -75,13 +75,18 @@ def raise_for_failures(
 
     When every failure is the same Chroma error class (say, NotFoundError because the collection
     was deleted, or InvalidArgumentError for a bad filter) and no write was partly applied, that
-    error is re-raised as is, so callers see what one Chroma server would have raised.
+    error is re-raised as is, so callers see what one Chroma server would have raised; so is
+    a refusal of this client's credentials or TLS setup when every failed shard refused it
+    the same way (one proxy in front of every node), so it can be caught by its class.
     """
     if not failures:
         return
     errors = list(failures.values())
     first = errors[0]
-    same_chroma = isinstance(first, ChromaError) and all(type(e) is type(first) for e in errors)
+    same_class = all(type(e) is type(first) for e in errors)
+    if same_class and isinstance(first, NodeAccessError):
+        raise first
+    same_chroma = same_class and isinstance(first, ChromaError)
     if same_chroma and (unwritten_ids is None or all_failed):
         raise first
     if unwritten_ids is not None:

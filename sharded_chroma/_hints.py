@@ -25,7 +25,7 @@ from types import TracebackType
 
 from ._errors import ClientClosedError, HintLogFullError
 from ._hintdb import connect, mark_repair, transaction
-from ._topology import _redact
+from ._nodeconfig import redact_url as _redact
 
 __all__ = ["OPS", "Hint", "HintLog"]
 

@@ -21,7 +21,7 @@ import anyio
 import orjson
 from chromadb.errors import ChromaError, NotFoundError
 
-from ._errors import NodeUnavailableError
+from ._errors import NodeAccessError, NodeUnavailableError
 from ._hintruns import Run, coalesce
 from ._hints import Hint, HintLog
 from ._merge import take_rows
@@ -149,7 +149,9 @@ class HintReplayer:
                     ahead = applied / rate - (time.perf_counter() - started)
                     if ahead > 0:
                         await anyio.sleep(ahead)
-        except NodeUnavailableError:
+        except (NodeUnavailableError, NodeAccessError):
+            # Refused credentials are the client's configuration, not the hint's fault: the
+            # hint stays for a client configured right.
             node.failed(self._clock())
             return applied, False
         finally:

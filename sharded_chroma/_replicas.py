@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import anyio
 from chromadb.errors import ChromaError
 
-from ._errors import NodeUnavailableError, WriteConcernError
+from ._errors import NodeAccessError, NodeUnavailableError, WriteConcernError
 from ._hedging import Hedger, timed
 from ._hints import HintLog
 from ._node import HintTarget, Node, required_copies
@@ -103,7 +103,9 @@ class ReplicaSet:
     ) -> T:
         """Run ``op`` on one caught-up copy, failing over to the next on node failures.
 
-        Chroma client errors (a bad filter, a missing collection) are answers: raised at once.
+        Chroma client errors (a bad filter, a missing collection) are answers: raised at once,
+        as is a ``NodeAccessError`` (credentials or TLS refused; another copy configured the
+        same way would refuse too, and failing over would hide the misconfiguration).
         A server error (see ``node_fault``) is tried on the other copies and raised only when
         none answers otherwise. Copies behind (missed writes) are never read for records
         (``current``); when every copy is behind (each missed writes the other has), the read
@@ -200,6 +202,8 @@ class ReplicaSet:
         another copy stored the write. Raises ``WriteConcernError`` when fewer copies stored it
         than ``concern`` requires (the misses are hinted all the same), or the Chroma error the
         copies answered with when none stored it (the request's fault, as chromadb raises it).
+        A copy that refused this client's credentials or TLS setup is hinted too, and its
+        ``NodeAccessError`` is raised whatever the other copies did.
         """
         self._states.refresh()
         with self._count_lock:  # writers may run on several threads' loops
@@ -221,6 +225,7 @@ class ReplicaSet:
         answers: dict[str, Any] = {}
         misses: dict[str, BaseException] = {}
         refusals: dict[str, ChromaError] = {}
+        denied: list[NodeAccessError] = []
         # Copies that did not store the write, with why and the path it was meant for: hinted
         # once the outcome is known (see _owe).
         owed: dict[str, tuple[str, str | None, BaseException | None]] = {}
@@ -250,6 +255,11 @@ class ReplicaSet:
             except NodeUnavailableError as exc:
                 node.failed(self._clock())
                 owed[node.url] = ("unreachable", path, exc)
+            except NodeAccessError as exc:
+                # This client may not write there (credentials, TLS): the copy is owed the
+                # write like an unreachable one, and the caller hears of it at once.
+                denied.append(exc)
+                owed[node.url] = (f"refused access ({type(exc).__name__})", path, exc)
             except ChromaError as exc:
                 refusals[node.url] = exc
                 owed[node.url] = (f"refused ({type(exc).__name__})", path, exc)
@@ -279,6 +289,10 @@ class ReplicaSet:
             # another copy stored must get it, or it would serve reads without it.
             with anyio.CancelScope(shield=True):
                 misses.update(await self._owe(owed, answers, refusals, target, content))
+        if denied:
+            # Raised even when the concern was met: a copy this client cannot reach with its
+            # configuration is an operator's problem, not a transient one to hide.
+            raise denied[0]
         if refusals and not answers:
             raise next(iter(refusals.values()))
         if len(answers) < needed:

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import anyio
 from chromadb.errors import NotFoundError
 
+from ._nodeconfig import redact_url as _redact
 from ._nodestate import NodeState
-from ._topology import _redact
 from ._transport import NodeTransport, iter_collections
 from .catalog._layouts import parts_database
 from .catalog._state import BUCKET_META as _BUCKET_META

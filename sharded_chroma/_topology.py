@@ -33,7 +33,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -47,6 +46,7 @@ from pydantic import (
 
 from ._errors import ConfigurationError
 from ._frozen import FrozenDict
+from ._nodeconfig import EXCLUSIVE_OPTIONS, NodeConfig
 from ._policies import AnyPolicy, HashPolicy
 from ._routing import DEFAULT_SLOTS, MAX_SLOTS, SlotTable
 
@@ -61,68 +61,6 @@ DEFAULT_TENANT = "default_tenant"
 DEFAULT_DATABASE = "default_database"
 
 _Frozen = ConfigDict(frozen=True, extra="forbid")
-
-
-def _redact(url: str) -> str:
-    """The URL with any user:password part masked, for error messages."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return "<unparseable url>" if "@" in url else url
-    netloc, slash, tail = rest.partition("/")
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    return f"{scheme}://{netloc}{slash}{tail}"
-
-
-class NodeConfig(BaseModel):
-    """One Chroma server: where it is and how to talk to it."""
-
-    model_config = _Frozen
-
-    url: str
-    headers: Annotated[Mapping[str, str], AfterValidator(FrozenDict)] = Field(
-        default_factory=FrozenDict, repr=False
-    )
-    token_env: str | None = None
-    """Name of an environment variable holding the auth token; the token itself is never stored
-    in the configuration, so it never appears in reprs, logs or errors."""
-    token_header: Literal["Authorization", "X-Chroma-Token"] = "Authorization"
-    verify: bool = True
-    ca_file: str | None = None
-    timeout: float = Field(default=30.0, gt=0)
-    connect_timeout: float = Field(default=5.0, gt=0)
-    max_connections: int = Field(default=64, ge=1)
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"node url must look like http(s)://host:port, got {_redact(url)!r}")
-        if parts.query or parts.fragment or parts.username or parts.password:
-            raise ValueError(
-                "node url must not carry credentials, a query or a fragment "
-                "(use headers or token_env for auth)"
-            )
-        try:
-            parts.port  # noqa: B018 - raises on a malformed port
-        except ValueError as exc:
-            raise ValueError(f"node url has an invalid port: {_redact(url)!r}") from exc
-        return url.rstrip("/")
-
-    def resolved_headers(self) -> dict[str, str]:
-        """Headers to send, with the token read from the environment now."""
-        headers = dict(self.headers)
-        if self.token_env is not None:
-            token = os.environ.get(self.token_env)
-            if token is None:
-                raise ConfigurationError(
-                    f"node {self.url}: environment variable {self.token_env!r} is not set"
-                )
-            headers[self.token_header] = (
-                f"Bearer {token}" if self.token_header == "Authorization" else token
-            )
-        return headers
 
 
 class ShardConfig(BaseModel):
@@ -337,7 +275,14 @@ class Topology(BaseModel):
 
         def node(raw: Any) -> Any:
             entry = {"url": raw} if isinstance(raw, str) else dict(raw)
-            return {**defaults, **entry}
+            # A node that sets one of a choice (token_env or token_file) overrides the
+            # default's choice, not adds to it.
+            inherited = {
+                k: v
+                for k, v in defaults.items()
+                if not any(k in group and group & entry.keys() for group in EXCLUSIVE_OPTIONS)
+            }
+            return {**inherited, **entry}
 
         shards = []
         for raw_shard in data.get("shards", ()) or ():

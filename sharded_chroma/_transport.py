@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -25,7 +24,8 @@ import orjson
 from chromadb import errors as chroma_errors
 
 from ._errors import ClientClosedError, NodeUnavailableError
-from ._topology import NodeConfig
+from ._nodeconfig import NodeConfig
+from ._refusals import Scrubber, refusal_of_answer, refusal_of_failure
 
 __all__ = ["NodeStats", "NodeTransport", "iter_collections"]
 
@@ -56,7 +56,8 @@ class NodeStats:
 
 
 class _HTTPFailure(Exception):
-    """A non-Chroma HTTP failure, kept for the attempts list and retry decision."""
+    """A non-Chroma HTTP failure, kept for the attempts list and retry decision. ``text`` is
+    the answer's body as ``Scrubber.body`` left it (cut, no secrets)."""
 
     def __init__(self, status: int, text: str, trace_id: str | None = None) -> None:
         self.status = status
@@ -64,10 +65,12 @@ class _HTTPFailure(Exception):
         # The official client puts the trace id in this message too: it is what a server's
         # operator needs to find the request in their traces.
         trace = f" (trace ID: {trace_id})" if trace_id else ""
-        super().__init__(f"HTTP {status}: {text[:200]}{trace}")
+        super().__init__(f"HTTP {status}: {text}{trace}")
 
 
-def _chroma_error(payload: bytes, trace_id: str | None) -> chroma_errors.ChromaError | None:
+def _chroma_error(
+    payload: bytes, trace_id: str | None, scrub: Scrubber
+) -> chroma_errors.ChromaError | None:
     """Map a Chroma error body to the chromadb.errors class the official client raises, with
     the server's trace id attached as the official client attaches it (only when non-empty)."""
     try:
@@ -80,7 +83,7 @@ def _chroma_error(payload: bytes, trace_id: str | None) -> chroma_errors.ChromaE
     cls = chroma_errors.error_types.get(str(body["error"]))
     if cls is None:
         return None
-    error = cls(str(body["message"]))
+    error = cls(scrub.secrets(str(body["message"])))
     if trace_id:
         error.trace_id = trace_id
     return error
@@ -118,11 +121,16 @@ class NodeTransport:
         self.node = node
         self.shard = shard
         self.stats = NodeStats()
+        # Secrets and certificates are read here, so a missing one fails at construction.
+        access = node.access()
         self._headers = {
-            **node.resolved_headers(),
+            **access.headers,
             "Content-Type": "application/json",
             "User-Agent": _USER_AGENT,
         }
+        self._ssl_context = access.ssl
+        self._credentials = access.credentials
+        self._scrub = Scrubber(access.secrets)
         self._base = node.url + _API
         self._sessions: dict[int, tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession]] = {}
         self._lock = threading.Lock()
@@ -134,14 +142,6 @@ class NodeTransport:
 
     def __repr__(self) -> str:
         return f"NodeTransport(shard={self.shard!r}, url={self.node.url!r})"
-
-    def _ssl(self) -> ssl.SSLContext | bool:
-        if not self.node.url.startswith("https"):
-            return False
-        if not self.node.verify:
-            return False
-        ctx = ssl.create_default_context(cafile=self.node.ca_file)
-        return ctx
 
     def _session(self) -> aiohttp.ClientSession:
         if self._closed:
@@ -157,7 +157,7 @@ class NodeTransport:
                     del self._sessions[key]
             connector = aiohttp.TCPConnector(
                 limit=self.node.max_connections,
-                ssl=self._ssl(),
+                ssl=self._ssl_context,
                 keepalive_timeout=30,
             )
             session = aiohttp.ClientSession(
@@ -184,8 +184,10 @@ class NodeTransport:
 
         ``body`` is serialised with orjson; ``content`` is sent as is (already serialised, so a
         write sent to several copies is encoded once). Raises the ``chromadb.errors`` class for
-        a Chroma error answer, or ``NodeUnavailableError`` for connection failures, timeouts
-        and non-Chroma HTTP errors. Retrying and failing over is the replica set's job.
+        a Chroma error answer; ``AuthenticationError`` or ``TLSError`` when the node or its
+        proxy refuses this client's credentials or TLS setup (no retry can mend that); or
+        ``NodeUnavailableError`` for connection failures, timeouts and other non-Chroma HTTP
+        errors. Retrying and failing over is the replica set's job.
         """
         session = self._session()
         url = self._base + quote(path, safe="/")
@@ -204,20 +206,35 @@ class NodeTransport:
                 trace_id = resp.headers.get(_TRACE_HEADER)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             failure = exc
+            refused = refusal_of_failure(exc, shard=self.shard, node=self.node.url)
         else:
             self.stats.observe(time.perf_counter() - started)
             if status < 400:
                 return orjson.loads(payload) if payload else None
-            error = _chroma_error(payload, trace_id)
+            error = _chroma_error(payload, trace_id, self._scrub)
             if error is not None and status not in _OVERLOAD_STATUS:
                 # The server understood and answered (even a 500 "InternalError" such as a
                 # unique-name clash): surface it as chromadb would, never as a dead node.
                 raise error
-            failure = error or _HTTPFailure(status, payload.decode("utf-8", "replace"), trace_id)
+            body = self._scrub.body(payload)
+            refused = None
+            if error is None:
+                refused = refusal_of_answer(
+                    status,
+                    body,
+                    shard=self.shard,
+                    node=self.node.url,
+                    credentials=self._credentials,
+                )
+            failure = error or _HTTPFailure(status, body, trace_id)
         finally:
             self.stats.in_flight -= 1
         self.stats.failures += 1
+        if refused is not None:
+            logger.error("%s", refused)
+            raise refused from failure
         text = f"{type(failure).__name__}: {failure}" if str(failure) else type(failure).__name__
+        text = self._scrub(text)
         logger.warning("shard %s node %s failed: %s", self.shard, self.node.url, text)
         raise NodeUnavailableError(
             shard=self.shard, node=self.node.url, attempts=[text]

@@ -23,6 +23,7 @@ from chromadb.api.types import (
     WhereDocument,
 )
 
+from .._errors import NodeAccessError
 from .._fanout import Coverage, OnShardError, fan_out, raise_for_failures
 from .._merge import merge_get, merge_query, visible_metadatas
 from .._scan import merged_rows
@@ -110,7 +111,9 @@ class Reader:
         failures: dict[str, Exception] = dict(plan.failed)
         for key, exc in failed_parts.items():
             failures.setdefault(targets[key].shard, exc)
-        if on_shard_error == "raise" or (not results and failures):
+        # A refused configuration is not an outage a partial answer may skip over.
+        refused = any(isinstance(e, NodeAccessError) for e in failures.values())
+        if on_shard_error == "raise" or refused or (not results and failures):
             raise_for_failures(op, failures)
         shard_names = self._cluster.shard_names
         asked = tuple(s for s in shard_names if s not in plan.skipped)
