@@ -7,11 +7,20 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+from chromadb.errors import ChromaError
+
 from ._nodestate import NodeStates
 from ._topology import ReplicationConfig
 from ._transport import NodeStats, NodeTransport
 
-__all__ = ["HedgeBudget", "HintTarget", "Node", "required_copies"]
+__all__ = ["HedgeBudget", "HintTarget", "Node", "node_fault", "required_copies"]
+
+
+def node_fault(exc: ChromaError) -> bool:
+    """Whether a Chroma error answer is the node's fault rather than the request's: a server
+    error (500 ``InternalError``, such as a new collection's transient "Nothing found on
+    disk"), which another copy may not have. Client errors (4xx) are the request's."""
+    return exc.code() >= 500
 
 
 @dataclass(frozen=True)

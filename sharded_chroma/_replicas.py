@@ -19,7 +19,7 @@ from chromadb.errors import ChromaError
 from ._errors import NodeAccessError, NodeUnavailableError, WriteConcernError
 from ._hedging import Hedger, timed
 from ._hints import HintLog
-from ._node import HintTarget, Node, required_copies
+from ._node import HintTarget, Node, node_fault, required_copies
 from ._nodestate import NodeState, NodeStates
 from ._replay import HintReplayer, ReplayTarget
 from ._selection import Selector, make_selector
@@ -31,13 +31,6 @@ __all__ = ["ReplicaSet"]
 logger = logging.getLogger("sharded_chroma.replicas")
 
 T = TypeVar("T")
-
-
-def node_fault(exc: ChromaError) -> bool:
-    """Whether a Chroma error answer is the node's fault rather than the request's: a server
-    error (500 ``InternalError``, such as a new collection's transient "Nothing found on
-    disk"), which another copy may not have. Client errors (4xx) are the request's."""
-    return exc.code() >= 500
 
 
 class ReplicaSet:
@@ -104,8 +97,7 @@ class ReplicaSet:
         """Run ``op`` on one caught-up copy, failing over to the next on node failures.
 
         Chroma client errors (a bad filter, a missing collection) are answers: raised at once,
-        as is a ``NodeAccessError`` (credentials or TLS refused; another copy configured the
-        same way would refuse too, and failing over would hide the misconfiguration).
+        as is a ``NodeAccessError`` (failing over would hide a misconfiguration).
         A server error (see ``node_fault``) is tried on the other copies and raised only when
         none answers otherwise. Copies behind (missed writes) are never read for records
         (``current``); when every copy is behind (each missed writes the other has), the read
@@ -255,9 +247,7 @@ class ReplicaSet:
             except NodeUnavailableError as exc:
                 node.failed(self._clock())
                 owed[node.url] = ("unreachable", path, exc)
-            except NodeAccessError as exc:
-                # This client may not write there (credentials, TLS): the copy is owed the
-                # write like an unreachable one, and the caller hears of it at once.
+            except NodeAccessError as exc:  # owed like an unreachable copy; raised below
                 denied.append(exc)
                 owed[node.url] = (f"refused access ({type(exc).__name__})", path, exc)
             except ChromaError as exc:
@@ -289,9 +279,7 @@ class ReplicaSet:
             # another copy stored must get it, or it would serve reads without it.
             with anyio.CancelScope(shield=True):
                 misses.update(await self._owe(owed, answers, refusals, target, content))
-        if denied:
-            # Raised even when the concern was met: a copy this client cannot reach with its
-            # configuration is an operator's problem, not a transient one to hide.
+        if denied:  # even when the concern was met: a misconfiguration is not to be hidden
             raise denied[0]
         if refusals and not answers:
             raise next(iter(refusals.values()))

@@ -13,8 +13,8 @@ import orjson
 from chromadb.errors import ChromaError
 
 from .._errors import ConfigurationError, NodeUnavailableError, ShardFailureError
+from .._node import node_fault
 from .._policies import HashPolicy, build_policy, policy_to_json
-from .._replicas import node_fault
 from ..control._maps import PartitionMap
 from ..ops._migrating import mirrorable
 
