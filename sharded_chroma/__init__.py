@@ -32,6 +32,7 @@ from ._policies import CompositePolicy, FieldPolicy, HashPolicy, TimePolicy, Tim
 from ._status import CollectionStatus, ShardStatus
 from ._topology import NodeConfig, ReplicationConfig, ShardConfig, Topology
 from ._transport import NodeStats
+from ._version import VERSION
 
 __all__ = [
     "AsyncHttpClient",
@@ -70,4 +71,4 @@ __all__ = [
     "options",
 ]
 
-__version__ = "0.1.0"
+__version__ = VERSION

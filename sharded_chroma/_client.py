@@ -36,6 +36,7 @@ from ._topology import Topology
 from ._transport import NodeStats
 from .api._arguments import refuse_metadata_like_server, refuse_unaddressable
 from .control._maps import PartitionMap
+from .observe import make_tracing
 from .rebalance._engine import MigrationReport
 
 __all__ = ["AsyncHttpClient", "ShardedClient"]
@@ -51,9 +52,11 @@ class ShardedClient:
     raises ``ClientClosedError``.
     """
 
-    def __init__(self, topology: Topology) -> None:
+    def __init__(
+        self, topology: Topology, *, tracer_provider: Any = None, meter_provider: Any = None
+    ) -> None:
         self._topology = topology
-        self._runtime = Runtime(topology)
+        self._runtime = Runtime(topology, make_tracing(tracer_provider, meter_provider))
         self.tenant = topology.tenant
         self.database = topology.database
         self._closed = False
@@ -334,6 +337,8 @@ async def AsyncHttpClient(
     tenant: str | None = None,
     database: str | None = None,
     routing_key: str | None = None,
+    tracer_provider: Any = None,
+    meter_provider: Any = None,
 ) -> ShardedClient:
     """Create a client for a sharded Chroma cluster.
 
@@ -341,6 +346,10 @@ async def AsyncHttpClient(
     or ``topology`` (a ``Topology`` or the path of a TOML topology file). ``tenant``,
     ``database`` and ``routing_key`` override the topology's. Every shard's primary is asked for
     the tenant and database before the client is returned, as chromadb's client does.
+
+    ``tracer_provider`` and ``meter_provider`` (OpenTelemetry's, optional) turn on a CLIENT
+    span per collection call with a child span per node request, and the
+    ``db.client.operation.duration`` histogram; the client never installs a global provider.
     """
     if (shards is None) == (topology is None):
         raise ConfigurationError("give exactly one of shards=[urls] or topology=")
@@ -355,7 +364,7 @@ async def AsyncHttpClient(
         topo = topology if isinstance(topology, Topology) else Topology.from_toml(topology)  # type: ignore[arg-type]
         if overrides:
             topo = Topology.build({**topo.model_dump(), **overrides})
-    client = ShardedClient(topo)
+    client = ShardedClient(topo, tracer_provider=tracer_provider, meter_provider=meter_provider)
     try:
         await client._runtime.cluster.call_all(
             "connect",

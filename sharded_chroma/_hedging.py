@@ -19,6 +19,7 @@ import numpy as np
 from ._errors import NodeUnavailableError
 from ._node import HedgeBudget, Node
 from ._topology import ReplicationConfig
+from .observe._tracing import current_note, noting
 
 __all__ = ["Hedger", "timed"]
 
@@ -85,9 +86,10 @@ class Hedger:
         launched: list[Node] = []
         finished: set[Node] = set()
 
-        async def run(node: Node) -> None:
+        async def run(node: Node, hedged: bool = False) -> None:
             try:
-                result = await timed(op, node)
+                with noting(current_note().attempt, hedged):
+                    result = await timed(op, node)
             except Exception as exc:  # kept; raised if no copy answers
                 finished.add(node)
                 errors.append(exc)
@@ -111,7 +113,7 @@ class Hedger:
                 self.budget.spend()
                 first.hedges_sent += 1
                 launched.append(hedge)
-                tg.start_soon(run, hedge)
+                tg.start_soon(run, hedge, True)
             await done.wait()
             tg.cancel_scope.cancel()
         if results:

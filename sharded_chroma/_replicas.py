@@ -21,10 +21,12 @@ from ._hedging import Hedger, timed
 from ._hints import HintLog
 from ._node import HintTarget, Node, node_fault, required_copies
 from ._nodestate import NodeState, NodeStates
+from ._owed import keep_for
 from ._replay import HintReplayer, ReplayTarget
 from ._selection import Selector, make_selector
 from ._topology import ReplicationConfig, ShardConfig
 from ._transport import NodeTransport
+from .observe import current_call, noting
 
 __all__ = ["ReplicaSet"]
 
@@ -54,7 +56,12 @@ class ReplicaSet:
         self._count_lock = threading.Lock()
         """Writes not finished (their hints not yet kept): closing waits for them."""
         self.nodes = [
-            Node(NodeTransport(n, shard.name), primary=(i == 0), config=config, states=states)
+            Node(
+                NodeTransport(n, shard.name, primary=i == 0),
+                primary=(i == 0),
+                config=config,
+                states=states,
+            )
             for i, n in enumerate(shard.nodes)
         ]
         self.selector = selector or make_selector(config.read_selection)
@@ -133,7 +140,8 @@ class ReplicaSet:
                 await anyio.sleep(self.config.backoff * 2 ** (tries - len(pool)))
             others = [n for n in pool if n is not node]
             try:
-                return await self._hedger.run(op, node, others)
+                with noting(tries + 1):
+                    return await self._hedger.run(op, node, others)
             except NodeUnavailableError as exc:
                 node.failed(self._clock())
                 attempts.extend(exc.attempts)
@@ -317,58 +325,22 @@ class ReplicaSet:
             refusal = refusals.get(url)
             if not answers and refusal is not None and not node_fault(refusal):
                 continue
-            out[url] = await self._hint(
-                self.node(url), target, content, reason=reason, path=path, cause=cause
-            )
-        return out
-
-    async def _hint(
-        self,
-        node: Node,
-        target: HintTarget,
-        content: bytes,
-        *,
-        reason: str,
-        path: str | None = None,
-        cause: BaseException | None = None,
-    ) -> BaseException:
-        log = self._hints
-        if log is None or len(self.nodes) == 1:
-            # A lone node has no other copy to catch up from; the caller sees the failure.
-            return cause or NodeUnavailableError(shard=self.name, node=node.url, attempts=[reason])
-        try:
-            await anyio.to_thread.run_sync(
-                lambda: log.append(
-                    node.url,
-                    target.tenant,
-                    target.database,
-                    target.collection_id,
-                    target.collection_name,
-                    target.op,
-                    content,
-                    version=target.version,
-                    deleted_ids=target.deleted_ids,
-                    deleted_version=target.deleted_version,
-                    path=path,
+            log = self._hints
+            if log is None or len(self.nodes) == 1:
+                # A lone node has no other copy to catch up from; the caller sees the failure.
+                attempts = [reason]
+                out[url] = cause or NodeUnavailableError(
+                    shard=self.name, node=url, attempts=attempts
                 )
+                continue
+            out[url] = await keep_for(
+                log, self._states, self.name, url, target, content, reason=reason, path=path
             )
-        except Exception as exc:  # full, or the disk failed: the write is lost for this copy
-            logger.error(
-                "shard %s node %s: missed %s not kept (%s); the node serves no reads until "
-                "`sharded-chroma repair`",
-                self.name,
-                node.url,
-                target.op,
-                exc,
-            )
-            await anyio.to_thread.run_sync(
-                self._states.mark_needs_repair, node.url, f"missed {target.op} not kept: {exc}"
-            )
-            return exc
-        self._states.changed()
-        return NodeUnavailableError(
-            shard=self.name, node=node.url, attempts=[f"{reason}; write kept in the hint log"]
-        )
+        if out and len(self.nodes) > 1:
+            trace = current_call()
+            if trace is not None:
+                trace.hinted(len(out))
+        return out
 
     # -- catch-up ---------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from .cluster._cluster import Cluster
 from .control._epochs import Epochs
 from .control._open import open_backend
 from .control._served import NO_EPOCHS, NoEpochs
+from .observe import NO_TRACING, Tracing
 from .ops._clock import HybridClock
 from .ops._locator import Locator
 from .ops._moves import Mover
@@ -44,7 +45,7 @@ __all__ = ["Runtime"]
 class Runtime:
     """Every component of one client; ``aclose`` closes what they hold (pools, hint log)."""
 
-    def __init__(self, topology: Topology) -> None:
+    def __init__(self, topology: Topology, tracing: Tracing = NO_TRACING) -> None:
         self.topology = topology
         self.states = StateCache()
         catalog_url = topology.shards[0].nodes[0].url
@@ -89,7 +90,7 @@ class Runtime:
             )
         self.rebalancing = Rebalancing(topology, self.catalog, self.io, self.cluster, self.layouts)
         self.server = ShardedServer(
-            self.catalog, self.layouts, self.reader, self.writer, self.epochs
+            self.catalog, self.layouts, self.reader, self.writer, self.epochs, tracing
         )
 
     async def reset(self) -> bool:

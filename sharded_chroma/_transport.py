@@ -26,6 +26,7 @@ from chromadb import errors as chroma_errors
 from ._errors import ClientClosedError, NodeUnavailableError
 from ._nodeconfig import NodeConfig
 from ._refusals import Scrubber, refusal_of_answer, refusal_of_failure
+from .observe import RequestTrace, current_call
 
 __all__ = ["NodeStats", "NodeTransport", "iter_collections"]
 
@@ -117,9 +118,12 @@ class NodeTransport:
         self,
         node: NodeConfig,
         shard: str,
+        *,
+        primary: bool = True,
     ) -> None:
         self.node = node
         self.shard = shard
+        self.primary = primary
         self.stats = NodeStats()
         # Secrets and certificates are read here, so a missing one fails at construction.
         access = node.access()
@@ -195,12 +199,38 @@ class NodeTransport:
         data = content
         if data is None and body is not None:
             data = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        call = current_call()
+        if call is None:
+            return await self._request(session, method, url, data, query, None)
+        trace = call.request(
+            method, path, shard=self.shard, url=self.node.url, primary=self.primary
+        )
+        try:
+            return await self._request(session, method, url, data, query, trace)
+        except BaseException as exc:
+            trace.failed(exc)
+            raise
+        finally:
+            trace.end()
+
+    async def _request(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: str,
+        data: bytes | None,
+        query: dict[str, str | list[str]] | None,
+        trace: RequestTrace | None,
+    ) -> Any:
+        headers = None if trace is None else trace.headers
         self.stats.requests += 1
         self.stats.in_flight += 1
         started = time.perf_counter()
         failure: BaseException
         try:
-            async with session.request(method, url, data=data, params=query) as resp:
+            async with session.request(
+                method, url, data=data, params=query, headers=headers
+            ) as resp:
                 payload = await resp.read()
                 status = resp.status
                 trace_id = resp.headers.get(_TRACE_HEADER)
@@ -209,6 +239,8 @@ class NodeTransport:
             refused = refusal_of_failure(exc, shard=self.shard, node=self.node.url)
         else:
             self.stats.observe(time.perf_counter() - started)
+            if trace is not None:
+                trace.answered(status)
             if status < 400:
                 return orjson.loads(payload) if payload else None
             error = _chroma_error(payload, trace_id, self._scrub)

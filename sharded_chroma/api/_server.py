@@ -1,17 +1,11 @@
-"""The narrow server contract chromadb's collection classes call, and its one adapter.
-
-chromadb's ``AsyncCollection`` (and the sync ``Collection``) validate and shape everything
-themselves and then call a handful of private methods on their "client". ``CollectionServer``
-is exactly that set; ``tests/test_server_contract.py`` reads the installed chromadb's sources
-and fails when the collection classes call a name the adapter lacks, so a chromadb upgrade
-that changes the contract fails loudly instead of at a user's first call.
-"""
+"""The one adapter of the server contract (``api._contract``): chromadb's collection classes
+call it, and it hands each call to the reader, the write path or the catalog."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any
 from uuid import UUID
 
 from chromadb.api.collection_configuration import UpdateCollectionConfiguration
@@ -34,121 +28,13 @@ from .._fanout import OnShardError
 from ..catalog._catalog import Catalog
 from ..catalog._layouts import PartLayouts
 from ..control._epochs import Epochs
-from ..control._served import NO_EPOCHS, NoEpochs
+from ..control._served import NO_EPOCHS, NoEpochs, served_map
+from ..observe import NO_TRACING, Tracing
 from ..ops._reader import Reader
 from ..ops._writepath import WritePath
+from ._contract import _D, _T, CLOUD_ONLY, CollectionServer
 
 __all__ = ["CLOUD_ONLY", "CollectionServer", "ShardedServer"]
-
-_T = "default_tenant"
-_D = "default_database"
-
-CLOUD_ONLY = ("_fork", "_fork_count", "_search", "_get_indexing_status")
-"""Contract methods for Chroma Cloud features, which a self-hosted cluster does not have."""
-
-
-class CollectionServer(Protocol):
-    """What chromadb's ``AsyncCollection`` calls on its client (chromadb >=1.5.9,<1.6); the
-    Cloud-only calls are part of it, since the class still makes them."""
-
-    async def _add(
-        self,
-        ids: IDs,
-        collection_id: UUID,
-        embeddings: Embeddings,
-        metadatas: Metadatas | None = None,
-        documents: Documents | None = None,
-        uris: URIs | None = None,
-        tenant: str = _T,
-        database: str = _D,
-    ) -> bool: ...
-
-    async def _upsert(
-        self,
-        collection_id: UUID,
-        ids: IDs,
-        embeddings: Embeddings,
-        metadatas: Metadatas | None = None,
-        documents: Documents | None = None,
-        uris: URIs | None = None,
-        tenant: str = _T,
-        database: str = _D,
-    ) -> bool: ...
-
-    async def _update(
-        self,
-        collection_id: UUID,
-        ids: IDs,
-        embeddings: Embeddings | None = None,
-        metadatas: Metadatas | None = None,
-        documents: Documents | None = None,
-        uris: URIs | None = None,
-        tenant: str = _T,
-        database: str = _D,
-    ) -> bool: ...
-
-    async def _delete(
-        self,
-        collection_id: UUID,
-        ids: IDs | None = None,
-        where: Where | None = None,
-        where_document: WhereDocument | None = None,
-        limit: int | None = None,
-        tenant: str = _T,
-        database: str = _D,
-    ) -> DeleteResult: ...
-
-    async def _get(
-        self,
-        collection_id: UUID,
-        ids: IDs | None = None,
-        where: Where | None = None,
-        limit: int | None = None,
-        offset: int | None = None,
-        where_document: WhereDocument | None = None,
-        include: Include = ...,
-        tenant: str = _T,
-        database: str = _D,
-    ) -> GetResult: ...
-
-    async def _peek(
-        self, collection_id: UUID, n: int = 10, tenant: str = _T, database: str = _D
-    ) -> GetResult: ...
-
-    async def _count(
-        self, collection_id: UUID, tenant: str = _T, database: str = _D, read_level: Any = None
-    ) -> int: ...
-
-    async def _query(
-        self,
-        collection_id: UUID,
-        query_embeddings: Embeddings,
-        ids: IDs | None = None,
-        n_results: int = 10,
-        where: Where | None = None,
-        where_document: WhereDocument | None = None,
-        include: Include = ...,
-        tenant: str = _T,
-        database: str = _D,
-    ) -> QueryResult: ...
-
-    async def _modify(
-        self,
-        id: UUID,
-        new_name: str | None = None,
-        new_metadata: CollectionMetadata | None = None,
-        new_configuration: UpdateCollectionConfiguration | None = None,
-        tenant: str = _T,
-        database: str = _D,
-    ) -> None: ...
-
-    async def _fork(self, *args: Any, **kwargs: Any) -> Any: ...
-
-    async def _fork_count(self, *args: Any, **kwargs: Any) -> Any: ...
-
-    async def _search(self, *args: Any, **kwargs: Any) -> Any: ...
-
-    async def _get_indexing_status(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 class ShardedServer:
@@ -163,14 +49,37 @@ class ShardedServer:
         reader: Reader,
         writer: WritePath,
         epochs: Epochs | NoEpochs = NO_EPOCHS,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._catalog = catalog
+        self._tracing = tracing
         self._layouts = layouts
         self._reader = reader
         self._writer = writer
         # Every call of a collection is served under one partition map (see ``Epochs``).
         self._serving = epochs.serving
         self._hold = epochs.hold
+
+    @contextlib.asynccontextmanager
+    async def _call(
+        self,
+        operation: str,
+        collection_id: UUID,
+        tenant: str,
+        database: str,
+        *,
+        writes: bool,
+        batch: int | None = None,
+    ) -> AsyncIterator[Any]:
+        """One traced call: the collection's state, served under one partition map."""
+        with self._tracing.call(operation, tenant=tenant, database=database, batch=batch) as t:
+            state = await self._catalog.state(collection_id, tenant, database)
+            t.named(state.name)
+            async with self._serving(state, writes=writes):
+                current = served_map(state)
+                if current is not None:
+                    t.epoch(current.epoch)
+                yield state
 
     async def _add(
         self,
@@ -183,8 +92,9 @@ class ShardedServer:
         tenant: str = _T,
         database: str = _D,
     ) -> bool:
-        state = await self._catalog.state(collection_id, tenant, database)
-        async with self._serving(state, writes=True):
+        async with self._call(
+            "add", collection_id, tenant, database, writes=True, batch=len(ids)
+        ) as state:
             await self._writer.add(state, ids, embeddings, metadatas, documents, uris)
         return True
 
@@ -199,8 +109,9 @@ class ShardedServer:
         tenant: str = _T,
         database: str = _D,
     ) -> bool:
-        state = await self._catalog.state(collection_id, tenant, database)
-        async with self._serving(state, writes=True):
+        async with self._call(
+            "upsert", collection_id, tenant, database, writes=True, batch=len(ids)
+        ) as state:
             await self._writer.upsert(state, ids, embeddings, metadatas, documents, uris)
         return True
 
@@ -215,8 +126,9 @@ class ShardedServer:
         tenant: str = _T,
         database: str = _D,
     ) -> bool:
-        state = await self._catalog.state(collection_id, tenant, database)
-        async with self._serving(state, writes=True):
+        async with self._call(
+            "update", collection_id, tenant, database, writes=True, batch=len(ids)
+        ) as state:
             await self._writer.update(state, ids, embeddings, metadatas, documents, uris)
         return True
 
@@ -230,8 +142,10 @@ class ShardedServer:
         tenant: str = _T,
         database: str = _D,
     ) -> DeleteResult:
-        state = await self._catalog.state(collection_id, tenant, database)
-        async with self._serving(state, writes=True):
+        batch = None if ids is None else len(ids)
+        async with self._call(
+            "delete", collection_id, tenant, database, writes=True, batch=batch
+        ) as state:
             return await self._writer.delete(state, ids, where, where_document, limit)
 
     async def _get(
@@ -247,8 +161,7 @@ class ShardedServer:
         database: str = _D,
         on_shard_error: OnShardError = "raise",
     ) -> GetResult:
-        state = await self._catalog.state(collection_id, tenant, database)
-        async with self._serving(state, writes=False):
+        async with self._call("get", collection_id, tenant, database, writes=False) as state:
             return await self._reader.get(
                 state, ids, where, limit, offset, where_document, include, on_shard_error
             )
@@ -256,17 +169,15 @@ class ShardedServer:
     async def _peek(
         self, collection_id: UUID, n: int = 10, tenant: str = _T, database: str = _D
     ) -> GetResult:
-        state = await self._catalog.state(collection_id, tenant, database)
         # chromadb's peek order of columns
         include: Include = ["metadatas", "documents", "embeddings"]
-        async with self._serving(state, writes=False):
+        async with self._call("peek", collection_id, tenant, database, writes=False) as state:
             return await self._reader.get(state, None, None, n, None, None, include, "raise")
 
     async def _count(
         self, collection_id: UUID, tenant: str = _T, database: str = _D, read_level: Any = None
     ) -> int:
-        state = await self._catalog.state(collection_id, tenant, database)
-        async with self._serving(state, writes=False):
+        async with self._call("count", collection_id, tenant, database, writes=False) as state:
             return await self._reader.count(state)
 
     async def _query(
@@ -282,8 +193,9 @@ class ShardedServer:
         database: str = _D,
         on_shard_error: OnShardError = "raise",
     ) -> QueryResult:
-        state = await self._catalog.state(collection_id, tenant, database)
-        async with self._serving(state, writes=False):
+        async with self._call(
+            "query", collection_id, tenant, database, writes=False, batch=len(query_embeddings)
+        ) as state:
             return await self._reader.query(
                 state,
                 query_embeddings,

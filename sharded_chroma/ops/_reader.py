@@ -31,6 +31,7 @@ from ..catalog._layouts import Target
 from ..catalog._reserved import escape_where
 from ..catalog._state import SEQ_KEY, CollectionState
 from ..cluster._cluster import Cluster
+from ..observe import current_call
 from ._checks import check_embeddings
 from ._partio import PartIO
 from ._repair import ReadRepair, settle_get, settle_query
@@ -123,6 +124,11 @@ class Reader:
             failed={s: f"{type(e).__name__}: {e}" for s, e in failures.items()},
             skipped=plan.skipped,
         )
+        trace = current_call()
+        if trace is not None:
+            trace.coverage(
+                len(asked), len(coverage.answered), len(plan.skipped), len(coverage.failed)
+            )
         keys = [k for k in targets if results.get(k) is not None]
         return [targets[k] for k in keys], [results[k] for k in keys], coverage
 

@@ -1,0 +1,65 @@
+"""Keeping a write for a copy that missed it: the hint log, or, when the log cannot keep it,
+a needs-repair mark on the copy."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio.to_thread
+
+from ._errors import NodeUnavailableError
+from ._hints import HintLog
+from ._node import HintTarget
+from ._nodestate import NodeStates
+
+__all__ = ["keep_for"]
+
+logger = logging.getLogger("sharded_chroma.replicas")
+
+
+async def keep_for(
+    log: HintLog,
+    states: NodeStates,
+    shard: str,
+    url: str,
+    target: HintTarget,
+    content: bytes,
+    *,
+    reason: str,
+    path: str | None,
+) -> BaseException:
+    """Keep ``content`` for the copy at ``url``; returns the failure to report for that copy
+    (a ``NodeUnavailableError`` saying the write was kept, or why it could not be)."""
+    try:
+        await anyio.to_thread.run_sync(
+            lambda: log.append(
+                url,
+                target.tenant,
+                target.database,
+                target.collection_id,
+                target.collection_name,
+                target.op,
+                content,
+                version=target.version,
+                deleted_ids=target.deleted_ids,
+                deleted_version=target.deleted_version,
+                path=path,
+            )
+        )
+    except Exception as exc:  # full, or the disk failed: the write is lost for this copy
+        logger.error(
+            "shard %s node %s: missed %s not kept (%s); the node serves no reads until "
+            "`sharded-chroma repair`",
+            shard,
+            url,
+            target.op,
+            exc,
+        )
+        await anyio.to_thread.run_sync(
+            states.mark_needs_repair, url, f"missed {target.op} not kept: {exc}"
+        )
+        return exc
+    states.changed()
+    return NodeUnavailableError(
+        shard=shard, node=url, attempts=[f"{reason}; write kept in the hint log"]
+    )
