@@ -33,11 +33,15 @@ from ._status import CollectionStatus, ShardStatus
 from ._topology import NodeConfig, ReplicationConfig, ShardConfig, Topology
 from ._transport import NodeStats
 from ._version import VERSION
+from .observe import prometheus_collector
+from .observe._metrics import CallMetrics, ClientMetrics, LatencySnapshot, NodeMetrics
 
 __all__ = [
     "AsyncHttpClient",
     "AuthenticationError",
+    "CallMetrics",
     "ClientClosedError",
+    "ClientMetrics",
     "CollectionLayout",
     "CollectionStatus",
     "CompositePolicy",
@@ -48,8 +52,10 @@ __all__ = [
     "FieldPolicy",
     "HashPolicy",
     "HintLogFullError",
+    "LatencySnapshot",
     "NodeAccessError",
     "NodeConfig",
+    "NodeMetrics",
     "NodeStats",
     "NodeUnavailableError",
     "PartialWriteError",
@@ -69,6 +75,7 @@ __all__ = [
     "Topology",
     "WriteConcernError",
     "options",
+    "prometheus_collector",
 ]
 
 __version__ = VERSION

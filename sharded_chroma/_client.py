@@ -37,6 +37,7 @@ from ._transport import NodeStats
 from .api._arguments import refuse_metadata_like_server, refuse_unaddressable
 from .control._maps import PartitionMap
 from .observe import make_tracing
+from .observe._metrics import ClientMetrics
 from .rebalance._engine import MigrationReport
 
 __all__ = ["AsyncHttpClient", "ShardedClient"]
@@ -156,6 +157,13 @@ class ShardedClient:
     def node_stats(self) -> dict[str, NodeStats]:
         """Request counters per node URL (requests, failures, latency, in flight)."""
         return {n.url: n.stats for n in self._runtime.cluster.all_nodes()}
+
+    def metrics(self) -> ClientMetrics:
+        """A snapshot of this client's counters: per node requests, errors by kind, latency
+        histogram and p50/p99, in flight, hedges, hints pending and replayed; per read
+        operation the shards asked and skipped (see ``sharded_chroma.prometheus_collector``)."""
+        runtime = self._runtime
+        return ClientMetrics(runtime.cluster.node_metrics(), runtime.fan_outs.snapshot())
 
     async def replay_hints(self) -> int:
         """Replay missed writes to every copy that answers now; returns how many were applied.

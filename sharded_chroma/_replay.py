@@ -120,6 +120,7 @@ class HintReplayer:
                 with anyio.move_on_after(_LEASE_TTL / 2):
                     applied, finished = await self._apply(node, batch, log, rate)
                 replayed += applied
+                node.transport.stats.replayed += applied
                 if not finished:
                     break
         finally:

@@ -25,6 +25,7 @@ from .control._epochs import Epochs
 from .control._open import open_backend
 from .control._served import NO_EPOCHS, NoEpochs
 from .observe import NO_TRACING, Tracing
+from .observe._metrics import FanOutCounter
 from .ops._clock import HybridClock
 from .ops._locator import Locator
 from .ops._moves import Mover
@@ -56,11 +57,13 @@ class Runtime:
         self.clock = HybridClock()
         self.router = Router(self.cluster.shard_names, self.layouts)
         self.io = PartIO(self.cluster, self.physical, self.clock)
+        self.fan_outs = FanOutCounter()
         self.reader = Reader(
             self.cluster,
             self.router,
             self.io,
             ReadRepair(self.io, self.clock, topology.repair_after),
+            self.fan_outs,
         )
         self.locator = Locator(self.router, self.layouts, self.io, self.clock)
         sender = RecordSender(self.cluster, self.layouts, self.physical, self.io, self.clock)

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -27,6 +27,7 @@ from ._errors import ClientClosedError, NodeUnavailableError
 from ._nodeconfig import NodeConfig
 from ._refusals import Scrubber, refusal_of_answer, refusal_of_failure
 from .observe import RequestTrace, current_call
+from .observe._metrics import LatencyHistogram
 
 __all__ = ["NodeStats", "NodeTransport", "iter_collections"]
 
@@ -42,18 +43,29 @@ _TRACE_HEADER = "chroma-trace-id"
 
 @dataclass
 class NodeStats:
-    """Counters for one node, for status views and for tests that check request routing."""
+    """Counters for one node, for status views, metrics and tests that check routing."""
 
     requests: int = 0
     failures: int = 0
+    """Requests that failed as the node's fault (unreachable, refused access, overloaded)."""
     retries: int = 0
     in_flight: int = 0
     latency_ewma_ms: float | None = None
+    replayed: int = 0
+    """Missed writes (hints) replayed to this node by this client."""
+    errors: dict[str, int] = field(default_factory=dict)
+    """Every request that did not succeed, by kind (see ``NodeMetrics.errors``)."""
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    """Latencies of the requests the node answered."""
 
     def observe(self, seconds: float) -> None:
         ms = seconds * 1000.0
         prev = self.latency_ewma_ms
         self.latency_ewma_ms = ms if prev is None else 0.8 * prev + 0.2 * ms
+        self.latency.observe(seconds)
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
 class _HTTPFailure(Exception):
@@ -247,6 +259,7 @@ class NodeTransport:
             if error is not None and status not in _OVERLOAD_STATUS:
                 # The server understood and answered (even a 500 "InternalError" such as a
                 # unique-name clash): surface it as chromadb would, never as a dead node.
+                self.stats.error(type(error).__name__)
                 raise error
             body = self._scrub.body(payload)
             refused = None
@@ -263,8 +276,13 @@ class NodeTransport:
             self.stats.in_flight -= 1
         self.stats.failures += 1
         if refused is not None:
+            self.stats.error(type(refused).__name__)
             logger.error("%s", refused)
             raise refused from failure
+        if isinstance(failure, _HTTPFailure):
+            self.stats.error(f"HTTP {failure.status}")
+        else:
+            self.stats.error(type(failure).__name__)
         text = f"{type(failure).__name__}: {failure}" if str(failure) else type(failure).__name__
         text = self._scrub(text)
         logger.warning("shard %s node %s failed: %s", self.shard, self.node.url, text)

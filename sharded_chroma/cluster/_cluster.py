@@ -18,10 +18,12 @@ from .._errors import ClientClosedError
 from .._fanout import fan_out, raise_for_failures
 from .._hints import HintLog
 from .._node import Node
+from .._nodeconfig import redact_url
 from .._nodestate import NodeStates, SqliteNodeStore
 from .._replay import ReplayTarget
 from .._replicas import ReplicaSet
 from .._topology import Topology
+from ..observe._metrics import NodeMetrics
 
 __all__ = ["Cluster"]
 
@@ -77,6 +79,30 @@ class Cluster:
 
     def all_nodes(self) -> list[Node]:
         return [n for rs in self.shards.values() for n in rs.nodes]
+
+    def node_metrics(self) -> tuple[NodeMetrics, ...]:
+        """Every node's counters now, with its hints pending as this host's state says."""
+        self.node_states.refresh()
+        out = []
+        for rs in self.shards.values():
+            for node in rs.nodes:
+                stats = node.stats
+                out.append(
+                    NodeMetrics(
+                        shard=rs.name,
+                        url=redact_url(node.url),
+                        role=node.role,
+                        requests=stats.requests,
+                        errors=dict(stats.errors),
+                        in_flight=stats.in_flight,
+                        latency=stats.latency.snapshot(),
+                        hedges_sent=node.hedges_sent,
+                        hedges_won=node.hedges_won,
+                        hints_pending=self.node_states.get(node.url).pending,
+                        hints_replayed=stats.replayed,
+                    )
+                )
+        return tuple(out)
 
     def check_open(self) -> None:
         if self.closed:

@@ -1,4 +1,5 @@
-"""Observability seams: tracing of calls and node requests (OpenTelemetry, optional)."""
+"""Observability: tracing of calls and node requests (OpenTelemetry, optional), the client's
+own counters, and their Prometheus collector (``prometheus-client``, optional)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ __all__ = [
     "current_call",
     "make_tracing",
     "noting",
+    "prometheus_collector",
 ]
 
 
@@ -29,3 +31,15 @@ def make_tracing(tracer_provider: Any = None, meter_provider: Any = None) -> Tra
             "tracing needs the OpenTelemetry API: pip install 'sharded-chroma[otel]'"
         ) from exc
     return OtelTracing(tracer_provider, meter_provider)
+
+
+def prometheus_collector(client: Any, *, prefix: str = "sharded_chroma") -> Any:
+    """A ``prometheus_client`` collector of ``client.metrics()``, read at every scrape:
+    ``prometheus_client.REGISTRY.register(prometheus_collector(client))``."""
+    try:
+        from ._prometheus import ClientCollector
+    except ImportError as exc:
+        raise ConfigurationError(
+            "metrics export needs prometheus-client: pip install 'sharded-chroma[prometheus]'"
+        ) from exc
+    return ClientCollector(client.metrics, prefix)

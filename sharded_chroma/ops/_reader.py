@@ -32,6 +32,7 @@ from ..catalog._reserved import escape_where
 from ..catalog._state import SEQ_KEY, CollectionState
 from ..cluster._cluster import Cluster
 from ..observe import current_call
+from ..observe._metrics import FanOutCounter
 from ._checks import check_embeddings
 from ._partio import PartIO
 from ._repair import ReadRepair, settle_get, settle_query
@@ -76,11 +77,13 @@ class Reader:
         router: Router,
         io: PartIO,
         repair: ReadRepair,
+        fan_outs: FanOutCounter,
     ) -> None:
         self._cluster = cluster
         self._router = router
         self._io = io
         self._repair = repair
+        self._fan_outs = fan_outs
 
     async def _gather(
         self, op: str, plan: Plan, body_for: Any, on_shard_error: OnShardError
@@ -124,6 +127,7 @@ class Reader:
             failed={s: f"{type(e).__name__}: {e}" for s, e in failures.items()},
             skipped=plan.skipped,
         )
+        self._fan_outs.record(op, len(asked), len(plan.skipped))
         trace = current_call()
         if trace is not None:
             trace.coverage(
