@@ -92,10 +92,13 @@ class ShardedClient:
     ) -> None:
         await self.aclose()
 
-    async def status(self, *, node_deadline: float = 10.0) -> tuple[ShardStatus, ...]:
+    async def status(
+        self, *, node_deadline: float = 10.0, probes: int = 1
+    ) -> tuple[ShardStatus, ...]:
         """One entry per node (primary first within each shard): role, health, version,
-        latency, whether it is behind (stale) with how many hints pending, whether it needs
-        repair (and why) with how many hints are quarantined, and record counts per collection.
+        latency (p50 and p99 of ``probes`` heartbeats, and how many failed), whether it is
+        behind (stale) with how many hints pending, whether it needs repair (and why) with how
+        many hints are quarantined, and record counts per collection.
         The node state is the host's durable one, re-read now, so it shows what any process
         found. Unreachable nodes are reported (``healthy=False``), never raised.
         """
@@ -117,6 +120,7 @@ class ShardedClient:
                 stale=state.behind,
                 pending_hints=state.pending,
                 state=state,
+                probes=probes,
             )
 
         async with anyio.create_task_group() as tg:

@@ -8,8 +8,10 @@ import time
 from dataclasses import dataclass, field
 
 import anyio
+import numpy as np
 from chromadb.errors import NotFoundError
 
+from ._errors import NodeUnavailableError
 from ._nodeconfig import redact_url as _redact
 from ._nodestate import NodeState
 from ._transport import NodeTransport, iter_collections
@@ -73,6 +75,15 @@ class ShardStatus:
     """Why it needs repair (the first cause recorded), with any credentials in URLs masked."""
     quarantined_hints: int = 0
     """Hints the node kept refusing, set aside until a repair."""
+    latency_p99_ms: float | None = None
+    """``latency_ms`` is the median of the heartbeat probes; this their 99th percentile."""
+    probes: int = 0
+    probe_errors: int = 0
+    """Heartbeat probes that failed, of ``probes`` (a node down fails them all)."""
+
+    @property
+    def error_rate(self) -> float:
+        return self.probe_errors / self.probes if self.probes else 0.0
 
     @property
     def records(self) -> int:
@@ -131,17 +142,28 @@ async def shard_status(
     stale: bool = False,
     pending_hints: int = 0,
     state: NodeState | None = None,
+    probes: int = 1,
 ) -> ShardStatus:
-    """Ask one node for its health, version and per-collection counts; never raises for an
+    """Ask one node for its health (``probes`` heartbeats: their median and 99th percentile
+    latency and how many failed), version and per-collection counts; never raises for an
     unreachable node (that is what status is for). ``state`` is the node's durable state
     (needs repair, quarantined hints), read by the caller."""
     known = state or NodeState()
     reason = _masked(known.reason) if known.needs_repair else None
+    latencies: list[float] = []
+    errors = 0
     try:
         with anyio.fail_after(deadline):
-            started = time.perf_counter()
-            await transport.request("GET", "/heartbeat")
-            latency = (time.perf_counter() - started) * 1000
+            for _ in range(max(1, probes)):
+                started = time.perf_counter()
+                try:
+                    await transport.request("GET", "/heartbeat")
+                except NodeUnavailableError:
+                    errors += 1
+                    continue
+                latencies.append((time.perf_counter() - started) * 1000)
+            if not latencies:
+                await transport.request("GET", "/heartbeat")  # raises why it is down
             version = await transport.request("GET", "/version")
             cols = await _collections(transport, tenant, database)
     except Exception as exc:  # reported, not raised: a status view must show dead nodes
@@ -156,6 +178,8 @@ async def shard_status(
             needs_repair=known.needs_repair,
             repair_reason=reason,
             quarantined_hints=known.quarantined,
+            probes=max(1, probes),
+            probe_errors=max(1, errors),
         )
     return ShardStatus(
         shard,
@@ -165,9 +189,12 @@ async def shard_status(
         stale,
         pending_hints,
         version=str(version),
-        latency_ms=latency,
+        latency_ms=float(np.percentile(latencies, 50)),
         collections=tuple(cols),
         needs_repair=known.needs_repair,
         repair_reason=reason,
         quarantined_hints=known.quarantined,
+        latency_p99_ms=float(np.percentile(latencies, 99)),
+        probes=max(1, probes),
+        probe_errors=errors,
     )

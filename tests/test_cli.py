@@ -218,3 +218,27 @@ def test_progress_lines() -> None:
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("ingest: 4/10 (40%)")
     assert lines[-1].startswith("ingest: 10/10 (100%)")
+
+
+def test_status_latency_percentiles_and_watch(
+    shard_urls: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import anyio
+
+    async def probe() -> tuple[sharded_chroma.ShardStatus, ...]:
+        async with sharded_chroma.ShardedClient(
+            sharded_chroma.Topology.from_urls(shard_urls)
+        ) as client:
+            return await client.status(probes=7)
+
+    for s in anyio.run(probe):
+        assert (s.probes, s.probe_errors, s.error_rate) == (7, 0, 0.0)
+        assert s.latency_ms is not None and s.latency_p99_ms is not None
+        assert 0 < s.latency_ms <= s.latency_p99_ms
+    assert main(["status", "--shards", *shard_urls, "--watch", "0.05", "--times", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("every 0.05 s; Ctrl-C stops") == 2
+    header = next(line for line in out.splitlines() if line.startswith("shard "))
+    assert "p50" in header and "p99" in header and "errors" in header
+    assert out.count(" ok ") == 2 * len(shard_urls)
+    assert main(["status", "--shards", *shard_urls, "--probes", "0"]) == 1

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,6 +62,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="also show this collection's records per partition and shard (repeatable)",
     )
+    status.add_argument(
+        "--probes",
+        type=int,
+        default=10,
+        metavar="N",
+        help="heartbeats per node for the p50/p99 latency and error columns (default 10)",
+    )
+    status.add_argument(
+        "--watch",
+        type=float,
+        metavar="SECONDS",
+        help="refresh every SECONDS until interrupted",
+    )
+    status.add_argument("--times", type=int, metavar="N", help=argparse.SUPPRESS)
 
     drop = sub.add_parser(
         "drop-partitions", help="retention: delete a time-placed collection's old buckets"
@@ -175,7 +190,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.dry_run,
             )
         else:
-            anyio.run(_status, args.topology, args.shards, args.collections or [])
+            if args.probes < 1 or (args.watch is not None and args.watch <= 0):
+                raise ValueError("--probes must be at least 1 and --watch positive")
+            anyio.run(
+                _status,
+                args.topology,
+                args.shards,
+                args.collections or [],
+                args.probes,
+                args.watch,
+                args.times,
+            )
     except KeyboardInterrupt:
         _out("\ninterrupted; local servers stopped.")
         return 130
@@ -189,16 +214,31 @@ def _topology(topology: Path | None, shards: list[str] | None) -> Topology:
     return Topology.from_urls(shards) if shards else Topology.from_toml(topology)  # type: ignore[arg-type]
 
 
-async def _status(topology: Path | None, shards: list[str] | None, collections: list[str]) -> None:
+async def _status(
+    topology: Path | None,
+    shards: list[str] | None,
+    collections: list[str],
+    probes: int = 10,
+    watch: float | None = None,
+    times: int | None = None,
+) -> None:
     from ._status_view import render_layout, render_status
 
     # Not AsyncHttpClient(): it refuses to connect when a shard is down, and showing down
     # shards is what status is for.
     async with ShardedClient(_topology(topology, shards)) as client:
-        _out(render_status(await client.status()))
-        for name in collections:
-            _out("")
-            _out(render_layout(await client.layout(name)))
+        shown = 0
+        while True:
+            if watch is not None:
+                _out(f"\n{time.strftime('%H:%M:%S')} (every {watch:g} s; Ctrl-C stops)")
+            _out(render_status(await client.status(probes=probes)))
+            for name in collections:
+                _out("")
+                _out(render_layout(await client.layout(name)))
+            shown += 1
+            if watch is None or (times is not None and shown >= times):
+                return
+            await anyio.sleep(watch)
 
 
 async def _drop_partitions(

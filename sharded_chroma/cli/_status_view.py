@@ -42,9 +42,11 @@ def _durable(s: ShardStatus) -> list[str]:
 
 
 def render_status(shards: Sequence[ShardStatus]) -> str:
+    """The node table: p50/p99 are heartbeat latencies and errors the share of heartbeats
+    that failed, over this status call's probes."""
     lines = [
         f"{'shard':<8} {'role':<8} {'node':<28} {'health':<7} {'sync':<18} {'version':<8} "
-        f"{'latency':>9} {'records':>10} {'est. memory':>12}"
+        f"{'p50':>8} {'p99':>8} {'errors':>7} {'records':>10} {'est. memory':>12}"
     ]
     for s in shards:
         head = f"{s.shard:<8} {s.role:<8} {s.url:<28}"
@@ -54,7 +56,8 @@ def render_status(shards: Sequence[ShardStatus]) -> str:
             continue
         lines.append(
             f"{head} {'ok':<7} {_sync(s):<18} {s.version or '?':<8} "
-            f"{s.latency_ms or 0:>7.1f}ms {s.records:>10,} {_mib(s.estimated_memory_bytes):>12}"
+            f"{s.latency_ms or 0:>6.1f}ms {s.latency_p99_ms or 0:>6.1f}ms {s.error_rate:>7.0%} "
+            f"{s.records:>10,} {_mib(s.estimated_memory_bytes):>12}"
         )
         lines.extend(_durable(s))
         for c in s.collections:
