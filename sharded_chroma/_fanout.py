@@ -84,10 +84,8 @@ def raise_for_failures(
     errors = list(failures.values())
     first = errors[0]
     same_class = all(type(e) is type(first) for e in errors)
-    if same_class and isinstance(first, NodeAccessError):
-        raise first
-    same_chroma = same_class and isinstance(first, ChromaError)
-    if same_chroma and (unwritten_ids is None or all_failed):
+    as_is = same_class and isinstance(first, (ChromaError, NodeAccessError))
+    if as_is and (unwritten_ids is None or all_failed):
         raise first
     if unwritten_ids is not None:
         raise PartialWriteError(operation, failures, unwritten_ids) from first

@@ -16,7 +16,7 @@ from typing import TypeVar
 import anyio
 import numpy as np
 
-from ._errors import NodeUnavailableError
+from ._errors import NodeAccessError, NodeUnavailableError
 from ._node import HedgeBudget, Node
 from ._topology import ReplicationConfig
 from .observe._tracing import current_note, noting
@@ -85,17 +85,23 @@ class Hedger:
         errors: list[BaseException] = []
         launched: list[Node] = []
         finished: set[Node] = set()
+        refused: list[NodeAccessError] = []
 
         async def run(node: Node, hedged: bool = False) -> None:
             try:
-                with noting(current_note().attempt, hedged):
+                if hedged:
+                    with noting(current_note().attempt, hedged=True):
+                        result = await timed(op, node)
+                else:
                     result = await timed(op, node)
             except Exception as exc:  # kept; raised if no copy answers
                 finished.add(node)
                 errors.append(exc)
                 if isinstance(exc, NodeUnavailableError) and node is not first:
                     node.failed(self._clock())
-                if len(errors) == len(launched):
+                if isinstance(exc, NodeAccessError):
+                    refused.append(exc)  # a refusal is not hidden by the other copy's answer
+                if refused or len(errors) == len(launched):
                     done.set()
             else:
                 finished.add(node)
@@ -116,6 +122,8 @@ class Hedger:
                 tg.start_soon(run, hedge, True)
             await done.wait()
             tg.cancel_scope.cancel()
+        if refused:
+            raise refused[0]
         if results:
             winner, result = results[0]
             if winner is not first:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -30,6 +31,9 @@ EXCLUSIVE_OPTIONS: tuple[frozenset[str], ...] = (
 )
 
 
+_CREDENTIAL_NAME = re.compile(r"(?i)auth|token|key|secret|password|cookie|session")
+
+
 def redact_url(url: str) -> str:
     """The URL with any user:password part masked, for error messages."""
     scheme, sep, rest = url.partition("://")
@@ -46,9 +50,9 @@ class NodeAccess:
     """What a transport needs to reach a node, secrets included: built once per transport and
     never logged. ``secrets`` are the values an error text must never show."""
 
-    headers: Mapping[str, str]
+    headers: Mapping[str, str] = field(repr=False)
     ssl: ssl.SSLContext | Literal[False]
-    secrets: tuple[str, ...]
+    secrets: tuple[str, ...] = field(repr=False)
     credentials: str | None
     """Where the credentials came from (``token from $NAME``), for error messages."""
 
@@ -56,7 +60,8 @@ class NodeAccess:
 class NodeConfig(BaseModel):
     """One Chroma server: where it is and how to talk to it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Validation errors must not quote the input: headers may hold credentials.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     url: str
     headers: Annotated[Mapping[str, str], AfterValidator(FrozenDict)] = Field(
@@ -147,8 +152,13 @@ class NodeConfig(BaseModel):
 
     def _resolve(self) -> tuple[dict[str, str], tuple[str, ...], str | None]:
         headers = dict(self.headers)
-        # Values of the headers table may be credentials too (an API key header).
-        secrets = [v for v in headers.values() if len(v) >= 4]
+        # Headers of the table whose name says credential are secrets too (an API key
+        # header); the value after an auth scheme word as well, as it may appear alone.
+        secrets = []
+        for name, value in headers.items():
+            if _CREDENTIAL_NAME.search(name):
+                # Very short values would mask ordinary words in error texts.
+                secrets += [v for v in (value, value.partition(" ")[2]) if len(v) >= 6]
         sources = []
         token = self._secret(self.token_env, self.token_file, "token")
         if token is not None:

@@ -26,7 +26,11 @@ _CREDENTIAL = re.compile(
     r"(\"[^\"]*\"|'[^']*'|(?:bearer|basic|digest)\s+\S+|\S+)"
 )
 _SCHEME_VALUE = re.compile(r"(?i)\b(bearer|basic|digest)\s+[A-Za-z0-9._~+/=-]{6,}")
-_TAGS = re.compile(r"<[^>]*>")
+# No "<" inside a tag: an unclosed "<" cannot make the match rescan the rest of the text.
+_TAGS = re.compile(r"<[^<>]*>")
+# Of a long answer only its start is read: an error shows BODY_LIMIT characters at most, and a
+# 50 MB error page must not cost the event loop more than this.
+_READ_LIMIT = 16 * BODY_LIMIT
 _SPACE = re.compile(r"\s+")
 
 # Pages nginx writes for TLS problems (its ngx_http_special_response texts).
@@ -68,10 +72,15 @@ class Scrubber:
     def body(self, payload: bytes) -> str:
         """An answer body as an error may show it: tags and runs of space dropped, scrubbed
         before it is cut (a secret cut in half would no longer match), then cut."""
-        text = payload.decode("utf-8", "replace")
+        longest = len(self._secrets[0]) if self._secrets else 0
+        cut = len(payload) > _READ_LIMIT + longest
+        text = payload[: _READ_LIMIT + longest].decode("utf-8", "replace")
+        if cut:
+            # The slice may end inside a secret; what could be its start is dropped.
+            text = text[: len(text) - longest] if longest else text
         text = _SPACE.sub(" ", _TAGS.sub(" ", text)).strip()
         text = self(text)
-        return text if len(text) <= BODY_LIMIT else text[:BODY_LIMIT] + "..."
+        return text if len(text) <= BODY_LIMIT and not cut else text[:BODY_LIMIT] + "..."
 
 
 def refusal_of_answer(
@@ -117,13 +126,51 @@ def refusal_of_failure(exc: BaseException, *, shard: str, node: str) -> NodeAcce
             hint = "; the certificate was issued for another host name"
         cause = f"the server's certificate did not verify: {reason}{hint}"
         return TLSError(cause, shard=shard, node=node)
-    if isinstance(exc, aiohttp.ClientSSLError):
-        inner = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
-        reason = getattr(inner, "reason", None) or str(inner)
-        if isinstance(inner, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(reason).upper():
-            cause = "the server does not speak TLS on this port (an https:// URL for a plain "
-            cause += "HTTP port?)"
-        else:
-            cause = f"TLS handshake failed: {reason}"
+    inner = _ssl_error(exc)
+    if inner is None:
+        return None
+    reason = str(inner.reason or inner).upper()
+    if "WRONG_VERSION_NUMBER" in reason:
+        cause = "the server does not speak TLS on this port (an https:// URL for a plain "
+        cause += "HTTP port?)"
         return TLSError(cause, shard=shard, node=node)
+    if any(marker in reason for marker in _CONFIG_ALERTS):
+        return TLSError(f"the TLS handshake was refused: {inner.reason}", shard=shard, node=node)
+    # Anything else (an internal alert, an EOF mid-handshake) may be the node's trouble.
+    return None
+
+
+# OpenSSL reasons that say the two sides' TLS setups do not fit, not that the node is unwell.
+_CONFIG_ALERTS = (
+    "HANDSHAKE_FAILURE",
+    "UNKNOWN_CA",
+    "BAD_CERTIFICATE",
+    "CERTIFICATE_REQUIRED",
+    "CERTIFICATE_UNKNOWN",
+    "CERTIFICATE_EXPIRED",
+    "CERTIFICATE_REVOKED",
+    "UNSUPPORTED_CERTIFICATE",
+    "ACCESS_DENIED",
+    "PROTOCOL_VERSION",
+    "UNSUPPORTED_PROTOCOL",
+    "NO_PROTOCOLS_AVAILABLE",
+    "NO_SHARED_CIPHER",
+    "INAPPROPRIATE_FALLBACK",
+)
+
+
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    """The OpenSSL error behind an aiohttp failure, if any (during or after the handshake)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError) and not isinstance(
+            current, ssl.SSLCertVerificationError
+        ):
+            return current
+        os_error = getattr(current, "os_error", None)
+        if isinstance(os_error, ssl.SSLError):
+            return os_error
+        current = current.__cause__ or current.__context__
     return None

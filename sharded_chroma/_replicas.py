@@ -202,8 +202,9 @@ class ReplicaSet:
         another copy stored the write. Raises ``WriteConcernError`` when fewer copies stored it
         than ``concern`` requires (the misses are hinted all the same), or the Chroma error the
         copies answered with when none stored it (the request's fault, as chromadb raises it).
-        A copy that refused this client's credentials or TLS setup is hinted too, and its
-        ``NodeAccessError`` is raised whatever the other copies did.
+        A copy that refused this client's credentials or TLS setup is hinted like an unreachable
+        one when another copy stored the write (its refusal is in ``WriteConcernError`` when
+        the concern is not met); when none stored it, its ``NodeAccessError`` is raised.
         """
         self._states.refresh()
         with self._count_lock:  # writers may run on several threads' loops
@@ -255,7 +256,7 @@ class ReplicaSet:
             except NodeUnavailableError as exc:
                 node.failed(self._clock())
                 owed[node.url] = ("unreachable", path, exc)
-            except NodeAccessError as exc:  # owed like an unreachable copy; raised below
+            except NodeAccessError as exc:  # owed like an unreachable copy (see _owe)
                 denied.append(exc)
                 owed[node.url] = (f"refused access ({type(exc).__name__})", path, exc)
             except ChromaError as exc:
@@ -287,10 +288,10 @@ class ReplicaSet:
             # another copy stored must get it, or it would serve reads without it.
             with anyio.CancelScope(shield=True):
                 misses.update(await self._owe(owed, answers, refusals, target, content))
-        if denied:  # even when the concern was met: a misconfiguration is not to be hidden
-            raise denied[0]
         if refusals and not answers:
             raise next(iter(refusals.values()))
+        if denied and not answers:
+            raise denied[0]
         if len(answers) < needed:
             if len(self.nodes) == 1:
                 raise next(iter(misses.values()))
@@ -321,25 +322,32 @@ class ReplicaSet:
         if not answers and refusals and not any(node_fault(e) for e in refusals.values()):
             return {}
         out: dict[str, BaseException] = {}
+        hinted = 0
         for url, (reason, path, cause) in owed.items():
             refusal = refusals.get(url)
             if not answers and refusal is not None and not node_fault(refusal):
                 continue
             log = self._hints
-            if log is None or len(self.nodes) == 1:
+            # Refused access with no copy holding the write: surely not applied anywhere.
+            unowed = not answers and isinstance(cause, NodeAccessError)
+            if log is None or len(self.nodes) == 1 or unowed:
                 # A lone node has no other copy to catch up from; the caller sees the failure.
                 attempts = [reason]
                 out[url] = cause or NodeUnavailableError(
                     shard=self.name, node=url, attempts=attempts
                 )
                 continue
-            out[url] = await keep_for(
+            kept = await keep_for(
                 log, self._states, self.name, url, target, content, reason=reason, path=path
             )
-        if out and len(self.nodes) > 1:
-            trace = current_call()
-            if trace is not None:
-                trace.hinted(len(out))
+            if isinstance(kept, NodeUnavailableError):
+                hinted += 1
+                # Kept; a refusal is still what the caller must hear about that copy.
+                kept = cause if isinstance(cause, NodeAccessError) else kept
+            out[url] = kept
+        trace = current_call()
+        if hinted and trace is not None:
+            trace.hinted(hinted)
         return out
 
     # -- catch-up ---------------------------------------------------------------------------

@@ -39,6 +39,8 @@ _OVERLOAD_STATUS = frozenset({429, 502, 503, 504})
 _USER_AGENT = "sharded-chroma"
 # Set by Chroma servers on error answers; all zeros unless the server exports OpenTelemetry.
 _TRACE_HEADER = "chroma-trace-id"
+# Errors are rare: one lock for every node's error counts costs nothing on the hot path.
+_ERRORS_LOCK = threading.Lock()
 
 
 @dataclass
@@ -64,8 +66,13 @@ class NodeStats:
         self.latency_ewma_ms = ms if prev is None else 0.8 * prev + 0.2 * ms
         self.latency.observe(seconds)
 
+    def errors_now(self) -> dict[str, int]:
+        with _ERRORS_LOCK:
+            return dict(self.errors)
+
     def error(self, kind: str) -> None:
-        self.errors[kind] = self.errors.get(kind, 0) + 1
+        with _ERRORS_LOCK:  # callers on several threads' loops share a node
+            self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
 class _HTTPFailure(Exception):

@@ -4,12 +4,14 @@ variables and files when a transport is built, and kept out of every text."""
 from __future__ import annotations
 
 import base64
+import ssl
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from sharded_chroma import ConfigurationError, NodeConfig, Topology
-from sharded_chroma._refusals import BODY_LIMIT, Scrubber, refusal_of_answer
+from sharded_chroma import ConfigurationError, NodeConfig, TLSError, Topology
+from sharded_chroma._refusals import BODY_LIMIT, Scrubber, refusal_of_answer, refusal_of_failure
 from sharded_chroma._transport import NodeTransport
 
 SECRET = "s3cr3t-value-8c1f"
@@ -133,3 +135,52 @@ def test_which_answers_are_refusals() -> None:
     assert of(400, "Bad Request") is None
     assert of(404) is None
     assert of(502) is None
+
+
+def test_a_huge_or_hostile_body_is_read_only_in_part() -> None:
+    """Only the start of an answer is read: a megabyte of unclosed tags (quadratic for a
+    naive tag pattern) is cut at once, and a secret the cut falls inside is not half shown."""
+    scrub = Scrubber([SECRET])
+    assert len(scrub.body(b"<" * 1_000_000)) <= BODY_LIMIT + 3
+    text = scrub.body(b"x" * (16 * BODY_LIMIT - 3) + SECRET.encode() + b"y" * 100)
+    assert SECRET[:3] not in text.replace("x", "")
+
+
+def _ssl_failure(reason: str) -> BaseException:
+    inner = ssl.SSLError(1, f"[SSL: {reason}] {reason.lower()}")
+    inner.reason = reason  # type: ignore[misc]
+    outer = aiohttp.ClientOSError(1, "TLS failure")
+    outer.__cause__ = inner
+    return outer
+
+
+def test_only_setup_mismatches_are_tls_refusals() -> None:
+    def of(reason: str) -> object:
+        return refusal_of_failure(_ssl_failure(reason), shard="s0", node="n")
+
+    assert isinstance(of("SSLV3_ALERT_HANDSHAKE_FAILURE"), TLSError)
+    assert isinstance(of("TLSV13_ALERT_CERTIFICATE_REQUIRED"), TLSError)
+    assert "does not speak TLS" in str(of("WRONG_VERSION_NUMBER"))
+    # A node in trouble mid-handshake is an outage, for the retry policy.
+    assert of("TLSV1_ALERT_INTERNAL_ERROR") is None
+    assert of("UNEXPECTED_EOF_WHILE_READING") is None
+    assert refusal_of_failure(ConnectionResetError(), shard="s0", node="n") is None
+
+
+def test_header_secrets_are_credential_headers_only() -> None:
+    cfg = node(headers={"X-Team": "search-docs", "X-Api-Key": "k-123456789", "X-Short": "abc"})
+    scrub = Scrubber(cfg.access().secrets)
+    assert scrub.secrets("collection search-docs, key k-123456789") == (
+        "collection search-docs, key ***"
+    )
+    bearer = node(headers={"Authorization": "Bearer raw-token-42"})
+    assert "raw-token-42" in bearer.access().secrets
+
+
+def test_validation_errors_do_not_quote_headers() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as raised:
+        NodeConfig(url="http://h:1", headers={"X-Api-Key": "k3y-secret-99"}, username="u")
+    assert "k3y-secret-99" not in str(raised.value)
+    assert "k3y-secret-99" not in repr(node(headers={"X-Api-Key": "k3y-secret-99"}).access())

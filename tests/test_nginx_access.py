@@ -8,6 +8,7 @@ request's headers back.
 
 from __future__ import annotations
 
+import base64
 import logging
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,9 +23,11 @@ import sharded_chroma
 from sharded_chroma import (
     AuthenticationError,
     NodeAccessError,
+    PartialWriteError,
     ShardedClient,
     TLSError,
     Topology,
+    WriteConcernError,
 )
 from tests._nginx import Certs, LocalNginx, make_certs, nginx_executable
 from tests._nodes import clean, node_records, official
@@ -35,7 +38,13 @@ TOKEN = "tok-7f3a9c1e5b2d8f40a6c4e2b9d1f3a5c7"
 WRONG_TOKEN = "tok-wrong-0e1d2c3b4a5968778695a4b3c2d1e0f"
 PASSWORD = "pw-correct-horse-battery-staple-41"
 WRONG_PASSWORD = "pw-wrong-horse-battery-staple-99"
-SECRETS = (TOKEN, WRONG_TOKEN, PASSWORD, WRONG_PASSWORD)
+
+
+def _basic(password: str) -> str:
+    return base64.b64encode(f"reader:{password}".encode()).decode()
+
+
+SECRETS = (TOKEN, WRONG_TOKEN, PASSWORD, WRONG_PASSWORD, _basic(PASSWORD), _basic(WRONG_PASSWORD))
 
 TOKEN_SNIPPETS: dict[str, str | None] = {"http-token.conf": None, "location-token.conf": None}
 # The misconfiguration seen in the wild: an error page that writes the request's credentials
@@ -334,9 +343,10 @@ async def test_a_replica_that_refuses_the_token_is_owed_the_write(
     monkeypatch: pytest.MonkeyPatch,
     leak_check: list[BaseException],
 ) -> None:
-    """A write that a replica refuses for credentials is an error to its caller at once, and
-    the replica is still owed it: a client configured right replays it, and the copies
-    converge. Nothing the primary stored is lost to the misconfiguration."""
+    """A write that a replica refuses for credentials is an error to its caller at once (its
+    write concern, all copies, is not met; the error names the refusal), and the replica is
+    still owed it: a client configured right replays it, and the copies converge. Nothing
+    the primary stored is lost to the misconfiguration."""
     (replica_proxy,) = proxies(TOKEN_SNIPPETS, upstreams=shard_urls[:1])
     primary = shard_urls[1]
     replica = replica_proxy.url
@@ -371,10 +381,14 @@ async def test_a_replica_that_refuses_the_token_is_owed_the_write(
         client = await sharded_chroma.AsyncHttpClient(topology=topo())
         stack.push_async_callback(client.aclose)
         col = await client.get_collection("owed", embedding_function=None)
-        with pytest.raises(AuthenticationError) as raised:
+        with pytest.raises(PartialWriteError) as raised:
             await col.add(ids=["a", "b"], embeddings=[[1.0, 0.0], [0.0, 1.0]], documents=["x", "y"])
         leak_check.append(raised.value)
-        assert raised.value.node == replica
+        concern = raised.value.failures["s0"]
+        assert isinstance(concern, WriteConcernError) and concern.acknowledged == (primary,)
+        refusal = concern.failures[replica]
+        assert isinstance(refusal, AuthenticationError) and refusal.node == replica
+        assert "the token from $SC_TEST_TOKEN was refused" in str(raised.value)
         # The primary stored it; reads are served by the copy that is caught up.
         assert sorted((await col.get())["ids"]) == ["a", "b"]
 
@@ -395,3 +409,51 @@ async def test_refusal_classes_are_node_access_errors() -> None:
     assert issubclass(AuthenticationError, NodeAccessError)
     assert issubclass(TLSError, NodeAccessError)
     assert not issubclass(NodeAccessError, sharded_chroma.NodeUnavailableError)
+
+
+async def test_a_write_every_copy_refuses_is_owed_to_nobody(
+    proxies: Any,
+    certs: Certs,
+    shard_urls: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    leak_check: list[BaseException],
+) -> None:
+    """A read-only credential (the proxies answer 403 to writes): the write raises the
+    refusal at once, and since no copy stored it, no copy is owed it: nothing waits in the
+    hint log to be applied later by a client with other credentials, and reads go on."""
+    read_only = {
+        **TOKEN_SNIPPETS,
+        "location-read-only.conf": (
+            'if ($request_uri ~ "/(add|upsert|update|delete)$") {\n    return 403;\n}\n'
+        ),
+    }
+    nodes = proxies(read_only, upstreams=shard_urls[:2])
+    monkeypatch.setenv("SC_TEST_TOKEN", TOKEN)
+    node = {"token_env": "SC_TEST_TOKEN", "ca_file": str(certs.ca)}
+    topo = Topology.build(
+        {
+            "shards": [
+                {
+                    "name": "s0",
+                    "primary": {"url": nodes[0].url, **node},
+                    "replicas": [{"url": nodes[1].url, **node}],
+                }
+            ],
+            "replication": {"hints_dir": str(tmp_path / "hints"), "replay_in_background": False},
+        }
+    )
+    client = await sharded_chroma.AsyncHttpClient(topology=topo)
+    try:
+        col = await client.create_collection("read-only", embedding_function=None)
+        with pytest.raises(AuthenticationError) as raised:
+            await col.add(ids=["a"], embeddings=[[1.0]])
+        leak_check.append(raised.value)
+        assert raised.value.status == 403
+        assert "was accepted but is not allowed this request" in str(raised.value)
+        assert all(s.pending_hints == 0 and not s.stale for s in await client.status())
+        assert await client.count_collections() == 1
+        assert (await col.get())["ids"] == []
+        assert await client.replay_hints() == 0
+    finally:
+        await client.aclose()

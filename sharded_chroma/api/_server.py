@@ -30,6 +30,7 @@ from ..catalog._layouts import PartLayouts
 from ..control._epochs import Epochs
 from ..control._served import NO_EPOCHS, NoEpochs, served_map
 from ..observe import NO_TRACING, Tracing
+from ..observe._tracing import NO_CALL
 from ..ops._reader import Reader
 from ..ops._writepath import WritePath
 from ._contract import _D, _T, CLOUD_ONLY, CollectionServer
@@ -74,9 +75,11 @@ class ShardedServer:
         """One traced call: the collection's state, served under one partition map."""
         with self._tracing.call(operation, tenant=tenant, database=database, batch=batch) as t:
             state = await self._catalog.state(collection_id, tenant, database)
-            t.named(state.name)
+            traced = t is not NO_CALL
+            if traced:
+                t.named(state.name)
             async with self._serving(state, writes=writes):
-                current = served_map(state)
+                current = served_map(state) if traced else None
                 if current is not None:
                     t.epoch(current.epoch)
                 yield state

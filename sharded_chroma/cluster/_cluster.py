@@ -93,7 +93,7 @@ class Cluster:
                         url=redact_url(node.url),
                         role=node.role,
                         requests=stats.requests,
-                        errors=dict(stats.errors),
+                        errors=stats.errors_now(),
                         in_flight=stats.in_flight,
                         latency=stats.latency.snapshot(),
                         hedges_sent=node.hedges_sent,

@@ -40,8 +40,9 @@ class ClientCollector(Collector):
         self._prefix = prefix
 
     def describe(self) -> Iterator[Any]:
-        # Describing would take a snapshot; the registry then collects once to learn names.
-        return iter(())
+        # The registry learns the names at registration (and refuses a second collector
+        # with the same prefix); the families of a snapshot are what collect() gives.
+        return self.collect()
 
     def collect(self) -> Iterator[Any]:
         m = self._snapshot()

@@ -97,14 +97,17 @@ _FIRST = RequestNote()
 _NOTE: ContextVar[RequestNote] = ContextVar("sharded_chroma_request_note", default=_FIRST)
 
 
-class NoTracing:
-    """Tracing off: calls open nothing and set nothing."""
+_OFF: contextlib.nullcontext[CallTrace] = contextlib.nullcontext(NO_CALL)
+_UNLABELLED: contextlib.nullcontext[None] = contextlib.nullcontext()
 
-    @contextlib.contextmanager
+
+class NoTracing:
+    """Tracing off: calls open nothing and set nothing (one shared, reusable null context)."""
+
     def call(
         self, operation: str, *, tenant: str, database: str, batch: int | None = None
-    ) -> Iterator[CallTrace]:
-        yield NO_CALL
+    ) -> contextlib.AbstractContextManager[CallTrace]:
+        return _OFF
 
 
 NO_TRACING: Tracing = NoTracing()
@@ -129,14 +132,17 @@ def serving_call(call: CallTrace) -> Iterator[None]:
         _CALL.reset(token)
 
 
-@contextlib.contextmanager
-def noting(attempt: int, hedged: bool = False) -> Iterator[None]:
-    """Label the requests sent inside with their attempt number and hedge flag; nothing when
-    no traced call is running."""
+def noting(attempt: int, hedged: bool = False) -> contextlib.AbstractContextManager[None]:
+    """Label the requests sent inside with their attempt number and hedge flag; a shared null
+    context when no traced call is running."""
     if _CALL.get() is None:
-        yield
-        return
-    token = _NOTE.set(RequestNote(attempt, hedged))
+        return _UNLABELLED
+    return _labelled(RequestNote(attempt, hedged))
+
+
+@contextlib.contextmanager
+def _labelled(note: RequestNote) -> Iterator[None]:
+    token = _NOTE.set(note)
     try:
         yield
     finally:
