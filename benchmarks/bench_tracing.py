@@ -13,8 +13,10 @@ queries (``n_results=10``) at ``--concurrency`` in flight for each of:
 - ``official``: chromadb's AsyncHttpClient on one server;
 - ``off``: the sharded client without a tracer provider;
 - ``on``: the sharded client with an SDK ``TracerProvider`` whose spans go to an
-  ``InMemorySpanExporter`` through a ``SimpleSpanProcessor`` (cleared after every round),
-  plus a ``MeterProvider`` with an in-memory reader for the duration histogram.
+  ``InMemorySpanExporter`` (cleared after every round) through a ``BatchSpanProcessor`` (what
+  a deployment uses; ``--simple`` for the synchronous ``SimpleSpanProcessor``, which exports
+  each span on the caller's thread), plus a ``MeterProvider`` with an in-memory reader for
+  the duration histogram.
 
 Per round: queries/s of each; the table shows medians with [min-max] over rounds and the
 paired ratios on/off and off/official (both sides from the same round). Goals (issue 13):
@@ -43,7 +45,10 @@ from chromadb.config import Settings  # noqa: E402
 from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export import (  # noqa: E402
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+)
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
     InMemorySpanExporter,
 )
@@ -65,7 +70,8 @@ async def main(args: argparse.Namespace) -> None:
             urls = [s.url for s in cluster.servers]
             spans = InMemorySpanExporter()
             provider = TracerProvider()
-            provider.add_span_processor(SimpleSpanProcessor(spans))
+            processor = SimpleSpanProcessor(spans) if args.simple else BatchSpanProcessor(spans)
+            provider.add_span_processor(processor)
             meters = MeterProvider(metric_readers=[InMemoryMetricReader()])
             off = await sharded_chroma.AsyncHttpClient(shards=urls)
             on = await sharded_chroma.AsyncHttpClient(
@@ -116,6 +122,7 @@ async def main(args: argparse.Namespace) -> None:
         finally:
             cluster.stop()
     info = _machine.machine_info(
+        processor="simple" if args.simple else "batch",
         shards=str(args.shards),
         records=str(args.records),
         dim=str(args.dim),
@@ -144,6 +151,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="2000 x 64, 100 queries, 2 rounds")
+    p.add_argument("--simple", action="store_true", help="SimpleSpanProcessor instead of batch")
     args = p.parse_args(argv)
     if args.quick:
         args.records, args.dim, args.queries, args.rounds, args.warmup = 2000, 64, 100, 2, 10

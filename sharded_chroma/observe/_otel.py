@@ -8,6 +8,7 @@ Only the providers the application hands in are used; nothing here installs a gl
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -27,6 +28,12 @@ _SCOPE = "sharded_chroma"
 # The conventions' advice for db.client.operation.duration, in seconds.
 _BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 _W3C = TraceContextTextMapPropagator()
+
+
+@functools.lru_cache(maxsize=1024)
+def _address(url: str) -> tuple[str | None, int]:
+    parts = urlsplit(url)
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
 
 
 class _Request:
@@ -84,7 +91,7 @@ class _Call:
     def request(
         self, method: str, path: str, *, shard: str, url: str, primary: bool
     ) -> RequestTrace:
-        parts = urlsplit(url)
+        host, port = _address(url)
         note = current_note()
         endpoint = path.rsplit("/", 1)[-1] or path
         span = self._tracer.start_span(
@@ -95,8 +102,8 @@ class _Call:
                     "db.system.name": "chroma",
                     "db.operation.name": self._operation,
                     "db.collection.name": self.collection,
-                    "server.address": parts.hostname,
-                    "server.port": parts.port or (443 if parts.scheme == "https" else 80),
+                    "server.address": host,
+                    "server.port": port,
                     "http.request.method": method,
                     "sharded_chroma.shard": shard,
                     "sharded_chroma.node.role": "primary" if primary else "replica",
