@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 _ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT))
+# PYTHONPATH (another checkout's package) wins over this checkout, as in bench_client.py.
+sys.path.insert(0 if "PYTHONPATH" not in os.environ else len(sys.path), str(_ROOT))
 sys.path.insert(0, str(_ROOT / "benchmarks"))
 
 import _machine  # noqa: E402
@@ -74,8 +76,12 @@ async def main(args: argparse.Namespace) -> None:
             provider.add_span_processor(processor)
             meters = MeterProvider(metric_readers=[InMemoryMetricReader()])
             off = await sharded_chroma.AsyncHttpClient(shards=urls)
-            on = await sharded_chroma.AsyncHttpClient(
-                shards=urls, tracer_provider=provider, meter_provider=meters
+            on = (
+                off
+                if args.off_only
+                else await sharded_chroma.AsyncHttpClient(
+                    shards=urls, tracer_provider=provider, meter_provider=meters
+                )
             )
             host, port = urls[0].removeprefix("http://").rsplit(":", 1)
             official = await chromadb.AsyncHttpClient(
@@ -95,11 +101,9 @@ async def main(args: argparse.Namespace) -> None:
                 log(f"loading {args.records} records x {args.dim}")
                 await add_all(sharded_col, data, 500)
                 await add_all(plain, data, 500)
-                cols: dict[str, Any] = {
-                    "official": plain,
-                    "off": sharded_col,
-                    "on": await on.get_collection(NAME, embedding_function=None),
-                }
+                cols: dict[str, Any] = {"official": plain, "off": sharded_col}
+                if not args.off_only:
+                    cols["on"] = await on.get_collection(NAME, embedding_function=None)
                 rates: dict[str, list[float]] = {k: [] for k in cols}
                 for round_no in range(args.rounds):
                     for name in alternate(list(cols), round_no):
@@ -117,11 +121,13 @@ async def main(args: argparse.Namespace) -> None:
                         log(f"round {round_no + 1} {name}: {rate:.0f} queries/s")
             finally:
                 await off.aclose()
-                await on.aclose()
+                if on is not off:
+                    await on.aclose()
                 provider.shutdown()
         finally:
             cluster.stop()
     info = _machine.machine_info(
+        package=str(Path(sharded_chroma.__file__).parent),
         processor="simple" if args.simple else "batch",
         shards=str(args.shards),
         records=str(args.records),
@@ -152,6 +158,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="2000 x 64, 100 queries, 2 rounds")
     p.add_argument("--simple", action="store_true", help="SimpleSpanProcessor instead of batch")
+    p.add_argument(
+        "--off-only",
+        action="store_true",
+        help="official and off only: runs against a checkout without tracing (PYTHONPATH)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.records, args.dim, args.queries, args.rounds, args.warmup = 2000, 64, 100, 2, 10
