@@ -138,9 +138,9 @@ async def main(args: argparse.Namespace) -> None:
     print(f"\n{'client':<10} {'queries/s median [min-max] over rounds':>40}")
     for name, values in rates.items():
         print(f"{name:<10} {med(values):>12.0f} [{min(values):.0f}-{max(values):.0f}]")
-    print(
-        f"\non / off (paired per round):       {spread(paired_ratios(rates['on'], rates['off']))}"
-    )
+    if "on" in rates:
+        on_off = spread(paired_ratios(rates["on"], rates["off"]))
+        print(f"\non / off (paired per round):       {on_off}")
     print(
         "off / official (paired per round): "
         f"{spread(paired_ratios(rates['off'], rates['official']))}"
