@@ -6,7 +6,7 @@ The client has chromadb's ``AsyncClientAPI`` data-plane methods and returns coll
 ``AsyncCollection``'s methods, result shapes and error classes.
 """
 
-from ._client import AsyncHttpClient, ShardedClient
+from ._client import ShardedClient
 from ._collection import ShardedCollection
 from ._errors import (
     AuthenticationError,
@@ -25,6 +25,7 @@ from ._errors import (
     TLSError,
     WriteConcernError,
 )
+from ._factory import AsyncHttpClient
 from ._fanout import Coverage
 from ._layout import CollectionLayout, PartitionCount
 from ._options import options

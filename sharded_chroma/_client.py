@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, cast
@@ -26,7 +26,7 @@ from chromadb.api.types import (
 from chromadb.types import Collection as CollectionModel
 
 from ._collection import ShardedCollection
-from ._errors import ClientClosedError, ConfigurationError
+from ._errors import ClientClosedError
 from ._layout import CollectionLayout, collection_layout
 from ._node import Node
 from ._policies import PolicyLike, build_policy
@@ -36,11 +36,11 @@ from ._topology import Topology
 from ._transport import NodeStats
 from .api._arguments import refuse_metadata_like_server, refuse_unaddressable
 from .control._maps import PartitionMap
-from .observe import make_tracing
+from .observe import CallTrace, make_tracing
 from .observe._metrics import ClientMetrics
 from .rebalance._engine import MigrationReport
 
-__all__ = ["AsyncHttpClient", "ShardedClient"]
+__all__ = ["ShardedClient"]
 
 _DEFAULT_EF: Any = DefaultEmbeddingFunction()
 
@@ -200,6 +200,11 @@ class ShardedClient:
 
     # -- collections ------------------------------------------------------------------------
 
+    def _traced(self, operation: str) -> contextlib.AbstractContextManager[CallTrace]:
+        """A CLIENT span for a collection-management call (a null one with tracing off)."""
+        tracing = self._live().tracing
+        return tracing.call(operation, tenant=self.tenant, database=self.database)
+
     def _wrap(
         self,
         model: CollectionModel,
@@ -216,13 +221,15 @@ class ShardedClient:
     async def list_collections(
         self, limit: int | None = None, offset: int | None = None
     ) -> Sequence[ShardedCollection]:
-        models = await self._live().catalog.list_collections(
-            limit, offset, self.tenant, self.database
-        )
+        with self._traced("list_collections"):
+            models = await self._live().catalog.list_collections(
+                limit, offset, self.tenant, self.database
+            )
         return [self._wrap(m, _DEFAULT_EF) for m in models]
 
     async def count_collections(self) -> int:
-        return await self._live().catalog.count_collections(self.tenant, self.database)
+        with self._traced("count_collections"):
+            return await self._live().catalog.count_collections(self.tenant, self.database)
 
     async def create_collection(
         self,
@@ -254,16 +261,20 @@ class ShardedClient:
         if embedding_function is not None and configured_ef is None:
             configuration["embedding_function"] = embedding_function
         refuse_metadata_like_server(name, schema, configuration, metadata, get_or_create)
-        model = await catalog.create_collection(
-            name,
-            schema,
-            configuration,
-            metadata,
-            get_or_create,
-            self.tenant,
-            self.database,
-            policy=policy,
-        )
+        with self._traced(
+            "get_or_create_collection" if get_or_create else "create_collection"
+        ) as t:
+            t.named(name)
+            model = await catalog.create_collection(
+                name,
+                schema,
+                configuration,
+                metadata,
+                get_or_create,
+                self.tenant,
+                self.database,
+                policy=policy,
+            )
         if get_or_create:
             validate_embedding_function_conflict_on_get(
                 embedding_function, model.configuration_json.get("embedding_function")
@@ -304,7 +315,9 @@ class ShardedClient:
     ) -> ShardedCollection:
         catalog = self._live().catalog
         refuse_unaddressable(name)
-        model = await catalog.get_collection(name, self.tenant, self.database)
+        with self._traced("get_collection") as t:
+            t.named(name)
+            model = await catalog.get_collection(name, self.tenant, self.database)
         return self._opened(model, embedding_function, data_loader)
 
     async def get_collection_by_id(
@@ -314,7 +327,9 @@ class ShardedClient:
         data_loader: DataLoader[Loadable] | None = None,
     ) -> ShardedCollection:
         """By the cluster's collection id (``collection.id``), stable across processes."""
-        model = await self._live().catalog.get_collection_by_id(id, self.tenant, self.database)
+        with self._traced("get_collection") as t:
+            model = await self._live().catalog.get_collection_by_id(id, self.tenant, self.database)
+            t.named(model.name)
         return self._opened(model, embedding_function, data_loader)
 
     def _opened(
@@ -333,56 +348,6 @@ class ShardedClient:
     async def delete_collection(self, name: str) -> None:
         catalog = self._live().catalog
         refuse_unaddressable(name)
-        await catalog.delete_collection(name, self.tenant, self.database)
-
-
-async def _connect(node: Node, tenant: str, database: str) -> Any:
-    # The tenant first, as the official client asks, so a wrong tenant is named as such.
-    await node.transport.request("GET", f"/tenants/{tenant}")
-    return await node.transport.request("GET", f"/tenants/{tenant}/databases/{database}")
-
-
-async def AsyncHttpClient(
-    shards: Sequence[str] | None = None,
-    *,
-    topology: Topology | str | os.PathLike[str] | None = None,
-    tenant: str | None = None,
-    database: str | None = None,
-    routing_key: str | None = None,
-    tracer_provider: Any = None,
-    meter_provider: Any = None,
-) -> ShardedClient:
-    """Create a client for a sharded Chroma cluster.
-
-    Give either ``shards`` (one Chroma server URL per shard; records placed by hash of their id)
-    or ``topology`` (a ``Topology`` or the path of a TOML topology file). ``tenant``,
-    ``database`` and ``routing_key`` override the topology's. Every shard's primary is asked for
-    the tenant and database before the client is returned, as chromadb's client does.
-
-    ``tracer_provider`` and ``meter_provider`` (OpenTelemetry's, optional) turn on a CLIENT
-    span per collection call with a child span per node request, and the
-    ``db.client.operation.duration`` histogram; the client never installs a global provider.
-    """
-    if (shards is None) == (topology is None):
-        raise ConfigurationError("give exactly one of shards=[urls] or topology=")
-    overrides = {
-        k: v
-        for k, v in (("tenant", tenant), ("database", database), ("routing_key", routing_key))
-        if v is not None
-    }
-    if shards is not None:
-        topo = Topology.from_urls(shards, **overrides)
-    else:
-        topo = topology if isinstance(topology, Topology) else Topology.from_toml(topology)  # type: ignore[arg-type]
-        if overrides:
-            topo = Topology.build({**topo.model_dump(), **overrides})
-    client = ShardedClient(topo, tracer_provider=tracer_provider, meter_provider=meter_provider)
-    try:
-        await client._runtime.cluster.call_all(
-            "connect",
-            lambda _n, node: _connect(node, topo.tenant, topo.database),
-        )
-    except BaseException:
-        await client.aclose()
-        raise
-    return client
+        with self._traced("delete_collection") as t:
+            t.named(name)
+            await catalog.delete_collection(name, self.tenant, self.database)

@@ -48,6 +48,7 @@ class Runtime:
 
     def __init__(self, topology: Topology, tracing: Tracing = NO_TRACING) -> None:
         self.topology = topology
+        self.tracing = tracing
         self.states = StateCache()
         catalog_url = topology.shards[0].nodes[0].url
         self.physical = PhysicalIds(catalog_url, self.states)

@@ -242,3 +242,36 @@ async def test_trace_context_reaches_the_server(
     }
     received = {tuple(v.split("-")[1:3]) for v in logged if v.startswith("00-")}
     assert sent and sent <= received
+
+
+async def test_collection_management_calls_are_spans(
+    shard_urls: list[str], exporter: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, spans = exporter
+    client = await sharded_chroma.AsyncHttpClient(shards=shard_urls, tracer_provider=provider)
+    try:
+        spans.clear()
+        col = await client.create_collection("ddl", embedding_function=None)
+        await client.get_collection("ddl", embedding_function=None)
+        await client.get_collection_by_id(col.id, embedding_function=None)
+        await client.get_or_create_collection("ddl", embedding_function=None)
+        assert await client.count_collections() == 1
+        await client.list_collections()
+        await client.delete_collection("ddl")
+    finally:
+        await client.aclose()
+    got = list(spans.get_finished_spans())
+    names = [s.name for s in sorted(roots(got), key=lambda s: s.start_time or 0)]
+    assert names == [
+        "create_collection ddl",
+        "get_collection ddl",
+        "get_collection ddl",
+        "get_or_create_collection ddl",
+        "count_collections",
+        "list_collections",
+        "delete_collection ddl",
+    ]
+    create = next(s for s in roots(got) if s.name == "create_collection ddl")
+    # Created on every shard: one request span per shard at least, all under the call.
+    shards = {dict(s.attributes or {})["sharded_chroma.shard"] for s in children(got, create)}
+    assert shards == {"s0", "s1", "s2"}

@@ -11,7 +11,8 @@ from typing import Any
 import anyio
 from chromadb.api.types import Where
 
-from .._client import AsyncHttpClient, ShardedClient
+from .._client import ShardedClient
+from .._factory import AsyncHttpClient
 from .._policies import FieldPolicy
 from ..testing import LocalCluster
 from ._corpus import REGIONS, batches, query_vectors
