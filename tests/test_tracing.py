@@ -5,10 +5,12 @@ and nothing installed globally."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from chromadb.errors import NotFoundError
 from opentelemetry import trace
@@ -232,15 +234,22 @@ async def test_trace_context_reaches_the_server(
             await col.add(ids=["a"], embeddings=[[1.0]])
         finally:
             await client.aclose()
-        logged = (proxy.run_dir / "traceparent.log").read_text().split()
-    got = list(spans.get_finished_spans())
-    (root,) = roots(got)
-    sent = {
-        (f"{s.context.trace_id:032x}", f"{s.context.span_id:016x}")
-        for s in children(got, root)
-        if s.context is not None
-    }
-    received = {tuple(v.split("-")[1:3]) for v in logged if v.startswith("00-")}
+        got = list(spans.get_finished_spans())
+        (root,) = roots(got)
+        sent = {
+            (f"{s.context.trace_id:032x}", f"{s.context.span_id:016x}")
+            for s in children(got, root)
+            if s.context is not None
+        }
+        # nginx logs a request once it has finished it, which can be just after the client
+        # has its answer.
+        deadline = time.monotonic() + 5.0
+        while True:
+            logged = (proxy.run_dir / "traceparent.log").read_text().split()
+            received = {tuple(v.split("-")[1:3]) for v in logged if v.startswith("00-")}
+            if sent <= received or time.monotonic() > deadline:
+                break
+            await anyio.sleep(0.05)
     assert sent and sent <= received
 
 
@@ -275,3 +284,54 @@ async def test_collection_management_calls_are_spans(
     # Created on every shard: one request span per shard at least, all under the call.
     shards = {dict(s.attributes or {})["sharded_chroma.shard"] for s in children(got, create)}
     assert shards == {"s0", "s1", "s2"}
+
+
+async def test_a_hedged_read_and_the_epoch_are_on_the_spans(
+    request: pytest.FixtureRequest,
+    shard_urls: list[str],
+    tmp_path: Path,
+    exporter: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    """Both copies answer slowly: the read is hedged to the other copy, whose request span
+    says ``hedged``; the metrics count the hedge sent. With a control store the call carries
+    its map's epoch."""
+    provider, spans = exporter
+    slow = [FaultProxy("127.0.0.1", int(u.rsplit(":", 1)[1])).start() for u in shard_urls[:2]]
+    for proxy in slow:
+        request.addfinalizer(proxy.stop)
+    topo = Topology.build(
+        {
+            "shards": [{"name": "s0", "primary": slow[0].url, "replicas": [slow[1].url]}],
+            "replication": {
+                "hints_dir": str(tmp_path / "hints"),
+                "hedge_after": 0.05,
+                "hedge_percentile": None,
+                "hedge_budget": 1.0,
+            },
+            "control": {"backend": "sqlite", "path": str(tmp_path / "control.db")},
+        }
+    )
+    client = await sharded_chroma.AsyncHttpClient(topology=topo, tracer_provider=provider)
+    try:
+        col = await client.create_collection("hedged", embedding_function=None)
+        await col.add(ids=["a"], embeddings=[[1.0]])
+        for _ in range(2):  # physical ids looked up on both copies before the delay
+            await col.get(ids=["a"])
+        for proxy in slow:
+            proxy.set_latency(0.3)
+        spans.clear()
+        assert (await col.get(ids=["a"]))["ids"] == ["a"]
+        metrics = {n.role: n for n in client.metrics().nodes}
+    finally:
+        await client.aclose()
+    got = list(spans.get_finished_spans())
+    (root,) = roots(got)
+    assert dict(root.attributes or {})["sharded_chroma.epoch"] == 0
+    reqs = [dict(s.attributes or {}) for s in children(got, root) if s.name == "POST get"]
+    hedged = [a for a in reqs if a["sharded_chroma.hedged"]]
+    first = [a for a in reqs if not a["sharded_chroma.hedged"]]
+    assert len(hedged) == 1 and len(first) == 1
+    roles = {hedged[0]["sharded_chroma.node.role"], first[0]["sharded_chroma.node.role"]}
+    assert roles == {"primary", "replica"}
+    assert hedged[0]["sharded_chroma.attempt"] == first[0]["sharded_chroma.attempt"] == 1
+    assert sum(n.hedges_sent for n in metrics.values()) == 1
