@@ -67,6 +67,11 @@ class NodeConfig(BaseModel):
     headers: Annotated[Mapping[str, str], AfterValidator(FrozenDict)] = Field(
         default_factory=FrozenDict, repr=False
     )
+    header_env: Annotated[Mapping[str, str], AfterValidator(FrozenDict)] = Field(
+        default_factory=FrozenDict
+    )
+    """Headers whose values come from environment variables (``{"X-Api-Key": "API_KEY"}``):
+    a credential header without its value in the topology text; masked in error texts."""
     token_env: str | None = None
     """Name of an environment variable holding the auth token; the token itself is never stored
     in the configuration, so it never appears in reprs, logs or errors."""
@@ -125,7 +130,10 @@ class NodeConfig(BaseModel):
                 "basic auth and a token both use the Authorization header; "
                 'set token_header = "X-Chroma-Token" to send both'
             )
-        taken = {h.lower() for h in self.headers}
+        clash = {h.lower() for h in self.headers} & {h.lower() for h in self.header_env}
+        if clash:
+            raise ValueError(f"headers and header_env both set {sorted(clash)}")
+        taken = {h.lower() for h in (*self.headers, *self.header_env)}
         if has_token and self.token_header.lower() in taken:
             raise ValueError(f"headers also set {self.token_header}, which the token fills")
         if self.username is not None and "authorization" in taken:
@@ -159,6 +167,11 @@ class NodeConfig(BaseModel):
             if _CREDENTIAL_NAME.search(name):
                 # Very short values would mask ordinary words in error texts.
                 secrets += [v for v in (value, value.partition(" ")[2]) if len(v) >= 6]
+        for name, env in self.header_env.items():
+            from_env = self._secret(env, None, f"{name} header")
+            assert from_env is not None
+            headers[name] = from_env
+            secrets += [from_env, from_env.partition(" ")[2]]
         sources = []
         token = self._secret(self.token_env, self.token_file, "token")
         if token is not None:

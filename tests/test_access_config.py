@@ -184,3 +184,29 @@ def test_validation_errors_do_not_quote_headers() -> None:
         NodeConfig(url="http://h:1", headers={"X-Api-Key": "k3y-secret-99"}, username="u")
     assert "k3y-secret-99" not in str(raised.value)
     assert "k3y-secret-99" not in repr(node(headers={"X-Api-Key": "k3y-secret-99"}).access())
+
+
+def test_header_values_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SC_API_KEY", "api-key-from-env-77")
+    cfg = node(header_env={"X-Api-Key": "SC_API_KEY"})
+    assert cfg.resolved_headers() == {"X-Api-Key": "api-key-from-env-77"}
+    assert "api-key-from-env-77" in cfg.access().secrets
+    assert "api-key-from-env-77" not in repr(cfg)
+    monkeypatch.delenv("SC_API_KEY")
+    with pytest.raises(ConfigurationError, match="'SC_API_KEY' is not set"):
+        cfg.access()
+    with pytest.raises(ConfigurationError, match="both set"):
+        Topology.build(
+            {
+                "shards": [
+                    {
+                        "name": "s0",
+                        "primary": {
+                            "url": "http://h:1",
+                            "headers": {"x-api-key": "literal"},
+                            "header_env": {"X-Api-Key": "SC_API_KEY"},
+                        },
+                    }
+                ]
+            }
+        )
