@@ -90,6 +90,9 @@ class Hedger:
         async def run(node: Node, hedged: bool = False) -> None:
             try:
                 if hedged:
+                    # Counted once it runs: a hedge cancelled before it started (the first
+                    # copy answered in between) sent nothing.
+                    first.hedges_sent += 1
                     with noting(current_note().attempt, hedged=True):
                         result = await timed(op, node)
                 else:
@@ -117,7 +120,6 @@ class Hedger:
             if not done.is_set() and self.budget.allow():
                 hedge = others[0]
                 self.budget.spend()
-                first.hedges_sent += 1
                 launched.append(hedge)
                 tg.start_soon(run, hedge, True)
             await done.wait()
