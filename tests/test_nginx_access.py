@@ -457,3 +457,65 @@ async def test_a_write_every_copy_refuses_is_owed_to_nobody(
         assert await client.replay_hints() == 0
     finally:
         await client.aclose()
+
+
+async def test_concurrent_writers_beside_a_refusing_replica_lose_nothing(
+    proxies: Any,
+    certs: Certs,
+    shard_urls: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Six tasks add, upsert, update, delete and read the same twelve ids while the replica's
+    proxy refuses this client's token (write concern one: the primary acknowledges). The
+    history checker passes on the primary; then a client with the right token replays what
+    the replica is owed, and the replica equals the primary record for record."""
+    from tests._history import check
+    from tests.test_concurrent_writes import pool_of, seen, writers
+
+    (replica_proxy,) = proxies(TOKEN_SNIPPETS, upstreams=shard_urls[:1])
+    primary = shard_urls[1]
+    hints = str(tmp_path / "hints")
+
+    def topo() -> Topology:
+        node = {"token_env": "SC_TEST_TOKEN", "ca_file": str(certs.ca)}
+        return Topology.build(
+            {
+                "shards": [
+                    {
+                        "name": "s0",
+                        "primary": primary,
+                        "replicas": [{"url": replica_proxy.url, **node}],
+                    }
+                ],
+                "replication": {
+                    "hints_dir": hints,
+                    "replay_in_background": False,
+                    "read_selection": "primary_only",
+                    "write_concern": "one",
+                },
+            }
+        )
+
+    monkeypatch.setenv("SC_TEST_TOKEN", TOKEN)
+    async with await sharded_chroma.AsyncHttpClient(topology=topo()) as client:
+        await client.create_collection("race", embedding_function=None)
+    monkeypatch.setenv("SC_TEST_TOKEN", WRONG_TOKEN)
+    async with await sharded_chroma.AsyncHttpClient(topology=topo()) as client:
+        col = await client.get_collection("race", embedding_function=None)
+        log = await writers(col, "w", 6, pool_of(12), 3.0)
+        final = seen(await col.get(include=["metadatas", "documents"]))
+    acked = [op for op in log.ops if op.kind != "get" and op.outcome == "ok"]
+    assert len(acked) > 50, log.errors[:3]
+    assert not any("AuthenticationError" in e for e in log.errors), log.errors[:3]
+    found = check(log.ops, final)
+    assert not found, found[:10]
+
+    monkeypatch.setenv("SC_TEST_TOKEN", TOKEN)
+    async with await sharded_chroma.AsyncHttpClient(topology=topo()) as client:
+        assert await client.replay_hints() > 0
+        assert all(s.pending_hints == 0 for s in await client.status())
+    want = clean(await node_records(primary, "race"))
+    got = clean(await node_records(shard_urls[0], "race"))
+    assert got == want
+    assert {rid for rid, _ in final} == set(want)
