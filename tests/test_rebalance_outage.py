@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ async def test_etcd_down_during_a_move(
     """Reads go on under the last map; writes stop with a clear error once the client's lease
     may have expired (never before the store is gone, never to a place no map names); after
     etcd is back both work again and the migration resumes to the end."""
+    _ignore_grpc_callbacks_into_closed_loops()
     control = {
         "backend": "etcd",
         "endpoints": [etcd.endpoint],
@@ -139,6 +141,32 @@ async def test_etcd_down_during_a_move(
         final = seen(await col.get(include=["metadatas", "documents"]))
         found = check(log.ops, final, await raw_parts(shard_urls, str(col.id)))
         assert not found, found[:10]
+
+
+def _ignore_grpc_callbacks_into_closed_loops() -> None:
+    """grpc's completion queue can hand an event for a channel whose loop (a client's
+    control-store thread) has already closed to this loop, where it fails with "Event loop is
+    closed"; anyio's pytest plugin then fails the test for a callback error that is grpc's
+    own bookkeeping, not the behaviour under test (seen in most full-suite runs on
+    2026-12-03, also before the change of that day). Only that exact failure is dropped;
+    every other callback error still reaches the plugin's handler."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if (
+            isinstance(exc, RuntimeError)
+            and str(exc) == "Event loop is closed"
+            and "completion_queue" in "".join(traceback.format_tb(exc.__traceback__))
+        ):
+            return
+        if previous is None:
+            loop.default_exception_handler(context)
+        else:
+            previous(loop, context)
+
+    loop.set_exception_handler(handler)
 
 
 async def _resume(client: Any) -> Any:
