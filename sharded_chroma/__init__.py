@@ -1,9 +1,11 @@
 """sharded_chroma: several self-hosted Chroma servers behind one drop-in async client.
 
     client = await sharded_chroma.AsyncHttpClient(shards=["http://127.0.0.1:8000", ...])
+    client = sharded_chroma.HttpClient(shards=[...])  # the same, for sync code
 
-The client has chromadb's ``AsyncClientAPI`` data-plane methods and returns collections with
-``AsyncCollection``'s methods, result shapes and error classes.
+The async client has chromadb's ``AsyncClientAPI`` data-plane methods and returns collections
+with ``AsyncCollection``'s methods, result shapes and error classes; the sync one has
+``ClientAPI``'s and returns chromadb's own sync ``Collection`` class.
 """
 
 from ._client import ShardedClient
@@ -36,6 +38,7 @@ from ._transport import NodeStats
 from ._version import VERSION
 from .observe import prometheus_collector
 from .observe._metrics import CallMetrics, ClientMetrics, LatencySnapshot, NodeMetrics
+from .sync import HttpClient, SyncShardedClient, SyncShardedCollection
 
 __all__ = [
     "AsyncHttpClient",
@@ -53,6 +56,7 @@ __all__ = [
     "FieldPolicy",
     "HashPolicy",
     "HintLogFullError",
+    "HttpClient",
     "LatencySnapshot",
     "NodeAccessError",
     "NodeConfig",
@@ -70,6 +74,8 @@ __all__ = [
     "ShardedChromaError",
     "ShardedClient",
     "ShardedCollection",
+    "SyncShardedClient",
+    "SyncShardedCollection",
     "TLSError",
     "TimePolicy",
     "TimeRange",

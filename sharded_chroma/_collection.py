@@ -8,7 +8,7 @@ keyword-only (``on_shard_error=``) or new methods (``scan``).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from chromadb.api.models.AsyncCollection import AsyncCollection
@@ -27,22 +27,22 @@ from chromadb.api.types import (
     WhereDocument,
 )
 
+from ._collection_calls import (
+    GET_INCLUDE,
+    QUERY_INCLUDE,
+    cutoff_of,
+    get_call,
+    query_call,
+    scan_call,
+    shaped_get,
+    shaped_query,
+)
 from ._fanout import OnShardError
-from ._timebuckets import TimeValueError, parse_time
 
 if TYPE_CHECKING:
     from .api._server import ShardedServer
 
 __all__ = ["ShardedCollection"]
-
-_GET_INCLUDE: Include = ["metadatas", "documents"]
-_QUERY_INCLUDE: Include = ["metadatas", "documents", "distances"]
-
-
-def _check_mode(on_shard_error: str) -> OnShardError:
-    if on_shard_error not in ("raise", "partial"):
-        raise ValueError(f"on_shard_error must be 'raise' or 'partial', got {on_shard_error!r}")
-    return cast(OnShardError, on_shard_error)
 
 
 class ShardedCollection(AsyncCollection):
@@ -65,31 +65,15 @@ class ShardedCollection(AsyncCollection):
         limit: int | None = None,
         offset: int | None = None,
         where_document: WhereDocument | None = None,
-        include: Include = _GET_INCLUDE,
+        include: Include = GET_INCLUDE,
         *,
         on_shard_error: OnShardError = "raise",
     ) -> GetResult:
         """Records in the cluster's insertion order; see ``AsyncCollection.get``."""
-        mode = _check_mode(on_shard_error)
-        request = self._validate_and_prepare_get_request(
-            ids=ids, where=where, where_document=where_document, include=include
+        shown, kwargs = get_call(
+            self, ids, where, limit, offset, where_document, include, on_shard_error
         )
-        response = await self._server._get(
-            collection_id=self.id,
-            ids=request["ids"],
-            where=request["where"],
-            where_document=request["where_document"],
-            include=request["include"],
-            limit=limit,
-            offset=offset,
-            tenant=self.tenant,
-            database=self.database,
-            on_shard_error=mode,
-        )
-        result = self._transform_get_response(response=response, include=request["include"])
-        if "coverage" in response:
-            result["coverage"] = response["coverage"]  # type: ignore[typeddict-item]
-        return result
+        return shaped_get(self, await self._server._get(**kwargs), shown)
 
     async def query(
         self,
@@ -101,39 +85,25 @@ class ShardedCollection(AsyncCollection):
         n_results: int = 10,
         where: Where | None = None,
         where_document: WhereDocument | None = None,
-        include: Include = _QUERY_INCLUDE,
+        include: Include = QUERY_INCLUDE,
         *,
         on_shard_error: OnShardError = "raise",
     ) -> QueryResult:
         """Nearest neighbours across all shards, merged exactly by (distance, id)."""
-        mode = _check_mode(on_shard_error)
-        request = self._validate_and_prepare_query_request(
-            query_embeddings=query_embeddings,
-            query_texts=query_texts,
-            query_images=query_images,
-            query_uris=query_uris,
-            ids=ids,
-            n_results=n_results,
-            where=where,
-            where_document=where_document,
-            include=include,
+        shown, kwargs = query_call(
+            self,
+            query_embeddings,
+            query_texts,
+            query_images,
+            query_uris,
+            ids,
+            n_results,
+            where,
+            where_document,
+            include,
+            on_shard_error,
         )
-        response = await self._server._query(
-            collection_id=self.id,
-            ids=request["ids"],
-            query_embeddings=request["embeddings"],
-            n_results=request["n_results"],
-            where=request["where"],
-            where_document=request["where_document"],
-            include=request["include"],
-            tenant=self.tenant,
-            database=self.database,
-            on_shard_error=mode,
-        )
-        result = self._transform_query_response(response=response, include=request["include"])
-        if "coverage" in response:
-            result["coverage"] = response["coverage"]  # type: ignore[typeddict-item]
-        return result
+        return shaped_query(self, await self._server._query(**kwargs), shown)
 
     async def scan(
         self,
@@ -141,7 +111,7 @@ class ShardedCollection(AsyncCollection):
         *,
         where: Where | None = None,
         where_document: WhereDocument | None = None,
-        include: Include = _GET_INCLUDE,
+        include: Include = GET_INCLUDE,
     ) -> AsyncIterator[GetResult]:
         """Iterate over the whole collection in pages of at most ``batch_size`` records, in
         ``get()`` order, holding at most one page per shard in memory.
@@ -151,22 +121,9 @@ class ShardedCollection(AsyncCollection):
         answers each page and whatever is deleted meanwhile (a record deleted or written
         during the scan appears at most once).
         """
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        request = self._validate_and_prepare_get_request(
-            ids=None, where=where, where_document=where_document, include=include
-        )
-        pages = self._server.scan(
-            self.id,
-            batch_size=batch_size,
-            where=request["where"],
-            where_document=request["where_document"],
-            include=request["include"],
-            tenant=self.tenant,
-            database=self.database,
-        )
-        async for page in pages:
-            yield self._transform_get_response(response=page, include=request["include"])
+        shown, kwargs = scan_call(self, batch_size, where, where_document, include)
+        async for page in self._server.scan(**kwargs):
+            yield self._transform_get_response(response=page, include=shown)
 
     async def get_policy(self) -> Any:
         """The placement policy stored with this collection (the same for every client)."""
@@ -182,14 +139,7 @@ class ShardedCollection(AsyncCollection):
         collection on every copy of its shard, so the time taken does not grow with its size.
         Returns ``(shard, bucket)`` pairs, oldest first; with ``dry_run`` nothing is deleted.
         """
-        if isinstance(before, datetime):
-            moment = before if before.tzinfo else before.replace(tzinfo=timezone.utc)
-            cutoff = moment.timestamp()
-        else:
-            try:
-                cutoff = parse_time(before)
-            except TimeValueError as exc:
-                raise ValueError(f"before: {exc}") from None
+        cutoff = cutoff_of(before)
         return await self._server.drop_partitions(
             self.id, self.tenant, self.database, cutoff, dry_run=dry_run
         )

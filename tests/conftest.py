@@ -11,6 +11,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,7 @@ import sharded_chroma
 from sharded_chroma.testing import LocalChromaServer, LocalCluster
 from sharded_chroma.testing._etcd import LocalEtcd
 from tests._nodes import drop_official_http_pools
+from tests._syncview import sync_client
 
 CLUSTER_SIZE = 4
 # Four servers booting at once on a small CI machine take several seconds each; leave headroom.
@@ -107,6 +109,13 @@ async def sharded(shard_urls: list[str]) -> AsyncIterator[sharded_chroma.Sharded
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture(params=["async", "sync"])
+def connect(request: pytest.FixtureRequest) -> Any:
+    """How a suite run through both clients connects: ``AsyncHttpClient``, or the sync
+    ``HttpClient`` behind an awaitable view (``tests/_syncview.py``)."""
+    return sharded_chroma.AsyncHttpClient if request.param == "async" else sync_client
 
 
 @pytest.fixture

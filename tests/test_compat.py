@@ -13,7 +13,7 @@ import random
 import re
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -36,6 +36,16 @@ DIM = 4
 @pytest.fixture
 async def oracle(oracle_url: str, official_pools: None) -> Any:
     return await official(oracle_url)
+
+
+@pytest.fixture
+async def sharded(shard_urls: list[str], connect: Any) -> AsyncIterator[Any]:
+    """This suite runs through the async client and through the sync one."""
+    client = await connect(shards=shard_urls)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 def _emb(rng: random.Random, n: int, dim: int = DIM) -> list[list[float]]:
@@ -241,12 +251,12 @@ async def test_wrong_dimension_rejected_on_every_shard(oracle: Any, sharded: Any
 
 
 async def test_wrong_dimension_rejected_through_handle_fetched_before_first_write(
-    oracle: Any, shard_urls: list[str]
+    oracle: Any, shard_urls: list[str], connect: Any
 ) -> None:
     """Regression: a handle fetched before the first write once cached dimension=None, so
     shards holding no data yet accepted a wrong dimension (mixed dimensions in the cluster)."""
-    writer = await sharded_chroma.AsyncHttpClient(shards=shard_urls)
-    reader = await sharded_chroma.AsyncHttpClient(shards=shard_urls)
+    writer = await connect(shards=shard_urls)
+    reader = await connect(shards=shard_urls)
     try:
         o_col = await oracle.create_collection("latedim", embedding_function=None)
         w_col = await writer.create_collection("latedim", embedding_function=None)
@@ -287,13 +297,13 @@ async def test_max_batch_size_matches_oracle(oracle: Any, sharded: Any) -> None:
 
 
 async def test_collection_identity_and_catalog(
-    oracle: Any, sharded: Any, shard_urls: list[str]
+    oracle: Any, sharded: Any, shard_urls: list[str], connect: Any
 ) -> None:
     names = ["zeta", "alpha", "mid-one", "beta", "omega"]
     for name in names:
         for c in (oracle, sharded):
             await c.create_collection(name, embedding_function=None, metadata={"label": name})
-    other = await sharded_chroma.AsyncHttpClient(shards=shard_urls)
+    other = await connect(shards=shard_urls)
     try:
         for name in names:
             mine = await sharded.get_collection(name, embedding_function=None)
@@ -547,12 +557,12 @@ def _operations(col: Any) -> dict[str, Callable[[], Awaitable[Any]]]:
 
 @pytest.mark.parametrize("deleter", ["same-client", "other-client"])
 async def test_operations_on_deleted_collection(
-    oracle: Any, sharded: Any, shard_urls: list[str], deleter: str
+    oracle: Any, sharded: Any, shard_urls: list[str], deleter: str, connect: Any
 ) -> None:
     cols = await _pair(oracle, sharded, "doomed")
     for col in cols:
         await col.add(ids=["d1", "d2"], embeddings=[[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
-    other = await sharded_chroma.AsyncHttpClient(shards=shard_urls)
+    other = await connect(shards=shard_urls)
     try:
         await oracle.delete_collection("doomed")
         await (sharded if deleter == "same-client" else other).delete_collection("doomed")
@@ -766,8 +776,10 @@ async def test_negative_offset_raises_like_oracle(oracle: Any, sharded: Any) -> 
 # -- lifecycle --------------------------------------------------------------------------------
 
 
-async def test_client_calls_after_close_raise_client_closed(shard_urls: list[str]) -> None:
-    client = await sharded_chroma.AsyncHttpClient(shards=shard_urls)
+async def test_client_calls_after_close_raise_client_closed(
+    shard_urls: list[str], connect: Any
+) -> None:
+    client = await connect(shards=shard_urls)
     await client.create_collection("closing", embedding_function=None)
     await client.aclose()
     await client.aclose()  # idempotent
@@ -786,10 +798,12 @@ async def test_client_calls_after_close_raise_client_closed(shard_urls: list[str
             await call()
 
 
-async def test_collection_calls_after_close_raise_client_closed(shard_urls: list[str]) -> None:
+async def test_collection_calls_after_close_raise_client_closed(
+    shard_urls: list[str], connect: Any
+) -> None:
     """Regression: these once raised ShardFailureError/PartialWriteError wrapping one
     ClientClosedError per shard."""
-    client = await sharded_chroma.AsyncHttpClient(shards=shard_urls)
+    client = await connect(shards=shard_urls)
     col = await client.create_collection("closing", embedding_function=None)
     await col.add(ids=["a", "b", "c"], embeddings=[[1.0] * DIM] * 3)
     await client.aclose()

@@ -1,5 +1,6 @@
 """Differential tests: one seeded random workload against a plain Chroma server (the oracle) and
-a three-shard cluster behind ``sharded_chroma.AsyncHttpClient``; every observable result must be
+a three-shard cluster behind ``sharded_chroma.AsyncHttpClient`` (and again behind the sync
+``HttpClient``); every observable result must be
 the same.
 
 get() must match exactly, order included: the cluster promises a single server's insertion order
@@ -29,7 +30,6 @@ import chromadb
 import numpy as np
 import pytest
 
-import sharded_chroma
 from tests._nodes import drop_official_http_pools, port_of
 
 pytestmark = pytest.mark.anyio
@@ -482,10 +482,10 @@ async def _create(client: Any, name: str, space: str) -> Any:
     [(11, "l2", 90), (23, "cosine", 90), (37, "l2", 90), (52, "l2", 70)],
 )
 async def test_random_workload_matches_oracle(
-    oracle: Any, shard_urls: list[str], seed: int, space: str, steps: int
+    oracle: Any, shard_urls: list[str], seed: int, space: str, steps: int, connect: Any
 ) -> None:
     rng = random.Random(seed)
-    client = await sharded_chroma.AsyncHttpClient(shards=shard_urls)
+    client = await connect(shards=shard_urls)
     try:
         o_col = await _create(oracle, "workload", space)
         s_col = await _create(client, "workload", space)
@@ -521,7 +521,7 @@ async def test_random_workload_matches_oracle(
         assert len(w.unreachable) <= 5, f"unreachable records: {sorted(w.unreachable)}"
         # A second, independent client sees the same thing (order lives in the data, not in
         # the first client's memory).
-        other = await sharded_chroma.AsyncHttpClient(shards=shard_urls)
+        other = await connect(shards=shard_urls)
         try:
             again = await (await other.get_collection("workload", embedding_function=None)).get(
                 include=full
@@ -534,11 +534,11 @@ async def test_random_workload_matches_oracle(
 
 
 async def test_insertion_order_survives_updates_and_reinserts(
-    oracle: Any, shard_urls: list[str]
+    oracle: Any, shard_urls: list[str], connect: Any
 ) -> None:
     """A hand-written sequence of the order rules: upsert/update keep a record's place,
     delete + add puts it at the end, add of an existing id changes nothing."""
-    client = await sharded_chroma.AsyncHttpClient(shards=shard_urls)
+    client = await connect(shards=shard_urls)
     try:
         cols = [
             await c.create_collection("order", embedding_function=None) for c in (oracle, client)

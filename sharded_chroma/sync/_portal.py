@@ -1,0 +1,146 @@
+"""One event loop on a thread of its own, for callers that have none.
+
+The sync client runs every call of the async core on this loop. Calls come from any thread at
+once; each runs as its own task, in a copy of the calling thread's context variables (so
+``sharded_chroma.options(...)`` and the application's current OpenTelemetry span follow the
+call, as they follow an ``await``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import anyio
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from .._errors import ClientClosedError
+
+__all__ = ["Portal"]
+
+logger = logging.getLogger("sharded_chroma.sync")
+
+_T = TypeVar("_T")
+
+
+def _not_carried() -> frozenset[contextvars.ContextVar[Any]]:
+    """Variables that describe the caller's own event loop, never the portal's: carrying
+    sniffio's "which async library is running" from a trio worker thread would make anyio
+    on the portal's asyncio loop believe it runs under trio."""
+    try:
+        import sniffio
+    except ImportError:  # pragma: no cover - anyio may stop depending on it
+        return frozenset()
+    cvar = getattr(sniffio, "current_async_library_cvar", None)
+    return frozenset() if cvar is None else frozenset({cvar})
+
+
+_NOT_CARRIED = _not_carried()
+
+
+async def _in_context(context: contextvars.Context, fn: Callable[[], Awaitable[_T]]) -> _T:
+    # A portal task starts in a copy of the portal's context; the caller's values are set in
+    # it here, so they stay this task's own and never leak into another call.
+    for var, value in context.items():
+        if var not in _NOT_CARRIED:
+            var.set(value)
+    return await fn()
+
+
+class Portal:
+    """A running event loop on a daemon thread; ``call`` runs a coroutine function on it and
+    blocks the calling thread until it ends. ``close`` waits for calls in flight."""
+
+    def __init__(self, name: str = "sharded-chroma") -> None:
+        self._stack = contextlib.ExitStack()
+        self._portal: BlockingPortal = self._stack.enter_context(
+            start_blocking_portal(name=f"{name}-portal")
+        )
+        self._thread_id: int = self._portal.call(threading.get_ident)
+        self._lock = threading.Lock()
+        self._closed = False
+        # Iterators' pump tasks: one left unfinished (its iterator abandoned, not yet
+        # collected) would wait for its reader forever and hold ``close`` with it.
+        self._pumps: set[Future[None]] = set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClientClosedError("the client was closed; create a new one")
+        if threading.get_ident() == self._thread_id:
+            # Blocking here would wait on the loop this code runs on: a deadlock.
+            raise RuntimeError(
+                "a sync sharded_chroma client was called from its own event loop (an "
+                "embedding function or callback running inside the client?)"
+            )
+
+    def call(self, fn: Callable[..., Awaitable[_T]], *args: Any, **kwargs: Any) -> _T:
+        """Run ``fn(*args, **kwargs)`` on the loop, in the caller's context; return its
+        result or raise its exception (the same class the async client raises)."""
+        self._check()
+        context = contextvars.copy_context()
+
+        async def run() -> _T:
+            return await fn(*args, **kwargs)
+
+        try:
+            return self._portal.call(_in_context, context, run)
+        except RuntimeError as exc:
+            # The portal stopped between the check and the call (a concurrent close).
+            if self._closed and "not running" in str(exc):
+                raise ClientClosedError("the client was closed; create a new one") from exc
+            raise
+
+    def iterate(self, make: Callable[[], AsyncIterator[_T]]) -> Generator[_T, None, None]:
+        """A plain iterator over the async iterator ``make()`` returns. The async iterator
+        runs whole in one task on the loop, at most one item ahead of the caller; leaving
+        the loop early (``break``, an exception, ``close()``) cancels it."""
+        self._check()
+        context = contextvars.copy_context()
+        send, receive = anyio.create_memory_object_stream[_T](0)
+
+        async def pump() -> None:
+            async with send:
+                async for item in make():
+                    await send.send(item)
+
+        future = self._portal.start_task_soon(_in_context, context, pump)
+        with self._lock:
+            self._pumps.add(future)
+        future.add_done_callback(self._pumps.discard)
+        try:
+            while True:
+                try:
+                    item = self._portal.call(receive.receive)
+                except anyio.EndOfStream:
+                    break
+                yield item
+            future.result()  # the pump's own error, if it ended with one
+        finally:
+            future.cancel()
+            if threading.get_ident() != self._thread_id and not self._closed:
+                with contextlib.suppress(RuntimeError):
+                    self._portal.call(receive.aclose)
+
+    def close(self, last: Callable[[], Awaitable[Any]] | None = None) -> None:
+        """Run ``last()`` on the loop (closing what lives on it), then stop the loop and
+        join its thread. Idempotent; calls in flight finish first."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if last is not None:
+                    self._portal.call(last)
+            finally:
+                self._closed = True
+                for pump in list(self._pumps):
+                    pump.cancel()
+                self._stack.close()
