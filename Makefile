@@ -15,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV_PY) -m pip install --upgrade pip
-	$(VENV_PY) -m pip install -e '.[dev,etcd]'
+	$(VENV_PY) -m pip install -e '.[dev,etcd,integrations]'
 	@touch $(STAMP)
 
 test: venv
