@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from concurrent.futures import Future
@@ -22,8 +21,6 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from .._errors import ClientClosedError
 
 __all__ = ["Portal"]
-
-logger = logging.getLogger("sharded_chroma.sync")
 
 _T = TypeVar("_T")
 
@@ -44,8 +41,9 @@ _NOT_CARRIED = _not_carried()
 
 
 async def _in_context(context: contextvars.Context, fn: Callable[[], Awaitable[_T]]) -> _T:
-    # A portal task starts in a copy of the portal's context; the caller's values are set in
-    # it here, so they stay this task's own and never leak into another call.
+    # The caller's values are set in the task's own context, so they never leak into another
+    # call. anyio 4.16 happens to start portal tasks in the calling thread's context already
+    # (through call_soon_threadsafe); setting them here keeps that a promise of ours.
     for var, value in context.items():
         if var not in _NOT_CARRIED:
             var.set(value)
