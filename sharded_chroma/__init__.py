@@ -12,6 +12,7 @@ from ._client import ShardedClient
 from ._collection import ShardedCollection
 from ._errors import (
     AuthenticationError,
+    BackupFileError,
     ClientClosedError,
     ConfigurationError,
     ControlStoreError,
@@ -36,6 +37,7 @@ from ._status import CollectionStatus, ShardStatus
 from ._topology import NodeConfig, ReplicationConfig, ShardConfig, Topology
 from ._transport import NodeStats
 from ._version import VERSION
+from .backup import ExportReport, ImportReport
 from .observe import prometheus_collector
 from .observe._metrics import CallMetrics, ClientMetrics, LatencySnapshot, NodeMetrics
 from .sync import HttpClient, SyncShardedClient, SyncShardedCollection
@@ -43,6 +45,7 @@ from .sync import HttpClient, SyncShardedClient, SyncShardedCollection
 __all__ = [
     "AsyncHttpClient",
     "AuthenticationError",
+    "BackupFileError",
     "CallMetrics",
     "ClientClosedError",
     "ClientMetrics",
@@ -53,10 +56,12 @@ __all__ = [
     "ControlStoreError",
     "ControlUnavailableError",
     "Coverage",
+    "ExportReport",
     "FieldPolicy",
     "HashPolicy",
     "HintLogFullError",
     "HttpClient",
+    "ImportReport",
     "LatencySnapshot",
     "NodeAccessError",
     "NodeConfig",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, cast
 from uuid import UUID
@@ -35,6 +36,7 @@ from ._status import ShardStatus, shard_status
 from ._topology import Topology
 from ._transport import NodeStats
 from .api._arguments import refuse_metadata_like_server, refuse_unaddressable
+from .backup import ExportReport, ImportReport, export_collection, import_collection
 from .control._maps import PartitionMap
 from .observe import CallTrace, make_tracing
 from .observe._metrics import ClientMetrics
@@ -157,6 +159,51 @@ class ShardedClient:
     async def partition_map(self, name: str) -> PartitionMap:
         """The collection's current partition map (epoch, policy, phase)."""
         return await self._live().rebalancing.current_map(name)
+
+    async def export_collection(
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        *,
+        since: str | os.PathLike[str] | None = None,
+        batch_size: int = 1000,
+        progress: Callable[[int], None] | None = None,
+    ) -> ExportReport:
+        """Write collection ``name`` (every record of every part: ids, embeddings as float32,
+        documents, metadata, uris, hidden sequence and version; the collection's metadata,
+        configuration and policy) to the JSON-lines file ``path``, read in copy-proof pages
+        of ``batch_size`` (bounded memory). With ``since`` (a previous export of the same
+        collection), only records changed after it, plus the ids present now, so an import
+        of the chain also removes what was deleted. Not a point-in-time snapshot: see the
+        README's "Backups". ``progress`` is called with the records read so far."""
+        return await export_collection(
+            self, name, path, since=since, batch_size=batch_size, progress=progress
+        )
+
+    async def import_collection(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        name: str | None = None,
+        policy: PolicyLike | None = None,
+        batch_size: int = 500,
+        cursor: str | os.PathLike[str] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> ImportReport:
+        """Restore a chain of exports (a full one, then incremental ones in order) into
+        ``name`` (default: the exported name) with ``policy`` or the exported one (a hash
+        policy is re-spread over this topology's shards). Files are checked whole first: bad
+        ones raise ``BackupFileError`` before anything is written. Idempotent; a killed run
+        resumes from ``cursor`` (default: a file beside the first export)."""
+        return await import_collection(
+            self,
+            paths,
+            name=name,
+            policy=policy,
+            batch_size=batch_size,
+            cursor=cursor,
+            progress=progress,
+        )
 
     def node_stats(self) -> dict[str, NodeStats]:
         """Request counters per node URL (requests, failures, latency, in flight)."""

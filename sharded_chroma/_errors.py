@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 
 __all__ = [
     "AuthenticationError",
+    "BackupFileError",
     "ClientClosedError",
     "ConfigurationError",
     "ControlStoreError",
@@ -32,6 +33,19 @@ class ShardedChromaError(Exception):
 
 class ConfigurationError(ShardedChromaError, ValueError):
     """The topology or a client option is invalid. Raised before any request is sent."""
+
+
+class BackupFileError(ShardedChromaError, ValueError):
+    """An export file (or a chain of them) cannot be imported: cut short, corrupted, of an
+    unknown format version, out of order, or not matching the target collection. ``path`` and
+    ``line`` (1-based; None when about the whole file) say where. Raised before anything is
+    written."""
+
+    def __init__(self, message: str, *, path: str, line: int | None = None) -> None:
+        where = path if line is None else f"{path}, line {line}"
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.line = line
 
 
 class ClientClosedError(ShardedChromaError, RuntimeError):

@@ -19,6 +19,7 @@ async def merged_rows(
     seq_key: str,
     fields: Sequence[str],
     dedupe: bool = False,
+    stamps: tuple[str, ...] = (),
 ) -> AsyncIterator[dict[str, Any]]:
     """Yield pages (column dicts like a get() result) in the same order ``merge_get`` gives.
 
@@ -28,7 +29,9 @@ async def merged_rows(
     bounds memory by parts x page size records.
 
     With ``dedupe`` (collections whose records can be caught between two parts) an id is
-    yielded once, at its first place; that costs the set of ids yielded so far.
+    yielded once, at its first place; that costs the set of ids yielded so far. ``stamps``
+    names hidden metadata keys to keep: each page then has a ``"stamps"`` column, one tuple of
+    their values per record (a backup keeps each record's sequence and version).
     """
     shards = tuple(streams)
     buffers: dict[str, deque[tuple[Any, ...]]] = {s: deque() for s in shards}
@@ -63,6 +66,8 @@ async def merged_rows(
         page: dict[str, Any] = {"ids": out["ids"]}
         for c in RECORD_COLUMNS:
             page[c] = out[c] if c in fields else None
+        if stamps:
+            page["stamps"] = [tuple((m or {}).get(k) for k in stamps) for m in out["metadatas"]]
         if page["metadatas"] is not None:
             page["metadatas"] = visible_metadatas(page["metadatas"])
         out = {"ids": [], **{c: [] for c in RECORD_COLUMNS}}

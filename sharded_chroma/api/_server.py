@@ -259,6 +259,7 @@ class ShardedServer:
         include: Include,
         tenant: str,
         database: str,
+        stamps: bool = False,
     ) -> AsyncIterator[GetResult]:
         state = await self._catalog.state(collection_id, tenant, database)
         pages = self._reader.scan(
@@ -267,6 +268,7 @@ class ShardedServer:
             where=where,
             where_document=where_document,
             include=include,
+            stamps=stamps,
         )
         # One map for the whole scan (a migration step waits for it to end), served only
         # while a page is read: never across a yield to the caller.

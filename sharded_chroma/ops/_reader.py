@@ -29,7 +29,7 @@ from .._merge import merge_get, merge_query, visible_metadatas
 from .._scan import merged_rows
 from ..catalog._layouts import Target
 from ..catalog._reserved import escape_where
-from ..catalog._state import SEQ_KEY, CollectionState
+from ..catalog._state import SEQ_KEY, VERSION_KEY, CollectionState
 from ..cluster._cluster import Cluster
 from ..observe import current_call
 from ..observe._metrics import FanOutCounter
@@ -271,9 +271,11 @@ class Reader:
         where: Where | None,
         where_document: WhereDocument | None,
         include: Include,
+        stamps: bool = False,
     ) -> AsyncIterator[GetResult]:
         """Pages of at most ``batch_size`` records in get() order, in bounded memory: each part
-        is read page by page and the part streams are merged lazily."""
+        is read page by page and the part streams are merged lazily. With ``stamps`` each
+        page also has a ``"stamps"`` column: (sequence, version) per record."""
         stored_where = escape_where(where)
         fields = [f for f in include if f != "data"]
         wire_include = sorted({*fields, "metadatas"})
@@ -286,8 +288,12 @@ class Reader:
         streams = {k: self._io.pages(t, body, batch_size) for k, t in targets.items()}
         dedupe = not self._router.ids_routed(state)
         try:
-            async for page in merged_rows(streams, batch_size, SEQ_KEY, fields, dedupe):
-                yield _get_result(page, include)
+            keep = (SEQ_KEY, VERSION_KEY) if stamps else ()
+            async for page in merged_rows(streams, batch_size, SEQ_KEY, fields, dedupe, keep):
+                result = _get_result(page, include)
+                if stamps:
+                    result["stamps"] = page["stamps"]  # type: ignore[typeddict-unknown-key]
+                yield result
         finally:
             for stream in streams.values():
                 await stream.aclose()

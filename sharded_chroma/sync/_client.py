@@ -32,6 +32,7 @@ from .._policies import PolicyLike
 from .._status import ShardStatus
 from .._topology import Topology
 from .._transport import NodeStats
+from ..backup import ExportReport, ImportReport
 from ..control._maps import PartitionMap
 from ..observe._metrics import ClientMetrics
 from ..rebalance._engine import MigrationReport
@@ -151,6 +152,18 @@ class SyncShardedClient:
 
     def partition_map(self, name: str) -> PartitionMap:
         return self._portal.call(self._inner.partition_map, name)
+
+    def export_collection(
+        self, name: str, path: str | os.PathLike[str], **options: Any
+    ) -> ExportReport:
+        """See ``ShardedClient.export_collection`` (``progress`` runs on the loop thread)."""
+        return self._portal.call(self._inner.export_collection, name, path, **options)
+
+    def import_collection(
+        self, paths: Sequence[str | os.PathLike[str]], **options: Any
+    ) -> ImportReport:
+        """See ``ShardedClient.import_collection`` (``progress`` runs on the loop thread)."""
+        return self._portal.call(self._inner.import_collection, paths, **options)
 
     def node_stats(self) -> dict[str, NodeStats]:
         return self._inner.node_stats()

@@ -1,0 +1,263 @@
+"""Import a chain of export files (one full export, then incremental ones in order) into any
+topology, idempotently and resumably."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from chromadb.errors import NotFoundError
+
+from .._errors import BackupFileError
+from .._policies import HashPolicy, PolicyLike, build_policy
+from ._format import ExportFile, Record
+
+if TYPE_CHECKING:
+    from .._client import ShardedClient
+    from .._collection import ShardedCollection
+
+__all__ = ["ImportReport", "import_collection"]
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """What an import did (on a resumed run: what this run did)."""
+
+    collection: str
+    files: int
+    records: int
+    """Records written by this run."""
+    deleted: int
+    """Records removed because a later export of the chain no longer had them."""
+    resumed: bool
+
+
+def check_chain(files: Sequence[ExportFile]) -> None:
+    """One full export first, then each incremental export made ``--since`` the one before."""
+    if not files:
+        raise ValueError("give at least one export file")
+    first = files[0]
+    if first.header.get("since") is not None:
+        raise BackupFileError(
+            "is an incremental export: a chain starts with the full export it follows",
+            path=first.name,
+        )
+    for before, after in itertools.pairwise(files):
+        since = after.header.get("since")
+        if since is None:
+            raise BackupFileError(
+                "is a full export; only the first file of a chain may be one", path=after.name
+            )
+        if since.get("export_id") != before.header.get("export_id"):
+            raise BackupFileError(
+                f"follows export {since.get('export_id')}, but the file before it "
+                f"({before.name}) is export {before.header.get('export_id')}: the chain is out "
+                "of order or has a gap",
+                path=after.name,
+            )
+        if after.header.get("cluster_id") != first.header.get("cluster_id"):
+            raise BackupFileError("is an export of another collection", path=after.name)
+
+
+def _space(configuration: Any) -> str | None:
+    if not isinstance(configuration, dict):
+        return None
+    for index in ("hnsw", "spann"):
+        part = configuration.get(index)
+        if isinstance(part, dict) and part.get("space"):
+            return str(part["space"])
+    return None
+
+
+def _create_configuration(configuration: Any) -> dict[str, Any]:
+    """The index settings of an exported configuration, as ``create_collection`` takes them
+    (the embedding function is not restored: records carry their embeddings)."""
+    out: dict[str, Any] = {}
+    if isinstance(configuration, dict):
+        for index in ("hnsw", "spann"):
+            part = configuration.get(index)
+            if isinstance(part, dict):
+                out[index] = {k: v for k, v in part.items() if v is not None}
+    return out
+
+
+def _policy(head: dict[str, Any], given: PolicyLike | None) -> Any:
+    if given is not None:
+        return build_policy(given)
+    exported = build_policy(head["policy"], source=f"policy of export {head['export_id']}")
+    if isinstance(exported, HashPolicy):
+        # Its slot table named the old shards; the same hash over the new topology's.
+        return HashPolicy(field=exported.field, slots=exported.slots)
+    return exported
+
+
+class _Cursor:
+    """Where a killed import stopped: file index and records applied in it."""
+
+    def __init__(self, path: Path, chain: list[str], target: str) -> None:
+        self.path = path
+        self._key = {"chain": chain, "target": target}
+        self.file = 0
+        self.records = 0
+        self.done = False
+        self.found = False
+        if path.exists():
+            data = orjson.loads(path.read_bytes())
+            if {k: data.get(k) for k in self._key} != self._key:
+                raise BackupFileError(
+                    "this import cursor belongs to another import (other files or target); "
+                    "remove it to start again",
+                    path=str(path),
+                )
+            self.file, self.records = int(data["file"]), int(data["records"])
+            self.done = bool(data.get("done"))
+            self.found = True
+
+    def save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        state = {**self._key, "file": self.file, "records": self.records, "done": self.done}
+        tmp.write_bytes(orjson.dumps(state))
+        os.replace(tmp, self.path)
+
+
+async def _upsert(col: ShardedCollection, batch: list[Record]) -> None:
+    ids = [r.id for r in batch]
+    # Upserts merge metadata: a key the exported record no longer has is removed (set to
+    # None), so the target holds exactly the exported value.
+    current = await col.get(ids=ids, include=["metadatas"])
+    had = dict(zip(current["ids"], current["metadatas"] or [], strict=False))
+    rows: list[tuple[Record, Any]] = []
+    for r in batch:
+        meta = dict(r.metadata or {})
+        for key in had.get(r.id) or {}:
+            meta.setdefault(key, None)
+        rows.append((r, meta or None))
+    # A column is sent for a whole call or not at all, so records are sent in runs that
+    # agree on which columns they have (in file order: the target keeps the export's order).
+    for _, run in itertools.groupby(
+        rows, key=lambda row: (row[0].document is None, row[0].uri is None, row[1] is None)
+    ):
+        part = list(run)
+        first, meta = part[0]
+        await col.upsert(
+            ids=[r.id for r, _ in part],
+            embeddings=[r.embedding for r, _ in part],
+            documents=None if first.document is None else [r.document or "" for r, _ in part],
+            metadatas=None if meta is None else [m for _, m in part],
+            uris=None if first.uri is None else [r.uri or "" for r, _ in part],
+        )
+
+
+async def _open_target(
+    client: ShardedClient, name: str, head: dict[str, Any], policy: PolicyLike | None, file: str
+) -> ShardedCollection:
+    try:
+        col = await client.get_collection(name, embedding_function=None)
+    except NotFoundError:
+        return await client.create_collection(
+            name,
+            configuration=_create_configuration(head.get("configuration")),  # type: ignore[arg-type]
+            metadata=head.get("metadata") or None,
+            embedding_function=None,
+            policy=_policy(head, policy),
+        )
+    theirs, ours = _space(head.get("configuration")), _space(col.configuration_json)
+    if theirs and ours and theirs != ours:
+        raise BackupFileError(
+            f"its distance space is {theirs!r}, the existing collection {name!r} uses {ours!r}",
+            path=file,
+        )
+    dim, target_dim = head.get("dimension"), col._model.dimension
+    if dim is not None and target_dim is not None and dim != target_dim:
+        raise BackupFileError(
+            f"its embeddings have {dim} dimensions, the existing collection {name!r} has "
+            f"{target_dim}",
+            path=file,
+        )
+    return col
+
+
+async def import_collection(
+    client: ShardedClient,
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    name: str | None = None,
+    policy: PolicyLike | None = None,
+    batch_size: int = 500,
+    cursor: str | os.PathLike[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ImportReport:
+    """Restore a chain of exports; see ``ShardedClient.import_collection``."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    files = [ExportFile.open(p) for p in paths]
+    check_chain(files)
+    head = files[0].header
+    target = name or str(head["collection"])
+    chain = [str(f.header["export_id"]) for f in files]
+    where = Path(cursor) if cursor is not None else Path(f"{files[0].path}.{target}.cursor")
+    state = _Cursor(where, chain, target)
+    if state.done:
+        return ImportReport(target, len(files), 0, 0, resumed=True)
+    col = await _open_target(client, target, head, policy, files[0].name)
+    resumed, written, deleted = state.found, 0, 0
+    for index in range(state.file, len(files)):
+        file = files[index]
+        skip = state.records if index == state.file else 0
+        state.file, state.records = index, skip
+        # Ids an incremental export found present: the target keeps only those.
+        present: set[str] | None = set() if index > 0 else None
+        batch: list[Record] = []
+        for item in file.read(skip):
+            if isinstance(item, list):
+                if present is not None:
+                    present.update(item)
+                continue
+            batch.append(item)
+            if len(batch) >= batch_size:
+                written += await _apply(col, batch, state, progress, written)
+        written += await _apply(col, batch, state, progress, written)
+        if present is not None:
+            deleted += await _remove_absent(col, present, batch_size)
+        state.file, state.records = index + 1, 0
+        state.save()
+    state.done = True
+    state.save()
+    return ImportReport(target, len(files), written, deleted, resumed)
+
+
+async def _apply(
+    col: ShardedCollection,
+    batch: list[Record],
+    state: _Cursor,
+    progress: Callable[[int], None] | None,
+    before: int,
+) -> int:
+    """Write ``batch`` (emptied), then move the cursor past it; returns how many."""
+    if not batch:
+        return 0
+    n = len(batch)
+    await _upsert(col, batch)
+    batch.clear()
+    state.records += n
+    state.save()
+    if progress is not None:
+        progress(before + n)
+    return n
+
+
+async def _remove_absent(col: ShardedCollection, present: set[str], batch_size: int) -> int:
+    """Delete what the target holds that the incremental export's collection no longer had."""
+    gone: list[str] = []
+    async for page in col.scan(batch_size=max(batch_size, 1000), include=[]):
+        gone.extend(rid for rid in page["ids"] if rid not in present)
+    for start in range(0, len(gone), batch_size):
+        with contextlib.suppress(NotFoundError):
+            await col.delete(ids=gone[start : start + batch_size])
+    return len(gone)
