@@ -168,16 +168,23 @@ class ShardedClient:
         since: str | os.PathLike[str] | None = None,
         batch_size: int = 1000,
         progress: Callable[[int], None] | None = None,
+        since_margin: float = 60.0,
     ) -> ExportReport:
         """Write collection ``name`` (every record of every part: ids, embeddings as float32,
         documents, metadata, uris, hidden sequence and version; the collection's metadata,
         configuration and policy) to the JSON-lines file ``path``, read in copy-proof pages
         of ``batch_size`` (bounded memory). With ``since`` (a previous export of the same
-        collection), only records changed after it, plus the ids present now, so an import
-        of the chain also removes what was deleted. Not a point-in-time snapshot: see the
-        README's "Backups". ``progress`` is called with the records read so far."""
+        collection), only records written after ``since_margin`` seconds before it began,
+        plus the ids present now, so an import of the chain also removes deletions. Not a
+        point-in-time snapshot (README, "Backups"). ``progress`` gets the records read."""
         return await export_collection(
-            self, name, path, since=since, batch_size=batch_size, progress=progress
+            self,
+            name,
+            path,
+            since=since,
+            batch_size=batch_size,
+            progress=progress,
+            since_margin=since_margin,
         )
 
     async def import_collection(

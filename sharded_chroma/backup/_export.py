@@ -47,10 +47,13 @@ async def export_collection(
     since: str | os.PathLike[str] | None = None,
     batch_size: int = 1000,
     progress: Callable[[int], None] | None = None,
+    since_margin: float = SINCE_MARGIN,
 ) -> ExportReport:
     """Write collection ``name`` to ``path``; see ``ShardedClient.export_collection``."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not since_margin >= 0:
+        raise ValueError(f"since_margin must be a number of seconds >= 0, got {since_margin!r}")
     runtime = client._live()
     tenant, database = client.tenant, client.database
     model = await runtime.catalog.get_collection(name, tenant, database)
@@ -64,7 +67,7 @@ async def export_collection(
         )
     floor = None
     if previous is not None:
-        floor = int(previous.header["started_us"]) - int(SINCE_MARGIN * 1_000_000)
+        floor = int(previous.header["started_us"]) - int(since_margin * 1_000_000)
     export_id = uuid.uuid4().hex
     header = {
         "export_id": export_id,
@@ -72,7 +75,6 @@ async def export_collection(
         "cluster_id": str(model.id),
         "metadata": model.metadata,
         "configuration": model.configuration_json,
-        "dimension": model.dimension,
         "policy": state.policy.model_dump(mode="json"),
         "started_us": time.time_ns() // 1000,
         "since": None if previous is None else {"export_id": previous.header["export_id"]},

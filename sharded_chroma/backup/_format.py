@@ -133,11 +133,14 @@ def _record(obj: Mapping[str, Any], path: str, line: int) -> Record:
 class ExportFile:
     """A checked export file: its header and trailer, and its records read on demand."""
 
-    def __init__(self, path: Path, header: dict[str, Any], records: int, lines: int) -> None:
+    def __init__(
+        self, path: Path, header: dict[str, Any], records: int, dimension: int | None
+    ) -> None:
         self.path = path
         self.header = header
         self.records = records
-        self._lines = lines
+        self.dimension = dimension
+        """Length of the first record's embedding (None: no record)."""
 
     @property
     def name(self) -> str:
@@ -155,6 +158,7 @@ class ExportFile:
         header: dict[str, Any] | None = None
         count = 0
         trailer: dict[str, Any] | None = None
+        dimension: int | None = None
         n = 0
         with open(p, "rb") as f:
             for n, raw in enumerate(f, start=1):
@@ -185,7 +189,20 @@ class ExportFile:
                     if not isinstance(obj["present"], list):
                         raise BackupFileError("a damaged id list", path=name, line=n)
                 else:
-                    _record(obj, name, n)
+                    rec = _record(obj, name, n)
+                    if rec.embedding is None:
+                        raise BackupFileError(
+                            f"record {rec.id!r} has no embedding", path=name, line=n
+                        )
+                    if dimension is None:
+                        dimension = len(rec.embedding)
+                    elif len(rec.embedding) != dimension:
+                        raise BackupFileError(
+                            f"record {rec.id!r} has {len(rec.embedding)} dimensions, the "
+                            f"records before it {dimension}",
+                            path=name,
+                            line=n,
+                        )
                     count += 1
                 digest.update(raw)
         if header is None:
@@ -200,7 +217,7 @@ class ExportFile:
                 path=name,
                 line=n,
             )
-        return cls(p, header, count, n)
+        return cls(p, header, count, dimension)
 
     def read(self, skip: int = 0) -> Iterator[Record | list[str]]:
         """Records (and, in incremental files, lists of present ids) after the first ``skip``

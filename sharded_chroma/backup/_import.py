@@ -107,6 +107,8 @@ class _Cursor:
         self.records = 0
         self.done = False
         self.found = False
+        self.pending: list[str] = []
+        """Ids the batch being written creates (absent from the target before it)."""
         if path.exists():
             data = orjson.loads(path.read_bytes())
             if {k: data.get(k) for k in self._key} != self._key:
@@ -117,21 +119,25 @@ class _Cursor:
                 )
             self.file, self.records = int(data["file"]), int(data["records"])
             self.done = bool(data.get("done"))
+            self.pending = list(data.get("pending") or [])
             self.found = True
 
     def save(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        state = {**self._key, "file": self.file, "records": self.records, "done": self.done}
+        state = {
+            **self._key,
+            "file": self.file,
+            "records": self.records,
+            "done": self.done,
+            "pending": self.pending,
+        }
         tmp.write_bytes(orjson.dumps(state))
         os.replace(tmp, self.path)
 
 
-async def _upsert(col: ShardedCollection, batch: list[Record]) -> None:
-    ids = [r.id for r in batch]
+async def _upsert(col: ShardedCollection, batch: list[Record], had: dict[str, Any]) -> None:
     # Upserts merge metadata: a key the exported record no longer has is removed (set to
     # None), so the target holds exactly the exported value.
-    current = await col.get(ids=ids, include=["metadatas"])
-    had = dict(zip(current["ids"], current["metadatas"] or [], strict=False))
     rows: list[tuple[Record, Any]] = []
     for r in batch:
         meta = dict(r.metadata or {})
@@ -155,7 +161,12 @@ async def _upsert(col: ShardedCollection, batch: list[Record]) -> None:
 
 
 async def _open_target(
-    client: ShardedClient, name: str, head: dict[str, Any], policy: PolicyLike | None, file: str
+    client: ShardedClient,
+    name: str,
+    head: dict[str, Any],
+    policy: PolicyLike | None,
+    file: str,
+    dim: int | None,
 ) -> ShardedCollection:
     try:
         col = await client.get_collection(name, embedding_function=None)
@@ -173,7 +184,10 @@ async def _open_target(
             f"its distance space is {theirs!r}, the existing collection {name!r} uses {ours!r}",
             path=file,
         )
-    dim, target_dim = head.get("dimension"), col._model.dimension
+    sample = await col.get(limit=1, include=["embeddings"])
+    target_dim = None
+    if sample["ids"] and sample["embeddings"] is not None:
+        target_dim = len(sample["embeddings"][0])
     if dim is not None and target_dim is not None and dim != target_dim:
         raise BackupFileError(
             f"its embeddings have {dim} dimensions, the existing collection {name!r} has "
@@ -205,7 +219,18 @@ async def import_collection(
     state = _Cursor(where, chain, target)
     if state.done:
         return ImportReport(target, len(files), 0, 0, resumed=True)
-    col = await _open_target(client, target, head, policy, files[0].name)
+    dims = {f.dimension for f in files if f.dimension is not None}
+    if len(dims) > 1:
+        raise BackupFileError(
+            f"the chain's files hold {sorted(dims)} dimensions", path=files[-1].name
+        )
+    col = await _open_target(client, target, head, policy, files[0].name, next(iter(dims), None))
+    if state.pending:
+        # A killed run was writing the batch after the cursor: the records it would have
+        # created go first, so the batch is written again in file order.
+        await col.delete(ids=state.pending)
+        state.pending = []
+        state.save()
     resumed, written, deleted = state.found, 0, 0
     for index in range(state.file, len(files)):
         file = files[index]
@@ -243,9 +268,14 @@ async def _apply(
     if not batch:
         return 0
     n = len(batch)
-    await _upsert(col, batch)
+    current = await col.get(ids=[r.id for r in batch], include=["metadatas"])
+    had = dict(zip(current["ids"], current["metadatas"] or [], strict=False))
+    state.pending = [r.id for r in batch if r.id not in had]
+    state.save()
+    await _upsert(col, batch, had)
     batch.clear()
     state.records += n
+    state.pending = []
     state.save()
     if progress is not None:
         progress(before + n)

@@ -1,5 +1,5 @@
 """The ``sharded-chroma`` command: ``dev``, ``demo``, ``status``, ``verify``, ``repair``,
-``drop-partitions``, ``plan``, ``rebalance`` and ``abort``."""
+``drop-partitions``, ``plan``, ``rebalance``, ``abort``, ``export`` and ``import``."""
 
 from __future__ import annotations
 
@@ -122,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     abort = sub.add_parser("abort", help="roll back a migration that has not cut over")
     abort.add_argument("--topology", type=Path, required=True)
     abort.add_argument("--collection", required=True, metavar="NAME")
+    from ._backup import backup_args
+
+    backup_args(sub)
     return p
 
 
@@ -166,6 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "abort": _rebalance.run_abort,
             }[args.command]
             return anyio.run(run, args, _out)
+        elif args.command in ("export", "import"):
+            from . import _backup
+
+            _positive("batch", args.batch)
+            run_backup = _backup.run_export if args.command == "export" else _backup.run_import
+            return anyio.run(run_backup, args, _out)
         elif args.command in ("verify", "repair"):
             from ._repair import run_antientropy
 
