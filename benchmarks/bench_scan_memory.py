@@ -1,4 +1,5 @@
-"""Client memory of ``ShardedCollection.scan()`` against one ``get()`` of the whole collection.
+"""Client memory of ``ShardedCollection.scan()`` (and, with ``--export``, of
+``export_collection``) against one ``get()`` of the whole collection.
 
 Run from the repository root: ``python benchmarks/bench_scan_memory.py`` (100,000 x 384 records
 over 3 local shards; about 15 minutes on a quiet two-core machine and about an hour on a busy
@@ -135,6 +136,36 @@ class Tally:
             ids_file.write(record_id + "\n")
 
 
+def tally_export(path: Path, tally: Tally, dim: int, batch: int, ids_file: Any) -> None:
+    """Feed an export file's records to ``tally`` in pages of ``batch``, then delete it."""
+    from sharded_chroma.backup._format import ExportFile, Record
+
+    page: list[Record] = []
+
+    def flush() -> None:
+        if page:
+            tally.add(
+                {
+                    "ids": [r.id for r in page],
+                    "embeddings": np.stack([r.embedding for r in page]),
+                    "metadatas": [r.metadata for r in page],
+                    "documents": [r.document for r in page],
+                },
+                dim,
+                ids_file,
+            )
+            page.clear()
+
+    for item in ExportFile.open(path).read():
+        if not isinstance(item, list):
+            page.append(item)
+            if len(page) >= batch:
+                flush()
+    flush()
+    tally.pages = 0  # pages of the check, not of the export
+    path.unlink()
+
+
 async def child_run(spec: dict[str, Any], ids_file: TextIO) -> dict[str, Any]:
     client = await sharded_chroma.AsyncHttpClient(shards=spec["urls"])
     try:
@@ -161,6 +192,10 @@ async def child_run(spec: dict[str, Any], ids_file: TextIO) -> dict[str, Any]:
                 result = await coll.get(include=INCLUDE)
                 tally.add(result, spec["dim"], ids_file)
                 del result
+            elif spec["op"] == "export":
+                await client.export_collection(
+                    COLLECTION, spec["export_out"], batch_size=spec["batch"]
+                )
             else:
                 async for page in coll.scan(batch_size=spec["batch"], include=INCLUDE):
                     tally.add(page, spec["dim"], ids_file)
@@ -168,6 +203,9 @@ async def child_run(spec: dict[str, Any], ids_file: TextIO) -> dict[str, Any]:
             error = f"{type(exc).__name__}: {exc}"[:400]
         elapsed = time.perf_counter() - started
         hwm = proc_status_kib("VmHWM")
+        if spec["op"] == "export" and error is None:
+            # Checked after the measurement: the file holds what a scan would have returned.
+            tally_export(Path(spec["export_out"]), tally, spec["dim"], spec["batch"], ids_file)
         out: dict[str, Any] = {
             "seconds": elapsed,
             "rss_before_kib": rss_before,
@@ -216,6 +254,8 @@ class Cell:
 
     @property
     def label(self) -> str:
+        if self.op == "export":
+            return f"export(batch_size={self.batch})"
         return "get() everything" if self.op == "get" else f"scan(batch_size={self.batch})"
 
     @property
@@ -274,6 +314,7 @@ def measure(
                 "dim": dim,
                 "trace": trace,
                 "ids_out": str(ids_out),
+                "export_out": str(ids_out.with_suffix(".jsonl")),
             }
             out = run_child(spec)
             if out["error"]:
@@ -558,6 +599,16 @@ def report(
                 + ", ".join(f"{c.records}: {c.rss_median / MIB:.1f}" for c in series)
                 + " MiB"
             )
+        exports = sorted(
+            (c for c in cells if c.op == "export" and not c.error and c.rss),
+            key=lambda c: c.records,
+        )
+        if exports:
+            lines.append(
+                f"    export(batch_size={args.partial_batch}) RSS "
+                + ", ".join(f"{c.records}: {c.rss_median / MIB:.1f}" for c in exports)
+                + " MiB"
+            )
         for cell in cells:
             if cell.op == "get" and cell.error:
                 lines.append(f"    get() everything       {cell.records}: failed (see above)")
@@ -590,9 +641,9 @@ def report(
             f"    => {verdict}: scan heap x{scan_ratio:.2f} for x{size_ratio:.1f} records"
             f"{get_text}; heap peak grows with batch size: {'yes' if grows_with_batch else 'no'}"
         )
-    checks = [c.ids_check for c in cells if c.op == "scan"]
+    checks = [c.ids_check for c in cells if c.op in ("scan", "export")]
     overall = "OK" if checks and all(c.startswith("OK") for c in checks) else "FAIL"
-    lines.append(f"  scan() returned every id exactly once, in get() order, every run: {overall}")
+    lines.append(f"  scan() (and export) returned every id exactly once, in get() order: {overall}")
     lines.append("=" * width)
     return "\n".join(lines)
 
@@ -634,6 +685,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "traced peak has varied by up to 11%% between runs at the largest batches)",
     )
     p.add_argument("--add-batch", type=int, default=3000, help="records per add() call (3000)")
+    p.add_argument(
+        "--export",
+        action="store_true",
+        help="also measure export_collection(batch_size=--partial-batch) to a file at each size",
+    )
     p.add_argument("--quick", action="store_true", help="10000 records (a few minutes)")
     p.add_argument("--child", metavar="SPEC", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -670,6 +726,8 @@ def run(args: argparse.Namespace, urls: list[str], data: Dataset, workdir: Path)
         expected_sum = float(data.vectors[:stage].astype(np.float64).sum())
         batches = args.batches if stage == args.records else [args.partial_batch]
         stage_cells = [Cell(stage, "scan", b) for b in batches] + [Cell(stage, "get", None)]
+        if args.export:
+            stage_cells.append(Cell(stage, "export", args.partial_batch))
         for cell in stage_cells:
             log(f"measuring {cell.label} over {stage} records")
             measure(cell, urls, args.dim, args.repeats, args.traced_repeats, workdir, expected_sum)

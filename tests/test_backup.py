@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import pytest
 
 import sharded_chroma
 from sharded_chroma import BackupFileError, HashPolicy, TimePolicy
+from sharded_chroma.testing import LocalChromaServer
+from tests._servers import own_cluster
 
 pytestmark = pytest.mark.anyio
 
@@ -48,6 +51,12 @@ def _records(n: int, start: int = 0) -> dict[str, Any]:
         "documents": [f"doc {i}" for i in range(start, start + n)],
         "uris": [f"s3://bucket/{i}" for i in range(start, start + n)],
     }
+
+
+@pytest.fixture(params=["jsonl", "parquet"])
+def fmt(request: pytest.FixtureRequest) -> str:
+    """The backup file's format, chosen by its suffix."""
+    return str(request.param)
 
 
 def _typed(meta: Any) -> Any:
@@ -81,11 +90,11 @@ async def _source(shard_urls: list[str]) -> tuple[Any, Any]:
 
 
 async def test_round_trip_into_two_and_four_shards(
-    oracle_url: str, shard_urls: list[str], tmp_path: Path
+    oracle_url: str, shard_urls: list[str], tmp_path: Path, fmt: str
 ) -> None:
     client, col = await _source(shard_urls)
     try:
-        path = tmp_path / "backed.jsonl"
+        path = tmp_path / f"backed.{fmt}"
         report = await client.export_collection("backed", path, batch_size=40)
         assert report.records == report.scanned == 150
         live = await col.get(include=FULL)
@@ -115,29 +124,29 @@ async def test_round_trip_into_two_and_four_shards(
 
 
 async def test_incremental_chain_equals_the_live_collection(
-    shard_urls: list[str], oracle_url: str, tmp_path: Path
+    shard_urls: list[str], oracle_url: str, tmp_path: Path, fmt: str
 ) -> None:
     client, col = await _source(shard_urls)
     try:
         await anyio.sleep(1.2)  # the records get older than the margin below
-        await client.export_collection("backed", tmp_path / "0.jsonl")
+        await client.export_collection("backed", tmp_path / f"0.{fmt}")
         await col.upsert(**{k: v[:10] for k, v in _records(20, start=140).items()})
         await col.update(ids=["r0003", "r0006"], metadatas=[{"i": -3}, {"i": -6, "extra": None}])
         await col.update(ids=["r0009"], documents=["rewritten"], embeddings=[[0.5] * 8])
         await col.delete(ids=["r0001", "r0002", "r0100"])
         first = await client.export_collection(
-            "backed", tmp_path / "1.jsonl", since=tmp_path / "0.jsonl", since_margin=1.0
+            "backed", tmp_path / f"1.{fmt}", since=tmp_path / f"0.{fmt}", since_margin=1.0
         )
         assert first.incremental and first.records < first.scanned
         await col.delete(ids=["r0010"])
         await col.add(**_records(3, start=500))
         await client.export_collection(
-            "backed", tmp_path / "2.jsonl", since=tmp_path / "1.jsonl", since_margin=1.0
+            "backed", tmp_path / f"2.{fmt}", since=tmp_path / f"1.{fmt}", since_margin=1.0
         )
         live = await col.get(include=FULL)
     finally:
         await client.aclose()
-    chain = [tmp_path / f"{n}.jsonl" for n in range(3)]
+    chain = [tmp_path / f"{n}.{fmt}" for n in range(3)]
     async with await sharded_chroma.AsyncHttpClient(shards=[oracle_url]) as target:
         report = await target.import_collection(chain, name="chain", policy={"kind": "hash"})
         assert report.deleted == 4
@@ -169,11 +178,11 @@ def _run(args: list[str]) -> subprocess.CompletedProcess[bytes]:
 
 
 async def test_killed_import_resumes_without_duplicates(
-    shard_urls: list[str], oracle_url: str, tmp_path: Path
+    shard_urls: list[str], oracle_url: str, tmp_path: Path, fmt: str
 ) -> None:
     client, col = await _source(shard_urls)
     try:
-        path = tmp_path / "backed.jsonl"
+        path = tmp_path / f"backed.{fmt}"
         await client.export_collection("backed", path)
         live = await col.get(include=FULL)
     finally:
@@ -218,7 +227,8 @@ async def test_bad_files_are_refused_before_anything_is_written(
     future.write_bytes(b"".join([lines[0].replace(b'"version":1', b'"version":9'), *lines[1:]]))
     cases = [
         ([cut], "cut short"),
-        ([tmp_path / "truncated.jsonl"], "no such export file"),
+        ([tmp_path / "truncated.jsonl"], "cut short: no end line after 39 records"),
+        ([tmp_path / "missing.jsonl"], "no such export file"),
         ([changed], "changed since it was written"),
         ([future], "format version 9"),
         ([inc], "is an incremental export"),
@@ -226,7 +236,6 @@ async def test_bad_files_are_refused_before_anything_is_written(
         ([good, good], "is a full export"),
     ]
     (tmp_path / "truncated.jsonl").write_bytes(b"".join(lines[:40]))
-    cases[1] = ([tmp_path / "truncated.jsonl"], "cut short: no end line after 39 records")
     async with await sharded_chroma.AsyncHttpClient(shards=[oracle_url]) as target:
         for files, message in cases:
             with pytest.raises(BackupFileError, match=message) as info:
@@ -247,3 +256,92 @@ async def test_bad_files_are_refused_before_anything_is_written(
         names = sorted(c.name for c in await target.list_collections())
         assert names == ["dims", "space"]
         assert await other.count() == 1
+
+
+@pytest.fixture(scope="module")
+def extra_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """Two more servers, so the source can have three shards with a replica each."""
+    with own_cluster(2, tmp_path_factory.mktemp("backup-replicas")) as cluster:
+        yield cluster.urls
+
+
+async def test_export_of_replicated_shards_with_a_copy_behind(
+    oracle_url: str,
+    cluster_servers: list[LocalChromaServer],
+    extra_servers: list[str],
+    tmp_path: Path,
+) -> None:
+    """Three shards with a replica each and a time policy; one copy is down while records
+    are written and deleted, then comes back behind (its missed writes are hints). The export
+    reads only copies that hold everything acknowledged, and its restore into two shards
+    equals the live collection."""
+    primaries = [s.url for s in cluster_servers]
+    replicas = [extra_servers[0], extra_servers[1], oracle_url]
+    topology = sharded_chroma.Topology.build(
+        {
+            "shards": [
+                {"name": f"s{i}", "primary": primaries[i], "replicas": [replicas[i]]}
+                for i in range(3)
+            ],
+            "replication": {"hints_dir": str(tmp_path / "hints"), "write_concern": "one"},
+        }
+    )
+    async with await sharded_chroma.AsyncHttpClient(topology=topology) as client:
+        policy = TimePolicy(
+            field="ts",
+            granularity="day",
+            hot="s2",
+            buckets={"2025-11-26": "s0", "2025-11-27": "s1"},
+        )
+        col = await client.create_collection("replicated", embedding_function=None, policy=policy)
+        await col.add(**_records(60))
+        cluster_servers[1].stop()  # s1's primary: s1's replica alone takes the next writes
+        await col.add(**_records(60, start=60))
+        await col.delete(ids=["r0001", "r0065"])
+        cluster_servers[1].restart()  # back, and behind until its hints are replayed
+        path = tmp_path / "replicated.jsonl"
+        report = await client.export_collection("replicated", path, batch_size=25)
+        assert report.records == 118
+        live = await col.get(include=FULL)
+    async with await sharded_chroma.AsyncHttpClient(shards=[primaries[0], replicas[0]]) as target:
+        await target.import_collection([path], name="from_replicated", policy={"kind": "hash"})
+        restored = await target.get_collection("from_replicated", embedding_function=None)
+        assert_same_records(live, await restored.get(include=FULL))
+
+
+async def test_bad_parquet_files_are_refused(
+    shard_urls: list[str], oracle_url: str, tmp_path: Path
+) -> None:
+    import pyarrow.parquet as pq
+
+    client, _ = await _source(shard_urls)
+    try:
+        good = tmp_path / "good.parquet"
+        await client.export_collection("backed", good)
+    finally:
+        await client.aclose()
+    data = good.read_bytes()
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(data[: len(data) // 2])
+    # Rewritten with one document changed but the header and end copied: the digest differs.
+    table = pq.read_table(good)
+    docs = table.column("document").to_pylist()
+    docs[3] = "changed"
+    changed = tmp_path / "changed.parquet"
+    kv = pq.ParquetFile(good).metadata.metadata
+    writer = pq.ParquetWriter(changed, table.schema)
+    writer.write_table(table.set_column(2, "document", [docs]))
+    writer.add_key_value_metadata({k.decode(): v.decode() for k, v in kv.items() if b"end" in k})
+    writer.close()
+    unfinished = tmp_path / "unfinished.parquet"
+    pq.write_table(table, unfinished)  # the header, but no end: the export never finished
+    async with await sharded_chroma.AsyncHttpClient(shards=[oracle_url]) as target:
+        for path, message in (
+            (cut, "not a sharded-chroma export|cut short or not a Parquet file"),
+            (changed, "changed since it was written"),
+            (unfinished, "cut short: the export never finished"),
+        ):
+            with pytest.raises(BackupFileError, match=message) as info:
+                await target.import_collection([path], name="refused")
+            assert str(path) in str(info.value)
+        assert await target.count_collections() == 0

@@ -190,3 +190,20 @@ def test_usable_from_sync_code_inside_an_event_loop(shard_urls: list[str]) -> No
             return col.count()
 
     assert asyncio.run(handler()) == 1
+
+
+def test_backups_through_the_sync_client(shard_urls: list[str], tmp_path: Path) -> None:
+    """Export and import are the async client's, with its error classes."""
+    with sharded_chroma.HttpClient(shards=shard_urls) as client:
+        col = client.create_collection("sync_backup", embedding_function=None)
+        col.add(ids=[f"b{i}" for i in range(30)], embeddings=[[float(i), 1.0] for i in range(30)])
+        path = tmp_path / "sync.jsonl"
+        assert client.export_collection("sync_backup", path).records == 30
+        report = client.import_collection([path], name="sync_restored")
+        assert report.records == 30
+        restored = client.get_collection("sync_restored", embedding_function=None)
+        assert restored.get(include=[])["ids"] == col.get(include=[])["ids"]
+        path.write_bytes(path.read_bytes()[:-5])
+        with pytest.raises(sharded_chroma.BackupFileError, match="cut short"):
+            client.import_collection([path], name="never")
+        assert "never" not in [c.name for c in client.list_collections()]

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._errors import BackupFileError
-from ._format import ExportFile, ExportWriter, Record
+from ._files import export_writer, open_export
+from ._format import Record
 
 if TYPE_CHECKING:
     from .._client import ShardedClient
@@ -58,7 +59,7 @@ async def export_collection(
     tenant, database = client.tenant, client.database
     model = await runtime.catalog.get_collection(name, tenant, database)
     state = await runtime.catalog.state(model.id, tenant, database)
-    previous = None if since is None else ExportFile.open(since)
+    previous = None if since is None else open_export(since)
     if previous is not None and previous.header.get("cluster_id") != str(model.id):
         raise BackupFileError(
             f"is an export of another collection ({previous.header.get('collection')!r}, "
@@ -79,7 +80,7 @@ async def export_collection(
         "started_us": time.time_ns() // 1000,
         "since": None if previous is None else {"export_id": previous.header["export_id"]},
     }
-    writer = ExportWriter(path, header)
+    writer = export_writer(path, header)
     scanned = 0
     try:
         pages = runtime.server.scan(

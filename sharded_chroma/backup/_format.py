@@ -27,7 +27,14 @@ import orjson
 
 from .._errors import BackupFileError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ExportFile", "ExportWriter", "Record"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ExportFile",
+    "ExportWriter",
+    "Record",
+    "check_header",
+]
 
 FORMAT = "sharded-chroma-export"
 FORMAT_VERSION = 1
@@ -97,6 +104,19 @@ class ExportWriter:
     def abort(self) -> None:
         self._file.close()
         self._partial.unlink(missing_ok=True)
+
+
+def check_header(header: Mapping[str, Any], path: str, line: int | None = None) -> None:
+    """The header names this format and a version this release reads."""
+    if header.get("format") != FORMAT:
+        raise BackupFileError("not a sharded-chroma export", path=path, line=line)
+    if header.get("version") != FORMAT_VERSION:
+        raise BackupFileError(
+            f"export format version {header.get('version')!r} is not known to this release "
+            f"(it reads version {FORMAT_VERSION})",
+            path=path,
+            line=line,
+        )
 
 
 def _parse(raw: bytes, path: str, line: int) -> dict[str, Any]:
@@ -172,15 +192,7 @@ class ExportFile:
                     )
                 obj = _parse(raw, name, n)
                 if header is None:
-                    if obj.get("format") != FORMAT:
-                        raise BackupFileError("not a sharded-chroma export", path=name, line=1)
-                    if obj.get("version") != FORMAT_VERSION:
-                        raise BackupFileError(
-                            f"export format version {obj.get('version')!r} is not known to "
-                            f"this release (it reads version {FORMAT_VERSION})",
-                            path=name,
-                            line=1,
-                        )
+                    check_header(obj, name, line=1)
                     header = obj
                 elif obj.get("end") is True:
                     trailer = obj

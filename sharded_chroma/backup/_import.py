@@ -16,7 +16,8 @@ from chromadb.errors import NotFoundError
 
 from .._errors import BackupFileError
 from .._policies import HashPolicy, PolicyLike, build_policy
-from ._format import ExportFile, Record
+from ._files import Export, open_export
+from ._format import Record
 
 if TYPE_CHECKING:
     from .._client import ShardedClient
@@ -38,7 +39,7 @@ class ImportReport:
     resumed: bool
 
 
-def check_chain(files: Sequence[ExportFile]) -> None:
+def check_chain(files: Sequence[Export]) -> None:
     """One full export first, then each incremental export made ``--since`` the one before."""
     if not files:
         raise ValueError("give at least one export file")
@@ -210,7 +211,7 @@ async def import_collection(
     """Restore a chain of exports; see ``ShardedClient.import_collection``."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    files = [ExportFile.open(p) for p in paths]
+    files = [open_export(p) for p in paths]
     check_chain(files)
     head = files[0].header
     target = name or str(head["collection"])

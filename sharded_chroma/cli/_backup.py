@@ -10,7 +10,7 @@ import orjson
 
 from .._client import ShardedClient
 from .._factory import AsyncHttpClient
-from ..backup._format import ExportFile
+from ..backup._files import open_export
 from ._progress import Progress
 
 __all__ = ["backup_args", "run_export", "run_import"]
@@ -64,7 +64,7 @@ async def run_export(args: argparse.Namespace, out: Callable[[str], None]) -> in
 
 async def run_import(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     policy = None if args.policy is None else orjson.loads(args.policy)
-    total = sum(ExportFile.open(f).records for f in args.files)
+    total = sum(open_export(f).records for f in args.files)
     client = await _connect(args)
     async with client:
         bar = Progress("import", total)
