@@ -207,3 +207,55 @@ def test_backups_through_the_sync_client(shard_urls: list[str], tmp_path: Path) 
         with pytest.raises(sharded_chroma.BackupFileError, match="cut short"):
             client.import_collection([path], name="never")
         assert "never" not in [c.name for c in client.list_collections()]
+
+
+def test_close_lets_calls_in_flight_finish_and_ends_iterators(shard_urls: list[str]) -> None:
+    """Writes running when ``close()`` is called complete (or, if they had not started, raise
+    ``ClientClosedError``); an iterator in use ends with ``ClientClosedError``; nothing else
+    is raised, and what was acknowledged is stored."""
+    client = sharded_chroma.HttpClient(shards=shard_urls)
+    col = client.create_collection("close_busy", embedding_function=None)
+    col.add(ids=[f"s{i}" for i in range(50)], embeddings=[[float(i), 1.0] for i in range(50)])
+    outcomes: dict[str, Any] = {}
+    started = threading.Barrier(5)
+
+    def writer(n: int) -> None:
+        started.wait()
+        ids = [f"w{n}-{i}" for i in range(200)]
+        try:
+            col.add(ids=ids, embeddings=[[float(i), float(n)] for i in range(200)])
+            outcomes[f"w{n}"] = ids
+        except BaseException as exc:
+            outcomes[f"w{n}"] = exc
+
+    def reader() -> None:
+        pages = col.scan(batch_size=5)
+        try:
+            next(pages)
+            started.wait()
+            for _ in pages:
+                time.sleep(0.05)
+            outcomes["scan"] = "finished"
+        except BaseException as exc:
+            outcomes["scan"] = exc
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+    threads.append(threading.Thread(target=reader))
+    for t in threads:
+        t.start()
+    started.wait()
+    time.sleep(0.05)
+    client.close()
+    for t in threads:
+        t.join(timeout=60)
+    assert not _portal_threads()
+    assert isinstance(outcomes["scan"], sharded_chroma.ClientClosedError), outcomes["scan"]
+    acked: list[str] = []
+    for n in range(3):
+        got = outcomes[f"w{n}"]
+        assert isinstance(got, (list, sharded_chroma.ClientClosedError)), repr(got)
+        if isinstance(got, list):
+            acked += got
+    with sharded_chroma.HttpClient(shards=shard_urls) as again:
+        stored = set(again.get_collection("close_busy").get(include=[])["ids"])
+    assert set(acked) <= stored

@@ -12,7 +12,7 @@ import contextlib
 import contextvars
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import Any, TypeVar
 
 import anyio
@@ -52,7 +52,8 @@ async def _in_context(context: contextvars.Context, fn: Callable[[], Awaitable[_
 
 class Portal:
     """A running event loop on a daemon thread; ``call`` runs a coroutine function on it and
-    blocks the calling thread until it ends. ``close`` waits for calls in flight."""
+    blocks the calling thread until it ends. ``close`` refuses new calls, lets the calls in
+    flight finish, then stops the loop."""
 
     def __init__(self, name: str = "sharded-chroma") -> None:
         self._stack = contextlib.ExitStack()
@@ -60,19 +61,18 @@ class Portal:
             start_blocking_portal(name=f"{name}-portal")
         )
         self._thread_id: int = self._portal.call(threading.get_ident)
-        self._lock = threading.Lock()
-        self._closed = False
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._closing = False
         # Iterators' pump tasks: one left unfinished (its iterator abandoned, not yet
         # collected) would wait for its reader forever and hold ``close`` with it.
         self._pumps: set[Future[None]] = set()
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._closing
 
-    def _check(self) -> None:
-        if self._closed:
-            raise ClientClosedError("the client was closed; create a new one")
+    def _own_thread(self) -> None:
         if threading.get_ident() == self._thread_id:
             # Blocking here would wait on the loop this code runs on: a deadlock.
             raise RuntimeError(
@@ -80,10 +80,31 @@ class Portal:
                 "embedding function or callback running inside the client?)"
             )
 
+    def _enter(self) -> None:
+        self._own_thread()
+        with self._cond:
+            if self._closing:
+                raise ClientClosedError("the client was closed; create a new one")
+            self._in_flight += 1
+
+    def _leave(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._cond.notify_all()
+
+    def _closed_error(self, exc: BaseException) -> BaseException:
+        """The error to raise for ``exc``: ``ClientClosedError`` when a close ended the call."""
+        if self._closing and isinstance(exc, (RuntimeError, CancelledError)):
+            error = ClientClosedError("the client was closed while this call ran")
+            error.__cause__ = exc
+            return error
+        return exc
+
     def call(self, fn: Callable[..., Awaitable[_T]], *args: Any, **kwargs: Any) -> _T:
         """Run ``fn(*args, **kwargs)`` on the loop, in the caller's context; return its
         result or raise its exception (the same class the async client raises)."""
-        self._check()
+        self._enter()
         context = contextvars.copy_context()
 
         async def run() -> _T:
@@ -91,17 +112,15 @@ class Portal:
 
         try:
             return self._portal.call(_in_context, context, run)
-        except RuntimeError as exc:
-            # The portal stopped between the check and the call (a concurrent close).
-            if self._closed and "not running" in str(exc):
-                raise ClientClosedError("the client was closed; create a new one") from exc
-            raise
+        finally:
+            self._leave()
 
     def iterate(self, make: Callable[[], AsyncIterator[_T]]) -> Generator[_T, None, None]:
         """A plain iterator over the async iterator ``make()`` returns. The async iterator
         runs whole in one task on the loop, at most one item ahead of the caller; leaving
-        the loop early (``break``, an exception, ``close()``) cancels it."""
-        self._check()
+        the loop early (``break``, an exception) cancels it, and ``close()`` ends it with
+        ``ClientClosedError``."""
+        self._own_thread()
         context = contextvars.copy_context()
         send, receive = anyio.create_memory_object_stream[_T](0)
 
@@ -110,35 +129,49 @@ class Portal:
                 async for item in make():
                     await send.send(item)
 
-        future = self._portal.start_task_soon(_in_context, context, pump)
-        with self._lock:
+        with self._cond:
+            # Started and registered as one step, so a close either refuses it or sees it.
+            if self._closing:
+                raise ClientClosedError("the client was closed; create a new one")
+            future = self._portal.start_task_soon(_in_context, context, pump)
             self._pumps.add(future)
         future.add_done_callback(self._pumps.discard)
         try:
             while True:
                 try:
-                    item = self._portal.call(receive.receive)
+                    item = self.call(receive.receive)
                 except anyio.EndOfStream:
                     break
+                except (RuntimeError, CancelledError) as exc:
+                    raise self._closed_error(exc) from None
                 yield item
-            future.result()  # the pump's own error, if it ended with one
+            try:
+                future.result()  # the pump's own error, if it ended with one
+            except CancelledError as exc:
+                raise self._closed_error(exc) from None
         finally:
             future.cancel()
-            if threading.get_ident() != self._thread_id and not self._closed:
-                with contextlib.suppress(RuntimeError):
-                    self._portal.call(receive.aclose)
+            if threading.get_ident() != self._thread_id and not self._closing:
+                with contextlib.suppress(RuntimeError, ClientClosedError):
+                    self.call(receive.aclose)
 
     def close(self, last: Callable[[], Awaitable[Any]] | None = None) -> None:
-        """Run ``last()`` on the loop (closing what lives on it), then stop the loop and
-        join its thread. Idempotent; calls in flight finish first."""
-        with self._lock:
-            if self._closed:
+        """Refuse new calls, end running iterators, wait for the calls in flight, run
+        ``last()`` on the loop (closing what lives on it), then stop the loop and join its
+        thread. Idempotent."""
+        if threading.get_ident() == self._thread_id:
+            raise RuntimeError("close() a sync sharded_chroma client from outside its loop")
+        with self._cond:
+            if self._closing:
                 return
-            try:
-                if last is not None:
-                    self._portal.call(last)
-            finally:
-                self._closed = True
-                for pump in list(self._pumps):
-                    pump.cancel()
-                self._stack.close()
+            self._closing = True
+            pumps = list(self._pumps)
+        for pump in pumps:
+            pump.cancel()
+        with self._cond:
+            self._cond.wait_for(lambda: not self._in_flight)
+        try:
+            if last is not None:
+                self._portal.call(last)
+        finally:
+            self._stack.close()
