@@ -134,6 +134,9 @@ async def test_incremental_chain_equals_the_live_collection(
         await col.update(ids=["r0003", "r0006"], metadatas=[{"i": -3}, {"i": -6, "extra": None}])
         await col.update(ids=["r0009"], documents=["rewritten"], embeddings=[[0.5] * 8])
         await col.delete(ids=["r0001", "r0002", "r0100"])
+        # Deleted and added again without a document or uri: the restore must lose them too.
+        await col.delete(ids=["r0020"])
+        await col.add(ids=["r0020"], embeddings=[[0.25] * 8], metadatas=[{"ts": T0}])
         first = await client.export_collection(
             "backed", tmp_path / f"1.{fmt}", since=tmp_path / f"0.{fmt}", since_margin=1.0
         )
@@ -151,7 +154,17 @@ async def test_incremental_chain_equals_the_live_collection(
         report = await target.import_collection(chain, name="chain", policy={"kind": "hash"})
         assert report.deleted == 4
         restored = await target.get_collection("chain", embedding_function=None)
-        assert_same_records(live, await restored.get(include=FULL))
+        got = await restored.get(include=FULL)
+        assert_same_records(live, got)
+        assert got["documents"][got["ids"].index("r0020")] is None
+        # The default cursor beside the first file says "done"; after the target is
+        # dropped it refuses to skip anything rather than import nothing.
+        again = await target.import_collection(chain, name="chain")
+        assert again.resumed and again.records == 0
+        await target.delete_collection("chain")
+        with pytest.raises(BackupFileError, match="which is gone"):
+            await target.import_collection(chain, name="chain")
+        assert await target.count_collections() == 0
 
 
 def _cli(*args: str) -> list[str]:
@@ -216,6 +229,8 @@ async def test_bad_files_are_refused_before_anything_is_written(
         inc = tmp_path / "inc.jsonl"
         await client.export_collection("backed", inc, since=good)
         await client.export_collection("backed", tmp_path / "inc2.jsonl", since=inc)
+        with pytest.raises(ValueError, match="would overwrite"):
+            await client.export_collection("backed", inc, since=inc)
     finally:
         await client.aclose()
     lines = good.read_bytes().splitlines(keepends=True)
@@ -253,6 +268,8 @@ async def test_bad_files_are_refused_before_anything_is_written(
         )
         with pytest.raises(BackupFileError, match="'ip'"):
             await target.import_collection([good], name="space")
+        with pytest.raises(sharded_chroma.ConfigurationError, match="keeps its own policy"):
+            await target.import_collection([good], name="space", policy={"kind": "hash"})
         names = sorted(c.name for c in await target.list_collections())
         assert names == ["dims", "space"]
         assert await other.count() == 1

@@ -6,15 +6,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import orjson
 from chromadb.errors import NotFoundError
 
-from .._errors import BackupFileError
+from .._errors import BackupFileError, ConfigurationError
 from .._policies import HashPolicy, PolicyLike, build_policy
 from ._files import Export, open_export
 from ._format import Record
@@ -110,6 +111,8 @@ class _Cursor:
         self.found = False
         self.pending: list[str] = []
         """Ids the batch being written creates (absent from the target before it)."""
+        self.target_id: str | None = None
+        """The target collection's id: a cursor never resumes into another collection."""
         if path.exists():
             data = orjson.loads(path.read_bytes())
             if {k: data.get(k) for k in self._key} != self._key:
@@ -121,6 +124,7 @@ class _Cursor:
             self.file, self.records = int(data["file"]), int(data["records"])
             self.done = bool(data.get("done"))
             self.pending = list(data.get("pending") or [])
+            self.target_id = data.get("target_id")
             self.found = True
 
     def save(self) -> None:
@@ -131,18 +135,23 @@ class _Cursor:
             "records": self.records,
             "done": self.done,
             "pending": self.pending,
+            "target_id": self.target_id,
         }
         tmp.write_bytes(orjson.dumps(state))
         os.replace(tmp, self.path)
 
+    async def asave(self) -> None:
+        await anyio.to_thread.run_sync(self.save)
+
 
 async def _upsert(col: ShardedCollection, batch: list[Record], had: dict[str, Any]) -> None:
-    # Upserts merge metadata: a key the exported record no longer has is removed (set to
-    # None), so the target holds exactly the exported value.
+    """Upsert ``batch``; ``had`` maps the ids the target holds to (metadata, document, uri)."""
     rows: list[tuple[Record, Any]] = []
     for r in batch:
         meta = dict(r.metadata or {})
-        for key in had.get(r.id) or {}:
+        # Upserts merge metadata: a key the exported record no longer has is removed (set
+        # to None), so the target holds exactly the exported value.
+        for key in (had[r.id][0] if r.id in had else None) or {}:
             meta.setdefault(key, None)
         rows.append((r, meta or None))
     # A column is sent for a whole call or not at all, so records are sent in runs that
@@ -179,6 +188,11 @@ async def _open_target(
             embedding_function=None,
             policy=_policy(head, policy),
         )
+    if policy is not None:
+        raise ConfigurationError(
+            f"collection {name!r} exists and keeps its own policy; import without a policy "
+            "(or into a new name)"
+        )
     theirs, ours = _space(head.get("configuration")), _space(col.configuration_json)
     if theirs and ours and theirs != ours:
         raise BackupFileError(
@@ -211,51 +225,88 @@ async def import_collection(
     """Restore a chain of exports; see ``ShardedClient.import_collection``."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    files = [open_export(p) for p in paths]
+    files = await anyio.to_thread.run_sync(lambda: [open_export(p) for p in paths])
     check_chain(files)
     head = files[0].header
     target = name or str(head["collection"])
     chain = [str(f.header["export_id"]) for f in files]
     where = Path(cursor) if cursor is not None else Path(f"{files[0].path}.{target}.cursor")
-    state = _Cursor(where, chain, target)
-    if state.done:
-        return ImportReport(target, len(files), 0, 0, resumed=True)
+    state = await anyio.to_thread.run_sync(_Cursor, where, chain, target)
     dims = {f.dimension for f in files if f.dimension is not None}
     if len(dims) > 1:
         raise BackupFileError(
             f"the chain's files hold {sorted(dims)} dimensions", path=files[-1].name
         )
-    col = await _open_target(client, target, head, policy, files[0].name, next(iter(dims), None))
+    if state.found:
+        col = await _resumed_target(client, target, state)
+        if state.done:
+            return ImportReport(target, len(files), 0, 0, resumed=True)
+    else:
+        dim = next(iter(dims), None)
+        col = await _open_target(client, target, head, policy, files[0].name, dim)
+        state.target_id = str(col.id)
+        await state.asave()
     if state.pending:
         # A killed run was writing the batch after the cursor: the records it would have
         # created go first, so the batch is written again in file order.
         await col.delete(ids=state.pending)
         state.pending = []
-        state.save()
+        await state.asave()
     resumed, written, deleted = state.found, 0, 0
     for index in range(state.file, len(files)):
-        file = files[index]
         skip = state.records if index == state.file else 0
         state.file, state.records = index, skip
         # Ids an incremental export found present: the target keeps only those.
         present: set[str] | None = set() if index > 0 else None
-        batch: list[Record] = []
-        for item in file.read(skip):
-            if isinstance(item, list):
-                if present is not None:
-                    present.update(item)
-                continue
-            batch.append(item)
-            if len(batch) >= batch_size:
-                written += await _apply(col, batch, state, progress, written)
-        written += await _apply(col, batch, state, progress, written)
+        items = files[index].read(skip)
+        while True:
+            batch, lists, more = await anyio.to_thread.run_sync(_chunk, items, batch_size)
+            if present is not None:
+                for ids in lists:
+                    present.update(ids)
+            written += await _apply(col, batch, state, progress, written)
+            if not more:
+                break
         if present is not None:
             deleted += await _remove_absent(col, present, batch_size)
         state.file, state.records = index + 1, 0
-        state.save()
+        await state.asave()
     state.done = True
-    state.save()
+    await state.asave()
     return ImportReport(target, len(files), written, deleted, resumed)
+
+
+def _chunk(
+    items: Iterator[Record | list[str]], size: int
+) -> tuple[list[Record], list[list[str]], bool]:
+    """Up to ``size`` records from ``items`` (read in a worker thread, off the event loop),
+    the id lists met on the way, and whether more may follow."""
+    batch: list[Record] = []
+    lists: list[list[str]] = []
+    for item in items:
+        if isinstance(item, list):
+            lists.append(item)
+            continue
+        batch.append(item)
+        if len(batch) >= size:
+            return batch, lists, True
+    return batch, lists, False
+
+
+async def _resumed_target(client: ShardedClient, name: str, state: _Cursor) -> ShardedCollection:
+    """The collection a cursor was left for, or an error: never resume into another one."""
+    try:
+        col = await client.get_collection(name, embedding_function=None)
+    except NotFoundError:
+        col = None
+    if col is None or str(col.id) != state.target_id:
+        now = "is gone" if col is None else f"is another collection (id {col.id})"
+        raise BackupFileError(
+            f"was left by an import into {name!r} (id {state.target_id}), which {now}; "
+            "remove the cursor to import from the start",
+            path=str(state.path),
+        )
+    return col
 
 
 async def _apply(
@@ -269,15 +320,37 @@ async def _apply(
     if not batch:
         return 0
     n = len(batch)
-    current = await col.get(ids=[r.id for r in batch], include=["metadatas"])
-    had = dict(zip(current["ids"], current["metadatas"] or [], strict=False))
-    state.pending = [r.id for r in batch if r.id not in had]
-    state.save()
+    current = await col.get(ids=[r.id for r in batch], include=["metadatas", "documents", "uris"])
+    none: list[Any] = [None] * len(current["ids"])
+    had = {
+        rid: (meta, doc, uri)
+        for rid, meta, doc, uri in zip(
+            current["ids"],
+            current["metadatas"] or none,
+            current["documents"] or none,
+            current["uris"] or none,
+            strict=True,
+        )
+    }
+    # An upsert cannot take a document or uri away: a record the export holds without one
+    # that the target has is written anew (it counts as created below).
+    stale = [
+        r.id
+        for r in batch
+        if r.id in had
+        and ((r.document is None and had[r.id][1] is not None) or (r.uri is None and had[r.id][2]))
+    ]
+    state.pending = [r.id for r in batch if r.id not in had or r.id in stale]
+    await state.asave()
+    if stale:
+        await col.delete(ids=stale)
+        for rid in stale:
+            del had[rid]
     await _upsert(col, batch, had)
     batch.clear()
     state.records += n
     state.pending = []
-    state.save()
+    await state.asave()
     if progress is not None:
         progress(before + n)
     return n

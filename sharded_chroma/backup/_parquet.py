@@ -101,6 +101,7 @@ class ParquetExportWriter:
             self._flush()
 
     def present(self, ids: Sequence[str]) -> None:
+        self._digest.update(orjson.dumps(["present", list(ids)]))
         self._rows.append(
             {k: None for k in ("id", "embedding", "document", "metadata", "uri", "seq", "ver")}
             | {"present": list(ids)}
@@ -145,6 +146,16 @@ def _record(row: Mapping[str, Any], name: str, n: int) -> Record:
     )
 
 
+def _json(raw: bytes, path: str, what: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise BackupFileError(f"its {what} is damaged", path=path)
+    return value
+
+
 class ParquetExportFile:
     """A checked Parquet export, with the interface of ``ExportFile``."""
 
@@ -185,16 +196,17 @@ class ParquetExportFile:
         raw = (pf.schema_arrow.metadata or {}).get(_HEADER_KEY)
         if raw is None:
             raise BackupFileError("not a sharded-chroma export", path=str(p))
-        header = orjson.loads(raw)
+        header = _json(raw, str(p), "header")
         check_header(header, str(p))
         end_raw = (pf.metadata.metadata or {}).get(_END_KEY.encode())
         if end_raw is None:
             raise BackupFileError("cut short: the export never finished", path=str(p))
-        end = orjson.loads(end_raw)
+        end = _json(end_raw, str(p), "end")
         self = cls(p, header, 0, None)
         digest = hashlib.sha256()
         for n, row in enumerate(self._rows(pf), start=1):
             if row["id"] is None:
+                digest.update(orjson.dumps(["present", list(row["present"] or [])]))
                 continue
             rec = _record(row, self.name, n)
             _digest_record(digest, row)
