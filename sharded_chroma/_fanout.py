@@ -9,7 +9,12 @@ from typing import Literal, TypeVar
 
 from chromadb.errors import ChromaError
 
-from ._errors import NodeAccessError, PartialWriteError, ShardFailureError
+from ._errors import (
+    ControlUnavailableError,
+    NodeAccessError,
+    PartialWriteError,
+    ShardFailureError,
+)
 
 __all__ = ["Coverage", "OnShardError", "fan_out", "raise_for_failures"]
 
@@ -77,14 +82,18 @@ def raise_for_failures(
     was deleted, or InvalidArgumentError for a bad filter) and no write was partly applied, that
     error is re-raised as is, so callers see what one Chroma server would have raised; so is
     a refusal of this client's credentials or TLS setup when every failed shard refused it
-    the same way (one proxy in front of every node), so it can be caught by its class.
+    the same way (one proxy in front of every node), so it can be caught by its class, and
+    so is this client's own refusal to write once its control-store lease may have expired
+    (``ControlUnavailableError``: wait for the store, then write again).
     """
     if not failures:
         return
     errors = list(failures.values())
     first = errors[0]
     same_class = all(type(e) is type(first) for e in errors)
-    as_is = same_class and isinstance(first, (ChromaError, NodeAccessError))
+    as_is = same_class and isinstance(
+        first, (ChromaError, NodeAccessError, ControlUnavailableError)
+    )
     if as_is and (unwritten_ids is None or all_failed):
         raise first
     if unwritten_ids is not None:

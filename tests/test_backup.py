@@ -290,8 +290,8 @@ async def test_export_of_replicated_shards_with_a_copy_behind(
 ) -> None:
     """Three shards with a replica each and a time policy; one copy is down while records
     are written and deleted, then comes back behind (its missed writes are hints). The export
-    reads only copies that hold everything acknowledged, and its restore into two shards
-    equals the live collection."""
+    reads only copies that hold everything acknowledged, and its restores into two and into
+    four shards (hash policy) equal the live collection."""
     primaries = [s.url for s in cluster_servers]
     replicas = [extra_servers[0], extra_servers[1], oracle_url]
     topology = sharded_chroma.Topology.build(
@@ -320,10 +320,13 @@ async def test_export_of_replicated_shards_with_a_copy_behind(
         report = await client.export_collection("replicated", path, batch_size=25)
         assert report.records == 118
         live = await col.get(include=FULL)
-    async with await sharded_chroma.AsyncHttpClient(shards=[primaries[0], replicas[0]]) as target:
-        await target.import_collection([path], name="from_replicated", policy={"kind": "hash"})
-        restored = await target.get_collection("from_replicated", embedding_function=None)
-        assert_same_records(live, await restored.get(include=FULL))
+    for urls in ([primaries[0], replicas[0]], [oracle_url, *primaries]):
+        async with await sharded_chroma.AsyncHttpClient(shards=urls) as target:
+            name = f"from_replicated_{len(urls)}"
+            await target.import_collection([path], name=name, policy={"kind": "hash"})
+            restored = await target.get_collection(name, embedding_function=None)
+            assert_same_records(live, await restored.get(include=FULL))
+            assert all((await target.layout(name)).shards.values())
 
 
 async def test_bad_parquet_files_are_refused(
