@@ -113,3 +113,62 @@ async def stored_ids(urls: list[str]) -> dict[str, list[str]]:
                     if ids:
                         out[f"s{n}"] = sorted(ids)
     return out
+
+
+async def test_an_update_moving_a_record_never_takes_back_a_record_made_meanwhile(
+    shard_urls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An update has read the record at its old shard and is about to write it to its new
+    one when another client deletes the record and upserts it again into that new shard. The
+    update's write must not replace that record, and its undo (its source copy went,
+    deleted) must not remove it: in every order of the three calls the record ends present
+    with the second client's value. (Found by the two-process history test: the update's
+    whole-record upsert overwrote the new record, and the undo then deleted it.)
+
+    The interleaving is forced by holding the updating client's move write until the other
+    client is done; both talk to the real servers."""
+    async with (
+        await sharded_chroma.AsyncHttpClient(shards=shard_urls) as other,
+        await sharded_chroma.AsyncHttpClient(shards=shard_urls) as updater,
+    ):
+        col = await other.create_collection(NAME, embedding_function=None, policy=POLICY)
+        await col.add(
+            ids=["r"], embeddings=[[0.1, 0.2, 0.3]], metadatas=[{"region": "us", "topic": 7}]
+        )
+        slow = await updater.get_collection(NAME, embedding_function=None)
+        sender = updater._runtime.writer._mover._sender
+        original = sender.send
+        reached, go = anyio.Event(), anyio.Event()
+        held: list[str] = []
+
+        async def held_send(op: str, *args: Any, **kwargs: Any) -> int:
+            if kwargs.get("sequence") == "all" and not held:
+                held.append(op)  # the move's write of the whole record to its new shard
+                reached.set()
+                await go.wait()
+            return await original(op, *args, **kwargs)
+
+        monkeypatch.setattr(sender, "send", held_send)
+
+        async def update() -> None:
+            # Moves the record from s1 to s0.
+            await slow.update(ids=["r"], metadatas=[{"region": "eu"}])
+
+        async def delete_and_make_again() -> None:
+            await reached.wait()
+            await col.delete(ids=["r"])
+            await col.upsert(
+                ids=["r"], embeddings=[[0.9, 0.8, 0.7]], metadatas=[{"region": "eu", "topic": 9}]
+            )
+            go.set()
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(update)
+                tg.start_soon(delete_and_make_again)
+        assert held, "the update never wrote the record to its new shard"
+        got = await col.get(include=["metadatas"])
+        assert got["ids"] == ["r"], got
+        assert got["metadatas"] == [{"region": "eu", "topic": 9}]
+        assert await stored_ids(shard_urls) == {"s0": ["r"]}
+        await other.delete_collection(NAME)

@@ -197,7 +197,7 @@ class Mover:
         # other copies go. Everything else is written whole to its new place.
         in_place = [i for i in order if undo_if_gone and pick[i] == dest[i]]
         rewrite = [i for i in order if not (undo_if_gone and pick[i] == dest[i])]
-        version = 0
+        versions: dict[int, int] = {}
         under_way: list[Deleting] = []
         if in_place:
             there: dict[str, list[int]] = {}
@@ -216,8 +216,13 @@ class Mover:
                 sequence="none",
             )
         if rewrite:
-            version = await self._rewrite(
-                state, ids, rewrite, dest, old, embeddings, metadatas, documents, uris
+            # An update adds its copy where it saw none: if another process created the
+            # record there meanwhile, the add leaves that record be (as if this update came
+            # first), where an upsert would overwrite it and the undo below could then take
+            # it back whole. A copy seen there (an unfinished move) is overwritten.
+            adds = {i for i in rewrite if undo_if_gone and dest[i] not in moves[i]}
+            versions = await self._rewrite(
+                state, ids, rewrite, dest, old, embeddings, metadatas, documents, uris, adds
             )
             if undo_if_gone:
                 # Looked for between writing the new copies and removing the old ones: a
@@ -238,7 +243,7 @@ class Mover:
             targets, stale_stamps, per_id=undo_if_gone, operation="move"
         )
         if under_way:
-            await self._apply(state, ids, rewrite, dest, version, under_way)
+            await self._apply(state, ids, rewrite, dest, versions, under_way)
         if not undo_if_gone or not short:
             return
         # The copy this update read went or changed since. Only if another process deleted
@@ -257,7 +262,8 @@ class Mover:
             n = sum(len(v) for v in undo.values())
             logger.info("update of %d record(s) of %s met a concurrent change", n, state.name)
             back = {k: replace(self._layouts.part_of_key(state, k), ids=v) for k, v in undo.items()}
-            mine = {(k, rid): (version, None) for k, v in undo.items() for rid in v}
+            written = {ids[i]: versions.get(i, 0) for i in gone}
+            mine = {(k, rid): (written[rid], None) for k, v in undo.items() for rid in v}
             await self._remover.remove(back, mine, operation="move")
 
     async def _apply(
@@ -266,7 +272,7 @@ class Mover:
         ids: IDs,
         moved: Sequence[int],
         dest: Mapping[int, str],
-        version: int,
+        versions: Mapping[int, int],
         deletes: Sequence[Deleting],
     ) -> None:
         """Apply deletes under way elsewhere to the copies this update just wrote, each copy
@@ -281,7 +287,8 @@ class Mover:
             n = sum(len(v) for v in hit.values())
             logger.info("update of %d record(s) of %s met a delete under way", n, state.name)
             back = {k: replace(self._layouts.part_of_key(state, k), ids=v) for k, v in hit.items()}
-            mine = {(k, rid): (version, None) for k, v in hit.items() for rid in v}
+            written = {ids[i]: versions[i] for i in moved}
+            mine = {(k, rid): (written[rid], None) for k, v in hit.items() for rid in v}
             await self._remover.remove(
                 back, mine, where=d.where, where_document=d.where_document, operation="move"
             )
@@ -297,23 +304,31 @@ class Mover:
         metadatas: Metadatas | None,
         documents: Documents | None,
         uris: URIs | None,
-    ) -> int:
+        adds: frozenset[int] | set[int] = frozenset(),
+    ) -> dict[int, int]:
         """Write records whole to their destinations (fresh sequence values: a moved record
-        sorts last); returns the version written."""
+        sorts last), those in ``adds`` as adds; returns the version written per position."""
         emb, meta, docs, links = _whole(old, order, embeddings, metadatas, documents, uris)
-        groups: dict[str, list[int]] = {}
-        for n, i in enumerate(order):
-            groups.setdefault(dest[i], []).append(n)
-        parts = {k: self._layouts.part_of_key(state, k) for k in groups}
-        return await self._sender.send(
-            "upsert",
-            state,
-            [ids[i] for i in order],
-            groups,
-            parts,
-            emb,
-            meta,
-            docs,
-            links,
-            sequence="all",
-        )
+        versions: dict[int, int] = {}
+        for op in ("add", "upsert"):
+            chosen = [n for n, i in enumerate(order) if (i in adds) == (op == "add")]
+            if not chosen:
+                continue
+            groups: dict[str, list[int]] = {}
+            for n in chosen:
+                groups.setdefault(dest[order[n]], []).append(n)
+            parts = {k: self._layouts.part_of_key(state, k) for k in groups}
+            version = await self._sender.send(
+                op,
+                state,
+                [ids[i] for i in order],
+                groups,
+                parts,
+                emb,
+                meta,
+                docs,
+                links,
+                sequence="all",
+            )
+            versions.update({order[n]: version for n in chosen})
+        return versions
