@@ -2,7 +2,8 @@
 
 One file per cluster per host holds the missed writes (``hints``), the durable state of every
 node (``node_state``: pending counts, needs-repair marks), hints a node kept refusing
-(``quarantine``), the ids deleted by hinted deletes (``tombstones``) and replay leases. Every
+(``quarantine``), the ids deleted by hinted deletes (``tombstones``), replay leases, and which
+cluster the file is for (``cluster``, ``members``: see ``_hintfile``). Every
 process of the host opens the same file, which is what makes the node state shared.
 """
 
@@ -95,6 +96,13 @@ CREATE TABLE tombstones (
 CREATE INDEX tombstones_created_at ON tombstones (created_at)
 """
 
+# Additive tables, made by any version that knows them: older code ignores them, so the file
+# keeps its schema version and a process still running that code keeps opening it.
+_MEMBERSHIP = """
+CREATE TABLE IF NOT EXISTS cluster (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS members (url TEXT PRIMARY KEY, since REAL NOT NULL)
+"""
+
 # Trigger bodies hold semicolons: executed one by one, after _V2.
 _V2_TRIGGERS = (
     """CREATE TRIGGER hints_counted AFTER INSERT ON hints BEGIN
@@ -153,6 +161,8 @@ def connect(path: Path, *, migrate: bool) -> sqlite3.Connection:
                 if version < 2:
                     for statement in (*_statements(_V2), *_V2_TRIGGERS):
                         conn.execute(statement)
+                for statement in _statements(_MEMBERSHIP):
+                    conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     except BaseException:
         conn.close()

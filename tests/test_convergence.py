@@ -257,6 +257,49 @@ async def test_a_process_sees_hints_another_wrote_after_it_started(
         assert held["x"][0] == "v3"
 
 
+async def test_hints_pending_when_a_shard_is_added_are_replayed_by_the_grown_topology(
+    servers: list[LocalChromaServer], tmp_path: Path
+) -> None:
+    with FaultProxy(servers[1].host, servers[1].port) as proxy:
+        before = pair(servers[0].url, proxy.url, tmp_path, replay_in_background=False)
+        grown = Topology.build(
+            {
+                "shards": [
+                    {"name": "s0", "primary": servers[0].url, "replicas": [proxy.url]},
+                    {"name": "s1", "primary": servers[2].url},
+                ],
+                "replication": {
+                    "hints_dir": str(tmp_path),
+                    "node_retry_after": 0.1,
+                    "replay_in_background": False,
+                },
+            }
+        )
+        async with client_for(before) as old:
+            col = await old.create_collection("grown", embedding_function=None)
+            await col.add(ids=["x"], documents=["v1"], embeddings=emb(1))
+            proxy.cut()
+            with sharded_chroma.options(write_concern="one"):
+                await col.upsert(ids=["x"], documents=["v2"], embeddings=emb(2))
+            proxy.restore()
+            # A process of the grown topology, started while one of the old still runs, sees
+            # the copy as behind and replays the old process's hint to it.
+            async with client_for(grown) as new:
+                assert node_of(new, proxy.url).stale, "the grown topology lost the hint"
+                assert old._runtime.cluster.hints is not None
+                assert new._runtime.cluster.hints is not None
+                assert new._runtime.cluster.hints.path == old._runtime.cluster.hints.path
+                assert await new.replay_hints() == 1
+            assert not node_of(old, proxy.url).stale
+        held = await node_records(proxy.url, "grown")
+        assert held["x"][0] == "v2"
+        # The shard removed again: the first topology still finds the one file.
+        async with client_for(before) as again:
+            assert again._runtime.cluster.hints is not None
+            files = [p async for p in anyio.Path(tmp_path).glob("*.sqlite3")]
+            assert len(files) == 1
+
+
 async def test_replay_never_writes_an_older_version_over_a_newer_one(
     servers: list[LocalChromaServer], tmp_path: Path
 ) -> None:

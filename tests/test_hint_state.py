@@ -16,6 +16,8 @@ import anyio
 import pytest
 from chromadb.errors import InvalidArgumentError
 
+from sharded_chroma._errors import ConfigurationError
+from sharded_chroma._hintfile import claim_hint_file
 from sharded_chroma._hints import HintLog
 from sharded_chroma._node import HintTarget, Node
 from sharded_chroma._nodestate import NodeStates, SqliteNodeStore
@@ -209,3 +211,67 @@ def test_a_cancelled_waiter_leaves_the_replay_lock_free(path: Path) -> None:
         assert node.replay_lock.acquire(blocking=False), "a cancelled waiter took the lock"
         node.replay_lock.release()
         store.close()
+
+
+# -- which file a topology uses ---------------------------------------------------------------
+
+C = "http://127.0.0.1:3"
+
+
+def test_a_grown_or_shrunk_topology_adopts_the_file_holding_its_nodes_hints(
+    tmp_path: Path,
+) -> None:
+    first = claim_hint_file(tmp_path, "t", "d", [A, B])
+    with HintLog(first) as log:
+        log.append(B, "t", "d", CID, "c", "upsert", b"{}")
+    assert claim_hint_file(tmp_path, "t", "d", [A, B, C]) == first
+    # Membership grew to C: a topology of C alone (A and B removed) still finds it.
+    assert claim_hint_file(tmp_path, "t", "d", [C]) == first
+    assert claim_hint_file(tmp_path, "t", "d", [A, B]) == first
+    with HintLog(first) as log:
+        assert log.nodes() == {B: 1}
+    # Another tenant, database or set of nodes is another cluster: its own file.
+    assert claim_hint_file(tmp_path, "t", "other", [A, B]) != first
+    assert claim_hint_file(tmp_path, "t", "d", ["http://127.0.0.1:9"]) != first
+    assert len(list(tmp_path.glob("*.sqlite3"))) == 3
+
+
+def test_a_file_written_before_membership_was_recorded_is_adopted_by_its_nodes(
+    tmp_path: Path,
+) -> None:
+    old = tmp_path / "0123456789abcdef.sqlite3"
+    with HintLog(old) as log:
+        log.append(B, "t", "d", CID, "c", "upsert", b"{}")
+    conn = sqlite3.connect(old)
+    conn.executescript("DROP TABLE members; DROP TABLE cluster;")
+    conn.close()
+    assert claim_hint_file(tmp_path, "t", "other-db", [A, B]) != old
+    assert claim_hint_file(tmp_path, "t", "d", [A, B, C]) == old
+
+
+def test_two_files_holding_the_clusters_nodes_are_refused_not_guessed(tmp_path: Path) -> None:
+    claim_hint_file(tmp_path, "t", "d", [A])
+    claim_hint_file(tmp_path, "t", "d", [B])
+    with pytest.raises(ConfigurationError, match="hints_dir"):
+        claim_hint_file(tmp_path, "t", "d", [A, B])
+
+
+def test_processes_starting_at_once_on_different_topologies_share_one_file(
+    tmp_path: Path,
+) -> None:
+    chosen: list[Path] = []
+    sets = ([A], [A, B], [A, B, C], [B, C])
+    threads = [
+        threading.Thread(
+            target=lambda nodes=sets[i % 4]: chosen.append(
+                claim_hint_file(tmp_path, "t", "d", nodes)
+            )
+        )
+        for i in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(chosen)) == 1 and len(chosen) == 8
+    assert len(list(tmp_path.glob("*.sqlite3"))) == 1

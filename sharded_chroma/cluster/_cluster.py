@@ -4,7 +4,6 @@ and the facts every server of the cluster shares (batch limit, version)."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -16,6 +15,7 @@ import anyio
 from .._catchup import CatchUp
 from .._errors import ClientClosedError
 from .._fanout import fan_out, raise_for_failures
+from .._hintfile import claim_hint_file
 from .._hints import HintLog
 from .._node import Node
 from .._nodeconfig import redact_url
@@ -229,8 +229,9 @@ def _smallest_limit(preflights: Iterable[Mapping[str, Any]]) -> int:
 
 
 def _open_hint_log(topology: Topology) -> HintLog:
-    """The hint log of this cluster: one SQLite file per set of nodes, so two clusters used from
-    one host never replay each other's writes, and a restarted process finds its hints."""
+    """The hint log of this cluster on this host (see ``_hintfile`` for which file), so two
+    clusters used from one host never replay each other's writes, a restarted process finds
+    its hints, and a topology that gained or lost a shard keeps the ones pending."""
     cfg = topology.replication
     folder = (
         Path(cfg.hints_dir)
@@ -239,11 +240,26 @@ def _open_hint_log(topology: Topology) -> HintLog:
         / "sharded-chroma"
         / "hints"
     )
-    nodes = sorted(n.url for s in topology.shards for n in s.nodes)
-    key = hashlib.sha256("\n".join([topology.tenant, topology.database, *nodes]).encode())
-    return HintLog(
-        folder / f"{key.hexdigest()[:16]}.sqlite3",
+    nodes = {n.url for s in topology.shards for n in s.nodes}
+    path = claim_hint_file(folder, topology.tenant, topology.database, sorted(nodes))
+    log = HintLog(
+        path,
         max_hints=cfg.hint_max_count,
         max_bytes=cfg.hint_max_bytes,
         max_age=cfg.hint_max_age,
     )
+    try:
+        outside = {n: c for n, c in log.nodes().items() if n not in nodes and c > 0}
+    except BaseException:
+        log.close()
+        raise
+    for node, count in sorted(outside.items()):
+        # Kept, not dropped: a process still on the topology that had the node may replay
+        # them; a removed shard's data was moved from its copies by the migration.
+        logger.warning(
+            "hint log %s: %d hint(s) pending for node %s, which is not in this topology",
+            path.name,
+            count,
+            redact_url(node),
+        )
+    return log
