@@ -234,3 +234,119 @@ def test_abort_without_a_migration_is_refused(
     assert code != 0, out
     assert f"collection {NAME!r} has no migration to abort" in err
     _assert_unmoved(topology, urls, before)
+
+
+# -- a time-placed collection: buckets and the hot shard --------------------------------------
+
+TIMED = "cli-time"
+DAYS = ("2025-11-26", "2025-11-27", "2025-11-28", "2025-11-29")
+T0 = 1764115200  # 2025-11-26T00:00:00Z
+
+
+@pytest.fixture
+def timed(urls: list[str], tmp_path: Path) -> Path:
+    """Days 0 and 1 mapped to s0 and s1, days 2 and 3 in buckets of the hot shard s2; 40
+    records a day."""
+    path = tmp_path / "cluster.toml"
+    path.write_text(_toml(urls, tmp_path / "control.sqlite3"), encoding="utf-8")
+    policy = sharded_chroma.TimePolicy(
+        field="ts", granularity="day", hot="s2", buckets={DAYS[0]: "s0", DAYS[1]: "s1"}
+    )
+
+    async def create() -> None:
+        async with await _client(path) as client:
+            col = await client.create_collection(TIMED, embedding_function=None, policy=policy)
+            ids = [f"t{i:03d}" for i in range(160)]
+            await col.add(
+                ids=ids,
+                embeddings=[[i / 160, 1.0, 0.5] for i in range(160)],
+                metadatas=[{"ts": T0 + (i // 40) * 86400 + i} for i in range(160)],
+            )
+
+    asyncio.run(create())
+    return path
+
+
+def _days_where(path: Path) -> tuple[Any, dict[str, tuple[str, int]]]:
+    async def read() -> tuple[Any, dict[str, tuple[str, int]]]:
+        async with await _client(path) as client:
+            layout = await client.layout(TIMED)
+            current = await client.partition_map(TIMED)
+            return current, {p.partition: (p.shards[0], p.records) for p in layout.partitions}
+
+    return asyncio.run(read())
+
+
+def test_time_buckets_and_the_hot_shard_are_planned_and_moved(
+    timed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, before = _days_where(timed)
+    assert before == {
+        DAYS[0]: ("s0", 40),
+        DAYS[1]: ("s1", 40),
+        DAYS[2]: ("s2", 40),
+        DAYS[3]: ("s2", 40),
+    }
+    args = ("--topology", str(timed), "--collection", TIMED)
+    goal = ("--move", f"{DAYS[0]}=s3", "--move", f"{DAYS[2]}=s3", "--hot", "s3")
+    code, out, err = _cli(capsys, "plan", *args, *goal)
+    assert code == 0, err
+    assert "time policy: 2 move(s), 80 records" in out, out
+    assert "  new buckets go to s3 (was s2)" in out, out
+    assert re.search(rf"^  s0 -> s3: bucket\(s\) {DAYS[0]}, 40 records$", out, re.MULTILINE), out
+    assert re.search(rf"^  s2 -> s3: bucket\(s\) {DAYS[2]}, 40 records$", out, re.MULTILINE), out
+    assert _days_where(timed)[1] == before, "plan moved something"
+
+    code, out, err = _cli(capsys, "rebalance", *args, *goal, "--batch", "25")
+    assert code == 0, err
+    assert re.search(rf"^migration \S+ of {TIMED}: .* -> done;", out, re.MULTILINE), out
+    current, after = _days_where(timed)
+    assert current.phase == "stable" and current.policy.hot == "s3"
+    # Day 3 stays where it was: pinned to the old hot shard, not moved with it.
+    assert after == {
+        DAYS[0]: ("s3", 40),
+        DAYS[1]: ("s1", 40),
+        DAYS[2]: ("s3", 40),
+        DAYS[3]: ("s2", 40),
+    }
+    assert current.policy.shard_of("2025-12-01") == "s3"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--add", "s3"), "--add do not apply to it"),
+        (("--move", "2025-11-26"), "--move takes BUCKET=SHARD"),
+        (("--move", "2025-11-26=s3", "--move", "2025-11-26=s1"), "names bucket '2025-11-26' twice"),
+    ],
+)
+def test_time_goal_options_are_checked_before_anything_moves(
+    timed: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...], message: str
+) -> None:
+    _, before = _days_where(timed)
+    for command in ("plan", "rebalance"):
+        code, out, err = _cli(
+            capsys, command, "--topology", str(timed), "--collection", TIMED, *extra
+        )
+        assert code != 0, out
+        assert message in err, err
+    assert _days_where(timed)[1] == before
+
+
+def test_a_bucket_that_does_not_exist_is_a_problem_of_the_plan(
+    timed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ("--topology", str(timed), "--collection", TIMED, "--move", "2024-01-01=s3")
+    code, out, _ = _cli(capsys, "plan", *args)
+    assert code == 1
+    assert "unknown bucket '2024-01-01'" in out
+
+
+def test_hash_collections_refuse_time_options(
+    topology: Path, urls: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _layout(urls)
+    args = ("--topology", str(topology), "--collection", NAME, "--hot", "s3")
+    code, _, err = _cli(capsys, "plan", *args)
+    assert code != 0 and "--hot do not apply to it" in err, err
+    _assert_unmoved(topology, urls, before)

@@ -1,5 +1,5 @@
-"""`sharded-chroma plan`, `rebalance` and `abort`: move a hash-placed collection's slots
-between shards while it stays in use."""
+"""`sharded-chroma plan`, `rebalance` and `abort`: move a hash-placed collection's slots, or
+a time-placed collection's buckets and hot shard, between shards while it stays in use."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Any
 
 from .._client import ShardedClient
 from .._errors import ConfigurationError
-from .._policies import HashPolicy
+from .._policies import HashPolicy, TimePolicy
 from .._routing import slot_for_key
 from .._topology import Topology
-from ..rebalance import RebalancePlan, plan_hash
+from ..rebalance import RebalancePlan, plan_hash, plan_time
 from ._progress import Progress
 
 __all__ = ["goal_args", "run_abort", "run_plan", "run_rebalance"]
@@ -29,6 +29,20 @@ def goal_args(cmd: Any) -> None:
     cmd.add_argument(
         "--weight", action="append", default=[], metavar="SHARD=W", help="relative share"
     )
+    cmd.add_argument(
+        "--move",
+        action="append",
+        default=[],
+        metavar="BUCKET=SHARD",
+        help="time policy: move a bucket (its label, e.g. 2026-11-30) to a shard",
+    )
+    cmd.add_argument(
+        "--hot", metavar="SHARD", help="time policy: the shard new buckets go to from now on"
+    )
+
+
+def _has_goal(args: Any) -> bool:
+    return bool(args.add or args.remove or args.weight or args.move or args.hot)
 
 
 def _weights(items: Sequence[str]) -> dict[str, float] | None:
@@ -46,6 +60,27 @@ def _weights(items: Sequence[str]) -> dict[str, float] | None:
     return out
 
 
+def _moves(items: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        label, sep, shard = item.partition("=")
+        if not (sep and label and shard):
+            raise ConfigurationError(f"--move takes BUCKET=SHARD, got {item!r}")
+        if out.get(label, shard) != shard:
+            raise ConfigurationError(f"--move names bucket {label!r} twice")
+        out[label] = shard
+    return out
+
+
+def _refuse_options(kind: str, args: Any, options: dict[str, object]) -> None:
+    given = [name for name, value in options.items() if value]
+    if given:
+        raise ConfigurationError(
+            f"collection {args.collection!r} is placed by a {kind} policy; "
+            f"{', '.join(given)} do not apply to it; nothing was planned"
+        )
+
+
 async def _slot_counts(client: ShardedClient, name: str, policy: HashPolicy) -> Counter[int]:
     """Records per slot, read once (ids only, or the hashed field's values)."""
     col = await client.get_collection(name, embedding_function=None)
@@ -59,14 +94,20 @@ async def _slot_counts(client: ShardedClient, name: str, policy: HashPolicy) -> 
     return counts
 
 
-async def _plan(client: ShardedClient, args: Any) -> tuple[RebalancePlan, HashPolicy]:
+async def _plan(client: ShardedClient, args: Any) -> RebalancePlan:
     current = await client.partition_map(args.collection)
     policy = current.policy
+    if isinstance(policy, TimePolicy):
+        _refuse_options(
+            "time", args, {"--add": args.add, "--remove": args.remove, "--weight": args.weight}
+        )
+        return await _plan_time(client, args, policy)
     if not isinstance(policy, HashPolicy):
         raise ConfigurationError(
             f"collection {args.collection!r} is placed by a {policy.kind} policy; online "
-            "rebalancing moves hash slots only so far"
+            "rebalancing moves hash slots and time buckets only so far"
         )
+    _refuse_options("hash", args, {"--move": args.move, "--hot": args.hot})
     known = [s.name for s in client.topology.shards]
     problems = [
         f"--add {s}: unknown shard {s!r} (the topology has {known})"
@@ -82,8 +123,21 @@ async def _plan(client: ShardedClient, args: Any) -> tuple[RebalancePlan, HashPo
         raise ConfigurationError("; ".join(problems) + "; nothing was planned")
     shards = [s for s in dict.fromkeys((*policy.shards, *args.add)) if s not in args.remove]
     counts = await _slot_counts(client, args.collection, policy)
-    plan = plan_hash(policy, shards=shards, weights=_weights(args.weight), slot_counts=counts)
-    return plan, policy
+    return plan_hash(policy, shards=shards, weights=_weights(args.weight), slot_counts=counts)
+
+
+async def _plan_time(client: ShardedClient, args: Any, policy: TimePolicy) -> RebalancePlan:
+    """Buckets that exist, where they are and their records, from one layout read."""
+    layout = await client.layout(args.collection)
+    existing = {p.partition: p.shards[0] for p in layout.partitions if p.shards}
+    return plan_time(
+        policy,
+        existing_buckets=existing,
+        move=_moves(args.move),
+        hot=args.hot,
+        bucket_counts={p.partition: p.records for p in layout.partitions},
+        known_shards=[s.name for s in client.topology.shards],
+    )
 
 
 async def run_plan(args: Any, out: Out) -> int:
@@ -94,7 +148,7 @@ async def run_plan(args: Any, out: Out) -> int:
         record = await client._live().rebalancing.migration(args.collection)
         if record is not None:
             out(f"a migration is under way (step {record['step']}, tag {record['tag']})")
-        plan, _ = await _plan(client, args)
+        plan = await _plan(client, args)
     out(plan.describe())
     return 1 if plan.problems else 0
 
@@ -103,8 +157,8 @@ async def run_rebalance(args: Any, out: Out) -> int:
     """Run (or, with no goal options, resume) the migration, with progress per step."""
     async with ShardedClient(Topology.from_toml(args.topology)) as client:
         goal = None
-        if args.add or args.remove or args.weight:
-            plan, _ = await _plan(client, args)
+        if _has_goal(args):
+            plan = await _plan(client, args)
             out(plan.describe())
             if plan.problems:
                 return 1
