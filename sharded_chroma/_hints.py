@@ -221,6 +221,28 @@ class HintLog:
             )
         return [Hint(*row) for row in rows]
 
+    def last_id(self) -> int:
+        """The newest pending hint's id (0 if none): ids only grow, so a hint appended after
+        this call, by any process, has a larger one."""
+        with self._lock:
+            row = self._connection().execute("SELECT COALESCE(MAX(id), 0) FROM hints").fetchone()
+        return int(row[0])
+
+    def pending_upto(self, nodes: Sequence[str], upto_id: int) -> dict[str, int]:
+        """Per node of ``nodes``, how many of its hints with ``id <= upto_id`` are pending."""
+        marks = ", ".join("?" * len(nodes))
+        with self._lock:
+            rows = (
+                self._connection()
+                .execute(
+                    f"SELECT node, COUNT(*) FROM hints WHERE id <= ? AND node IN ({marks})"
+                    " GROUP BY node",
+                    (upto_id, *nodes),
+                )
+                .fetchall()
+            )
+        return {str(node): int(n) for node, n in rows}
+
     def ack(self, node: str, upto_id: int) -> int:
         """Delete ``node``'s hints with ``id <= upto_id`` (replayed in order); return how many."""
         _non_empty("node", node)

@@ -11,12 +11,13 @@ from .._options import options
 from .._policies import TimePolicy
 from ..catalog._layouts import PartLayouts, Target
 from ..catalog._state import CollectionState
-from ..control._maps import OUTGOING_KEY
+from ..control._maps import INCOMING_KEY, OUTGOING_KEY
 from ..ops._partio import PartIO
+from ._hintbarrier import HintBarrier
 from ._support import again
 from ._units import moving_units
 
-__all__ = ["delete_everywhere", "delete_moved"]
+__all__ = ["delete_copies", "delete_everywhere", "delete_moved"]
 
 
 def delete_everywhere(
@@ -41,10 +42,13 @@ async def delete_moved(
     target: Any,
     tag: str,
     fence: Callable[[], Awaitable[None]],
+    barrier: HintBarrier,
 ) -> None:
     """The moved records' old copies: time buckets are dropped whole, hashed records are
-    deleted by their outgoing mark."""
+    deleted by their outgoing mark; once the hints for the source copies have landed."""
     units = await moving_units(layouts, state, source, target)
+    shards = [p.shard for p in units.sources] + [shard for shard, _ in units.buckets]
+    await barrier.settle(f"cleanup of {state.name!r}", shards, fence)
     if isinstance(target, TimePolicy):
         for shard, label in units.buckets:
             await fence()
@@ -55,3 +59,23 @@ async def delete_moved(
         await fence()
         body = {"where": {OUTGOING_KEY: tag}}
         await again(f"cleanup of {part.key}", delete_everywhere(io, part, body))
+
+
+async def delete_copies(
+    io: PartIO,
+    layouts: PartLayouts,
+    state: CollectionState,
+    source: Any,
+    target: Any,
+    tag: str,
+    fence: Callable[[], Awaitable[None]],
+    barrier: HintBarrier,
+) -> None:
+    """An abort's deletes: the incoming copies the move made, by their mark, once the hints
+    for the target copies have landed."""
+    units = await moving_units(layouts, state, source, target)
+    await barrier.settle(f"abort of {state.name!r}", [p.shard for p in units.targets], fence)
+    for part in units.targets:
+        await fence()
+        body = {"where": {INCOMING_KEY: tag}}
+        await again(f"deleting the copies on {part.key}", delete_everywhere(io, part, body))

@@ -8,7 +8,8 @@ Steps, each recorded in the control store before the next begins (see ``control.
 2. ``copy``: every source part's moved records are copied (cursor saved per page); then
    ``verify``: reconcile passes until one finds the copies equal to their sources.
 3. ``cutover``: the goal serves reads (writes mirrored back); wait for acknowledgements.
-4. ``cleanup``: writes stop being mirrored; once acknowledged, old copies go; then stable.
+4. ``cleanup``: writes stop being mirrored; once acknowledged and the old copies' hints are
+   replayed (``_hintbarrier``), they go; then stable.
 
 A killed migrator is resumed by running it again (the record names the step and cursors);
 ``abort`` rolls back a migration that has not cut over.
@@ -28,10 +29,10 @@ from .._errors import ConfigurationError, ControlStoreError
 from .._policies import policy_to_json
 from ..catalog._layouts import PartLayouts, Target
 from ..catalog._state import CollectionState
-from ..control._maps import INCOMING_KEY
 from ..control._store import ControlStore
 from ..ops._partio import PartIO
-from ._cleanup import delete_everywhere, delete_moved
+from ._cleanup import delete_copies, delete_moved
+from ._hintbarrier import HintBarrier
 from ._passes import Passes, Progress
 from ._support import (
     MigrationReport,
@@ -60,6 +61,7 @@ class Migrator:
         layouts: PartLayouts,
         targets: TargetCollections,
         shard_names: tuple[str, ...],
+        barrier: HintBarrier,
         *,
         batch: int = 500,
         rate: float | None = None,
@@ -74,6 +76,7 @@ class Migrator:
         self._layouts = layouts
         self._targets = targets
         self._shard_names = shard_names
+        self._barrier = barrier
         self._batch = batch
         self._rate = rate
         self._ack_timeout = ack_timeout
@@ -155,11 +158,8 @@ class Migrator:
         check_goal(current.policy, goal)
         if policy_to_json(current.policy) == policy_to_json(goal):
             raise ConfigurationError(f"collection {state.name!r} already has that policy")
-        unknown = sorted(goal.shards_named() - set(self._shard_names))
-        if unknown:
-            raise ConfigurationError(
-                f"the goal names shard(s) {unknown} that this topology does not have"
-            )
+        if unknown := sorted(goal.shards_named() - set(self._shard_names)):
+            raise ConfigurationError(f"the goal names shard(s) {unknown} this topology lacks")
         await self._targets.ensure(state, sorted(goal.shards_named()))
         # From now on a client without the control store is refused: it would route by the
         # stored policy and write past the mirroring.
@@ -277,7 +277,9 @@ class Migrator:
             if found is None or not same_phase(found[0], stable(target)):
                 # (A run killed after the map became stable has nothing left but the record.)
                 await self._to_phase(cid, "cleanup", target, source, tag, report)
-                await delete_moved(self._io, self._layouts, state, source, target, tag, self._fence)
+                await delete_moved(
+                    self._io, self._layouts, state, source, target, tag, self._fence, self._barrier
+                )
                 await self._to_phase(cid, "stable", target, None, None, report)
             # The stored policy follows, so a client that opens the collection without the
             # map (or after losing the control store) still finds every record.
@@ -363,8 +365,7 @@ class Migrator:
             if found is None:
                 raise ConfigurationError(f"collection {state.name!r} has no migration to abort")
             record, revision = found
-            source = policy_of_record(record["from"])
-            target = policy_of_record(record["to"])
+            source, target = policy_of_record(record["from"]), policy_of_record(record["to"])
             tag = record["tag"]
             report = MigrationReport(state.name, tag)
             current = await self._store.load_map(cid)
@@ -385,11 +386,9 @@ class Migrator:
             if not untouched:
                 # Writes stop being mirrored while the copies stay hidden; then they go.
                 await self._to_phase(cid, "aborting", source, target, tag, report)
-                units = await moving_units(self._layouts, state, source, target)
-                for part in units.targets:
-                    body = {"where": {INCOMING_KEY: tag}}
-                    delete = delete_everywhere(self._io, part, body)
-                    await again(f"deleting the copies on {part.key}", delete)
+                await delete_copies(
+                    self._io, self._layouts, state, source, target, tag, self._fence, self._barrier
+                )
                 await self._to_phase(cid, "stable", source, None, None, report)
             await self._store.drop_migration(cid, revision)
             report.steps.append("aborted")

@@ -19,6 +19,7 @@ from ..control._served import unserved
 from ..control._store import ControlStore
 from ..ops._partio import PartIO
 from ._engine import MigrationReport, Migrator
+from ._hintbarrier import HintBarrier
 from ._passes import Progress
 from ._targets import TargetCollections
 
@@ -64,6 +65,7 @@ class Rebalancing:
             self._layouts,
             TargetCollections(self._cluster, self._catalog),
             self._cluster.shard_names,
+            HintBarrier(self._cluster, timeout=control.ack_timeout),
             ack_timeout=options.pop("ack_timeout", control.ack_timeout),
             lease_ttl=options.pop("lease_ttl", control.lease_ttl),
             **options,
