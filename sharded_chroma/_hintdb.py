@@ -9,6 +9,7 @@ process of the host opens the same file, which is what makes the node state shar
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -140,7 +141,13 @@ def connect(path: Path, *, migrate: bool) -> sqlite3.Connection:
     """Open the file (created owner-only: bodies hold user data); with ``migrate``, bring the
     schema to :data:`SCHEMA_VERSION` in one transaction."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    # Created owner-only, but never opened here once it exists: closing any descriptor of
+    # the file drops every POSIX lock this process holds on it, including those of its
+    # SQLite connections (WAL mode keeps one per connection), and another process may then
+    # take itself for the last user, checkpoint and reset the WAL under them: a corrupt file.
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
     conn = sqlite3.connect(
         path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
     )

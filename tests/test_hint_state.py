@@ -275,3 +275,34 @@ def test_processes_starting_at_once_on_different_topologies_share_one_file(
         t.join()
     assert len(set(chosen)) == 1 and len(chosen) == 8
     assert len(list(tmp_path.glob("*.sqlite3"))) == 1
+
+
+def _open_and_close(path: str) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("SELECT COUNT(*) FROM hints").fetchone()
+    conn.close()
+
+
+def test_opening_the_file_again_keeps_this_processes_locks(tmp_path: Path) -> None:
+    """A second open in a process that has the file open (the node-state store does so) must
+    not drop the first connection's locks: another process closing its connection would then
+    take itself for the last one and reset the WAL under the first (a corrupt file)."""
+    import multiprocessing
+
+    from sharded_chroma._hintdb import connect
+
+    path = tmp_path / "hints.sqlite3"
+    with HintLog(path) as log:
+        log.append(A, "t", "d", CID, "c", "upsert", b"{}")
+        connect(path, migrate=False).close()
+        wal = path.with_name(path.name + "-wal")
+        assert wal.exists()
+        other = multiprocessing.get_context("spawn").Process(
+            target=_open_and_close, args=(str(path),)
+        )
+        other.start()
+        other.join(60)
+        assert other.exitcode == 0
+        assert wal.exists(), "another process reset the WAL this one still uses"
+        log.append(A, "t", "d", CID, "c", "upsert", b"{}")
+        assert log.count() == 2
