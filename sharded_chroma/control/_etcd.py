@@ -17,6 +17,7 @@ import anyio
 
 from .._errors import ClientClosedError, ConfigurationError, ControlUnavailableError
 from ._backend import ANY, AnyRevision, Entry
+from ._grpcloop import on_grpc_loop
 
 __all__ = ["EtcdControl"]
 
@@ -96,7 +97,17 @@ class EtcdControl:
     async def _call(self, fn: Callable[[Any], Awaitable[_T]], *, bounded: bool = True) -> _T:
         """``fn(client)`` with failover: each endpoint once, then the last error, wrapped.
         ``bounded``: give up on an endpoint after the timeout (off for watches, which the
-        caller bounds)."""
+        caller bounds). Runs on the process's etcd loop (see ``_grpcloop``)."""
+        # Per endpoint: the call, then up to 2 s closing its channel; a little slack on top.
+        limit = (self._timeout + 3.0) * len(self._addresses) + 1.0 if bounded else None
+        try:
+            return await on_grpc_loop(lambda: self._call_here(fn, bounded), limit=limit)
+        except TimeoutError as exc:
+            raise ControlUnavailableError(
+                f"no answer within {limit:.0f} s", backend=self.name, endpoint=self.endpoint
+            ) from exc
+
+    async def _call_here(self, fn: Callable[[Any], Awaitable[_T]], bounded: bool) -> _T:
         errors = self._aetcd.exceptions
         unreachable = (
             errors.ConnectionFailedError,
@@ -246,7 +257,12 @@ class EtcdControl:
 
     async def aclose(self) -> None:
         self._closed = True
-        client, self._client = self._client, None
-        if client is not None:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
-                await client.close()
+
+        async def close() -> None:
+            client, self._client = self._client, None
+            if client is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+                    await client.close()
+
+        with anyio.CancelScope(shield=True):
+            await on_grpc_loop(close, limit=3.0)
