@@ -172,3 +172,160 @@ async def test_an_update_moving_a_record_never_takes_back_a_record_made_meanwhil
         assert got["metadatas"] == [{"region": "eu", "topic": 9}]
         assert await stored_ids(shard_urls) == {"s0": ["r"]}
         await other.delete_collection(NAME)
+
+
+async def test_an_upsert_whose_record_went_before_its_move_read_it_still_writes(
+    shard_urls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upsert that is to move a record finds, when its move reads the record, that the copy
+    it located is gone: another client's update had moved the record there while a third
+    client's delete was under way, and then applied that delete to its new copy. The delete
+    was done before the upsert began, so the upsert must leave the record present, with its
+    value. (Found by the two-process history test, composite policy: the upsert dropped the
+    record from its write, an acknowledged upsert lost.)
+
+    Three clients on the real servers; the interleaving is forced by holding, in turn, the
+    delete's removal, the update's check for deletes under way and the upsert's read."""
+    async with (
+        await sharded_chroma.AsyncHttpClient(shards=shard_urls) as deleter,
+        await sharded_chroma.AsyncHttpClient(shards=shard_urls) as updater,
+        await sharded_chroma.AsyncHttpClient(shards=shard_urls) as upserter,
+    ):
+        col = await deleter.create_collection(NAME, embedding_function=None, policy=POLICY)
+        await col.add(
+            ids=["r"], embeddings=[[0.1, 0.2, 0.3]], metadatas=[{"region": "us", "topic": 7}]
+        )
+        by_update = await updater.get_collection(NAME, embedding_function=None)
+        by_upsert = await upserter.get_collection(NAME, embedding_function=None)
+        located, saw_delete, upsert_read, update_done = (anyio.Event() for _ in range(4))
+
+        # The delete has located the record on s1 and marked it; it removes it once the update
+        # has written its copy to s0 and seen the delete announced.
+        remover = deleter._runtime.writer._remover
+        remove = remover.remove
+
+        async def held_remove(*args: Any, **kwargs: Any) -> Any:
+            if not located.is_set():
+                located.set()
+                await saw_delete.wait()
+            return await remove(*args, **kwargs)
+
+        monkeypatch.setattr(remover, "remove", held_remove)
+
+        # The update goes on (removing its source, applying the delete to its new copy) only
+        # once the upsert has located that copy.
+        tombstones = updater._runtime.writer._mover._tombstones
+        deleting = tombstones.deleting
+
+        async def held_deleting(*args: Any, **kwargs: Any) -> Any:
+            found = await deleting(*args, **kwargs)
+            if found and not saw_delete.is_set():
+                saw_delete.set()
+                await upsert_read.wait()
+            return found
+
+        monkeypatch.setattr(tombstones, "deleting", held_deleting)
+
+        # The upsert's move reads the copy it located only once the update is done.
+        locator = upserter._runtime.writer._mover._locator
+        read_records = locator.read_records
+
+        async def held_read(*args: Any, **kwargs: Any) -> Any:
+            if not upsert_read.is_set():
+                upsert_read.set()
+                await update_done.wait()
+            return await read_records(*args, **kwargs)
+
+        monkeypatch.setattr(locator, "read_records", held_read)
+        spans: dict[str, tuple[float, float]] = {}
+
+        async def delete_then_upsert() -> None:
+            spans["delete"] = await timed(lambda: col.delete(ids=["r"]))
+            # Moves the record from s0 (where the update put it) to s2.
+            spans["upsert"] = await timed(
+                lambda: by_upsert.upsert(
+                    ids=["r"],
+                    embeddings=[[0.9, 0.8, 0.7]],
+                    metadatas=[{"region": "ap", "topic": 9}],
+                )
+            )
+
+        async def update() -> None:
+            await located.wait()
+            # Moves the record from s1 to s0.
+            spans["update"] = await timed(
+                lambda: by_update.update(ids=["r"], metadatas=[{"region": "eu"}])
+            )
+            update_done.set()
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(delete_then_upsert)
+                tg.start_soon(update)
+        assert located.is_set() and saw_delete.is_set() and upsert_read.is_set()
+        # The race happened as intended: the update overlapped the delete, and the upsert
+        # began after the delete was done (so in every serial order it comes last).
+        assert spans["update"][0] < spans["delete"][1] < spans["upsert"][0]
+        assert spans["upsert"][0] < spans["update"][1]
+        got = await col.get(include=["metadatas"])
+        assert got["ids"] == ["r"], got
+        assert got["metadatas"] == [{"region": "ap", "topic": 9}]
+        assert await stored_ids(shard_urls) == {"s2": ["r"]}
+        await deleter.delete_collection(NAME)
+
+
+async def test_an_upsert_whose_record_moved_before_its_move_read_it_moves_it_from_there(
+    shard_urls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same window with a move instead of a delete: another client moves the record
+    between the upsert's look and its move's read. The two overlap, so either order is
+    allowed, but the upsert's keys must be in the record in both (the upsert merges over the
+    record either way); before, the upsert wrote nothing and its key was lost."""
+    async with (
+        await sharded_chroma.AsyncHttpClient(shards=shard_urls) as other,
+        await sharded_chroma.AsyncHttpClient(shards=shard_urls) as upserter,
+    ):
+        col = await other.create_collection(NAME, embedding_function=None, policy=POLICY)
+        await col.add(
+            ids=["r"], embeddings=[[0.1, 0.2, 0.3]], metadatas=[{"region": "us", "topic": 7}]
+        )
+        by_upsert = await upserter.get_collection(NAME, embedding_function=None)
+        reached, moved = anyio.Event(), anyio.Event()
+        locator = upserter._runtime.writer._mover._locator
+        read_records = locator.read_records
+
+        async def held_read(*args: Any, **kwargs: Any) -> Any:
+            if not reached.is_set():
+                reached.set()
+                await moved.wait()
+            return await read_records(*args, **kwargs)
+
+        monkeypatch.setattr(locator, "read_records", held_read)
+
+        async def upsert() -> None:
+            # Moves the record from s1 to s0.
+            await by_upsert.upsert(
+                ids=["r"],
+                embeddings=[[0.9, 0.8, 0.7]],
+                metadatas=[{"region": "eu", "by": "u", "mark": 1}],
+            )
+
+        async def move_away() -> None:
+            await reached.wait()
+            # Moves the record from s1 to s2 under the upsert.
+            await col.upsert(
+                ids=["r"], embeddings=[[0.4, 0.5, 0.6]], metadatas=[{"region": "ap", "by": "v"}]
+            )
+            moved.set()
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(upsert)
+                tg.start_soon(move_away)
+        got = await col.get(include=["metadatas"])
+        assert got["ids"] == ["r"], got
+        # The other client's move, then this upsert over it (the other order would read
+        # region ap, by v, with mark 1 kept).
+        assert got["metadatas"] == [{"region": "eu", "by": "u", "mark": 1, "topic": 7}]
+        assert await stored_ids(shard_urls) == {"s0": ["r"]}
+        await other.delete_collection(NAME)

@@ -170,8 +170,11 @@ class Mover:
         stamps: Mapping[tuple[str, int], Stamp] | None = None,
         *,
         undo_if_gone: bool = False,
-    ) -> None:
-        """Write moved records whole to their destination, then delete them at the sources.
+    ) -> set[int]:
+        """Write moved records whole to their destination, then delete them at the sources;
+        returns the positions handled here. A record whose copy to move went before it was
+        read (another process moved or deleted it since it was located) is left out: the
+        caller decides (an upsert looks for it again, see ``WritePath.upsert``).
 
         ``known`` holds records already read (part key, record) by position, ``stamps`` the
         stamps copies were located with, by (part key, position). With ``undo_if_gone`` (an
@@ -191,7 +194,7 @@ class Mover:
         old = {**have, **fetched}
         order = [i for i in sorted(moves) if i in old]
         if not order:
-            return
+            return set()
         # An update of a record whose newest copy is already where the update puts it is an
         # update there (a no-op if someone deleted it meanwhile, as on one server); only the
         # other copies go. Everything else is written whole to its new place.
@@ -245,7 +248,7 @@ class Mover:
         if under_way:
             await self._apply(state, ids, rewrite, dest, versions, under_way)
         if not undo_if_gone or not short:
-            return
+            return set(order)
         # The copy this update read went or changed since. Only if another process deleted
         # the record is the copy this update wrote taken back (an update never creates a
         # record; only while it is still the one it wrote); after a move or a rewrite the
@@ -265,6 +268,7 @@ class Mover:
             written = {ids[i]: versions.get(i, 0) for i in gone}
             mine = {(k, rid): (written[rid], None) for k, v in undo.items() for rid in v}
             await self._remover.remove(back, mine, operation="move")
+        return set(order)
 
     async def _apply(
         self,

@@ -49,6 +49,9 @@ logger = logging.getLogger("sharded_chroma.writes")
 
 # A delete by id looks again for ids whose copy changed under it at most this often.
 _DELETE_ROUNDS = 8
+# An upsert looks again for records whose copy went before its move could read it at most
+# this often.
+_MOVE_ROUNDS = 8
 
 
 def _moving(found: Mapping[str, list[int]], dest: Mapping[str, list[int]]) -> dict[int, list[str]]:
@@ -164,16 +167,27 @@ class WritePath:
             known: dict[int, int | None] | None = None
             if not router.ids_routed(state):
                 # A record may live anywhere its routing value sent it: every part must answer
-                # before anything is written, and records whose value changed are moved.
-                found = await self._locator.locate(state, ids)
-                known = {
-                    i: found.stamps.get((key, i), (0, None))[1]
-                    for key, pos in found.groups.items()
-                    for i in pos
-                }
-                moving = _moving(found.groups, groups)
-                if moving:
-                    await self._mover.move(
+                # before anything is written, and records whose value changed are moved. A
+                # record whose copy went between the look and the move's read (another process
+                # moved it, or deleted it, possibly by a move applying a delete under way) is
+                # looked for again, and written where it belongs if found nowhere: dropping it
+                # from the write would lose this acknowledged upsert.
+                moved: set[int] = set()
+                for _ in range(_MOVE_ROUNDS):
+                    found = await self._locator.locate(state, ids)
+                    known = {
+                        i: found.stamps.get((key, i), (0, None))[1]
+                        for key, pos in found.groups.items()
+                        for i in pos
+                    }
+                    moving = {
+                        i: keys
+                        for i, keys in _moving(found.groups, groups).items()
+                        if i not in moved
+                    }
+                    if not moving:
+                        break
+                    done = await self._mover.move(
                         state,
                         ids,
                         moving,
@@ -184,7 +198,17 @@ class WritePath:
                         uris,
                         stamps=found.stamps,
                     )
-                    groups = _without(groups, moving)
+                    moved |= done
+                    if done >= moving.keys():
+                        break
+                else:
+                    logger.warning(
+                        "upsert into %s kept missing records that moved under it; writing them "
+                        "where they belong after %d rounds",
+                        state.name,
+                        _MOVE_ROUNDS,
+                    )
+                groups = _without(groups, moved)
             await self._sender.send(
                 "upsert",
                 state,
