@@ -156,12 +156,23 @@ class Passes:
             await self._fence()
 
     async def _source_pages(self, source: Target, after: int | None) -> Any:
-        body: dict[str, Any] = {"include": FULL}
+        # Ids and metadata only (what placement needs): the moved records' content is read
+        # by id afterwards, so a move of a quarter of a part reads a quarter of its vectors.
+        body: dict[str, Any] = {"include": ["metadatas"]}
         if after is not None:
             # Records at the cursor's own sequence value are sent again: copies are idempotent.
             body["where"] = {SEQ_KEY: {"$gte": after}}
         async for page in self._io.pages(source, body, self._batch, raw=True):
             yield page
+
+    async def _content(
+        self, source: Target, rows: Sequence[Mapping[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """The whole source records of ``rows`` (a record deleted since is not among them)."""
+        if not rows:
+            return []
+        body = {"ids": [r["ids"] for r in rows], "include": FULL}
+        return _rows(await self._io.read(source, "/get", body, raw=True))
 
     def _copy_body(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         metas = []
@@ -211,9 +222,11 @@ class Passes:
             rows, by_home, unmarked = self._moving(source, page)
             await self._fence()
             for home, moving in by_home.values():
-                await self._write(home, "upsert", self._copy_body(moving))
+                whole = await self._content(source, moving)
+                if whole:
+                    await self._write(home, "upsert", self._copy_body(whole))
+                copied += len(whole)
             await self._mark_outgoing(source, unmarked)
-            copied += sum(len(moving) for _, moving in by_home.values())
             seqs = [m.get(SEQ_KEY) for m in page.get("metadatas") or [] if m]
             last = max((s for s in seqs if isinstance(s, int)), default=None)
             if last is not None:
@@ -245,7 +258,7 @@ class Passes:
             await self._mark_outgoing(source, unmarked)
             found += len(unmarked)
             for home, moving in by_home.values():
-                found += await self._fix(source, home, moving)
+                found += await self._fix(source, home, await self._content(source, moving))
             self._progress("verify", len(rows))
             await self._throttle(started, len(rows))
         return found
