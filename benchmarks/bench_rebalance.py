@@ -148,7 +148,13 @@ async def one_round(args: Any, round_no: int, topology: Any, target_url: str) ->
         timeline = Timeline()
 
         async def migrate_quiet() -> None:
-            report = await client.rebalance(quiet.name, goal, batch=args.batch, progress=timeline)
+            report = await client.rebalance(
+                quiet.name,
+                goal,
+                batch=args.batch,
+                concurrency=args.concurrency,
+                progress=timeline,
+            )
             out["copied"] = report.copied
 
         async def ingest() -> None:
@@ -183,7 +189,12 @@ async def one_round(args: Any, round_no: int, topology: Any, target_url: str) ->
 
             async def migrate_live() -> Any:
                 return await client.rebalance(
-                    live.name, goal, batch=args.batch, progress=moving_timeline
+                    live.name,
+                    goal,
+                    batch=args.batch,
+                    concurrency=args.concurrency,
+                    rate=args.rate,
+                    progress=moving_timeline,
                 )
 
             during, report = await queried(cols, args.dim, 100 * round_no + 50, migrate_live)
@@ -209,6 +220,8 @@ async def main() -> None:
     p.add_argument("--records", type=int, default=20_000)
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--concurrency", type=int, default=1, help="source shards copied at once")
+    p.add_argument("--rate", type=float, default=None, help="throttle of the queried move")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--query-tasks", type=int, default=2)
     p.add_argument("--clients", type=int, default=4)

@@ -150,3 +150,22 @@ async def test_an_abort_stopped_half_way_is_finished_by_abort_only(
         owners = await owners_of(shard_urls, str(col.id))
         assert all(OLD.place(rid, None).shard == s for s, ids in owners.items() for rid in ids)
         assert sum(len(ids) for ids in owners.values()) == 60
+
+
+@pytest.mark.anyio
+async def test_the_report_counts_every_copied_record_when_sources_copy_at_once(
+    shard_urls: list[str], tmp_path: Path
+) -> None:
+    topology = topology_for(shard_urls, {"backend": "sqlite", "path": str(tmp_path / "c.db")})
+    async with await client_of(topology) as client:
+        await loaded(client, 300)
+        moving = [
+            f"r{i}"
+            for i in range(300)
+            if OLD.place(f"r{i}", None).shard != NEW.place(f"r{i}", None).shard
+        ]
+        sources = {OLD.place(r, None).shard for r in moving}
+        assert len(sources) >= 2
+        report = await client.rebalance(NAME, NEW, batch=20, concurrency=3)
+        assert report.steps[-1] == "done"
+        assert report.copied == len(moving)

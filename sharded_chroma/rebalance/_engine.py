@@ -246,8 +246,9 @@ class Migrator:
                 def copy_rest() -> Awaitable[int]:
                     return passes.copy(part, record["cursors"].get(part.key), save)
 
-                async with limit:
-                    report.copied += await again(f"copy of {part.key}", copy_rest)
+                async with limit:  # not ``+= await``: it reads the count before the await
+                    copied = await again(f"copy of {part.key}", copy_rest)
+                report.copied += copied
                 record["cursors"][part.key] = "done"
                 await save_record()
 

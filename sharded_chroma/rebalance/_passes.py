@@ -40,6 +40,10 @@ logger = logging.getLogger("sharded_chroma.rebalance")
 # How long a difference must hold before it counts: longer than a client's write takes to
 # reach both places.
 _SETTLE_S = 0.3
+# Source parts are paged by ids and metadata in pages this many times the batch: a move that
+# takes a quarter of a part then still reads and writes the moved records about a batch at a
+# time (a request per small slice cost more than the records did).
+_SCAN_PAGES = 4
 
 Progress = Callable[[str, int], None]
 """Called with a step name and how many records it handled since the last call."""
@@ -162,17 +166,19 @@ class Passes:
         if after is not None:
             # Records at the cursor's own sequence value are sent again: copies are idempotent.
             body["where"] = {SEQ_KEY: {"$gte": after}}
-        async for page in self._io.pages(source, body, self._batch, raw=True):
+        async for page in self._io.pages(source, body, self._batch * _SCAN_PAGES, raw=True):
             yield page
 
     async def _content(
         self, source: Target, rows: Sequence[Mapping[str, Any]]
     ) -> list[dict[str, Any]]:
-        """The whole source records of ``rows`` (a record deleted since is not among them)."""
-        if not rows:
-            return []
-        body = {"ids": [r["ids"] for r in rows], "include": FULL}
-        return _rows(await self._io.read(source, "/get", body, raw=True))
+        """The whole source records of ``rows`` (a record deleted since is not among them),
+        read a batch at a time."""
+        out: list[dict[str, Any]] = []
+        for at in range(0, len(rows), self._batch):
+            body = {"ids": [r["ids"] for r in rows[at : at + self._batch]], "include": FULL}
+            out += _rows(await self._io.read(source, "/get", body, raw=True))
+        return out
 
     def _copy_body(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         metas = []
@@ -189,8 +195,9 @@ class Passes:
         }
 
     async def _mark_outgoing(self, source: Target, ids: Sequence[str]) -> None:
-        if ids:
-            body = {"ids": list(ids), "metadatas": [{OUTGOING_KEY: self._tag} for _ in ids]}
+        for at in range(0, len(ids), self._batch):
+            chunk = list(ids[at : at + self._batch])
+            body = {"ids": chunk, "metadatas": [{OUTGOING_KEY: self._tag} for _ in chunk]}
             await self._write(source, "update", body)
 
     def _moving(
@@ -223,8 +230,9 @@ class Passes:
             await self._fence()
             for home, moving in by_home.values():
                 whole = await self._content(source, moving)
-                if whole:
-                    await self._write(home, "upsert", self._copy_body(whole))
+                for at in range(0, len(whole), self._batch):
+                    chunk = whole[at : at + self._batch]
+                    await self._write(home, "upsert", self._copy_body(chunk))
                 copied += len(whole)
             await self._mark_outgoing(source, unmarked)
             seqs = [m.get(SEQ_KEY) for m in page.get("metadatas") or [] if m]
