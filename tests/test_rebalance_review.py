@@ -65,6 +65,24 @@ def test_each_mirrored_phase_marks_both_places(
         assert (view.get(INCOMING_KEY) == "t1") != (view.get(OUTGOING_KEY) == "t1")
 
 
+def test_only_the_parts_that_can_hold_hidden_copies_are_read_with_the_filter() -> None:
+    """s0 and s1 give slots to s2: incoming copies land on s2 only, outgoing marks on s0 and
+    s1 only, so each phase filters those parts and reads the others as they are."""
+    dual = PartitionMap(epoch=2, policy=OLD, other=NEW, phase="dual", tag="t1")
+    cutover = PartitionMap(epoch=3, policy=NEW, other=OLD, phase="cutover", tag="t1")
+    cleanup = PartitionMap(epoch=4, policy=NEW, other=OLD, phase="cleanup", tag="t1")
+    aborting = PartitionMap(epoch=3, policy=OLD, other=NEW, phase="aborting", tag="t1")
+    for served, hiding in ((dual, {"s2"}), (aborting, {"s2"}), (cutover, {"s0", "s1"})):
+        assert {s for s in THREE if served.hides_on(s)} == hiding, served.phase
+    assert {s for s in THREE if cleanup.hides_on(s)} == {"s0", "s1"}
+    stable = PartitionMap(epoch=5, policy=NEW)
+    assert not any(stable.hides_on(s) for s in THREE)
+    # Where a mark can land, it does: a mirrored write of a moving record marks both places.
+    rid = moving_id()
+    own, mirrors = split_write("add", "s0", body_of(rid), dual)
+    assert own["metadatas"][0][OUTGOING_KEY] == "t1" and set(mirrors) == {"s2"}
+
+
 def test_an_aborting_map_mirrors_nothing_and_hides_the_copies() -> None:
     served = PartitionMap(epoch=3, policy=OLD, other=NEW, phase="aborting", tag="t1")
     assert served.mirror_policy() is None

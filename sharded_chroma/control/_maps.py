@@ -23,13 +23,14 @@ Epochs only grow; every change of ownership is a new epoch, written by compare-a
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .._errors import ControlStoreError
-from .._policies import AnyPolicy, build_policy
+from .._policies import AnyPolicy, HashPolicy, build_policy
 
 __all__ = ["INCOMING_KEY", "OUTGOING_KEY", "PartitionMap", "Phase"]
 
@@ -77,6 +78,28 @@ class PartitionMap(BaseModel):
             return {OUTGOING_KEY: {"$ne": self.tag}}
         return None
 
+    @cached_property
+    def _hiding(self) -> frozenset[str] | None:
+        # The hidden mark of the phase is only ever written where records arrive when going
+        # from ``policy`` to ``other`` (incoming copies at the goal's places in dual and
+        # aborting; outgoing marks at the old places in cutover and cleanup, whose ``other``
+        # is the old policy): those shards. None: every part (a policy other than hash).
+        if not isinstance(self.policy, HashPolicy) or not isinstance(self.other, HashPolicy):
+            return None
+        now, then = self.policy.owner_slots(), self.other.owner_slots()
+        return frozenset(
+            shard for shard, ranges in then.items() if _slots(ranges) - _slots(now.get(shard, []))
+        )
+
+    def hides_on(self, shard: str) -> bool:
+        """Whether reads of ``shard``'s part need the phase's read filter: a part that cannot
+        hold a copy the phase hides is read without it (Chroma answers a filtered query
+        several times slower)."""
+        if self.read_filter() is None:
+            return False
+        hiding = self._hiding
+        return hiding is None or shard in hiding
+
     def mirror_policy(self) -> Any | None:
         """Where writes also go: the other policy, in ``dual`` and ``cutover``."""
         return self.other if self.phase in ("dual", "cutover") else None
@@ -115,3 +138,7 @@ class PartitionMap(BaseModel):
         }
         fields.update(changes)
         return PartitionMap.model_validate({"epoch": self.epoch + 1, **fields})
+
+
+def _slots(ranges: list[tuple[int, int]]) -> set[int]:
+    return {slot for lo, hi in ranges for slot in range(lo, hi)}

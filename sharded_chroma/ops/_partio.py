@@ -57,7 +57,7 @@ class PartIO:
         unless ``raw``."""
         state = target.state
         served = served_map(state)
-        if served is not None and served.migrating and not raw:
+        if served is not None and served.hides_on(target.shard) and not raw:
             body = filtered(body, served)
 
         async def op(node: Node) -> Any:
@@ -69,7 +69,7 @@ class PartIO:
     async def count(self, target: Target) -> int:
         state = target.state
         served = served_map(state)
-        if served is not None and served.migrating:
+        if served is not None and served.hides_on(target.shard):
             return await self._count_visible(target, served)
 
         async def op(node: Node) -> Any:
@@ -105,7 +105,7 @@ class PartIO:
         there for the next page."""
         state = target.state
         served = served_map(state)
-        if served is not None and served.migrating and not raw:
+        if served is not None and served.hides_on(target.shard) and not raw:
             body = filtered(body, served)
 
         async def op(node: Node) -> Any:
