@@ -9,7 +9,6 @@ from types import TracebackType
 from typing import Any, cast
 from uuid import UUID
 
-import anyio
 from chromadb.api.collection_configuration import (
     CreateCollectionConfiguration,
     validate_embedding_function_conflict_on_create,
@@ -29,10 +28,9 @@ from chromadb.types import Collection as CollectionModel
 from ._collection import ShardedCollection
 from ._errors import ClientClosedError
 from ._layout import CollectionLayout, collection_layout
-from ._node import Node
 from ._policies import PolicyLike, build_policy
 from ._runtime import Runtime
-from ._status import ShardStatus, shard_status
+from ._status import ShardStatus, cluster_status
 from ._topology import Topology
 from ._transport import NodeStats
 from .api._arguments import refuse_metadata_like_server, refuse_unaddressable
@@ -104,32 +102,9 @@ class ShardedClient:
         The node state is the host's durable one, re-read now, so it shows what any process
         found. Unreachable nodes are reported (``healthy=False``), never raised.
         """
-        cluster = self._live().cluster
-        nodes = cluster.all_nodes()
-        states = cluster.node_states
-        await anyio.to_thread.run_sync(states.refresh)
-        out: dict[str, ShardStatus] = {}
-
-        async def one(shard: str, node: Node) -> None:
-            state = states.get(node.url)
-            out[node.url] = await shard_status(
-                shard,
-                node.transport,
-                self.tenant,
-                self.database,
-                node_deadline,
-                role=node.role,
-                stale=state.behind,
-                pending_hints=state.pending,
-                state=state,
-                probes=probes,
-            )
-
-        async with anyio.create_task_group() as tg:
-            for rs in cluster.shards.values():
-                for node in rs.nodes:
-                    tg.start_soon(one, rs.name, node)
-        return tuple(out[n.url] for n in nodes)
+        return await cluster_status(
+            self._live().cluster, self.tenant, self.database, node_deadline, probes
+        )
 
     async def layout(self, name: str) -> CollectionLayout:
         """Record counts of a collection per partition (time bucket, field partition, or shard

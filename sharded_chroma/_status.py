@@ -6,6 +6,7 @@ import contextlib
 import re
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 import numpy as np
@@ -20,7 +21,11 @@ from .catalog._state import BUCKET_META as _BUCKET_META
 from .catalog._state import ID_META as _ID_META
 from .catalog._state import PARENT_META as _PARENT_META
 
-__all__ = ["CollectionStatus", "ShardStatus", "estimate_server_memory"]
+if TYPE_CHECKING:
+    from ._node import Node
+    from .cluster._cluster import Cluster
+
+__all__ = ["CollectionStatus", "ShardStatus", "cluster_status", "estimate_server_memory"]
 
 # Chroma 1.5.9 server RSS model, fitted by benchmarks/bench_server_memory.py on this project's
 # machine (2026-11-26; within 17% of measured RSS for 10,000 to 80,000 records at 128 and 384
@@ -203,3 +208,34 @@ async def shard_status(
         probes=max(1, probes),
         probe_errors=errors,
     )
+
+
+async def cluster_status(
+    cluster: Cluster, tenant: str, database: str, node_deadline: float, probes: int
+) -> tuple[ShardStatus, ...]:
+    """Every node's status, asked concurrently, primary first within each shard; the node
+    state is the host's durable one, re-read first."""
+    states = cluster.node_states
+    await anyio.to_thread.run_sync(states.refresh)
+    out: dict[str, ShardStatus] = {}
+
+    async def one(shard: str, node: Node) -> None:
+        state = states.get(node.url)
+        out[node.url] = await shard_status(
+            shard,
+            node.transport,
+            tenant,
+            database,
+            node_deadline,
+            role=node.role,
+            stale=state.behind,
+            pending_hints=state.pending,
+            state=state,
+            probes=probes,
+        )
+
+    async with anyio.create_task_group() as tg:
+        for rs in cluster.shards.values():
+            for node in rs.nodes:
+                tg.start_soon(one, rs.name, node)
+    return tuple(out[n.url] for n in cluster.all_nodes())

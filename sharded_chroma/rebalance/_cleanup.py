@@ -17,7 +17,7 @@ from ._hintbarrier import HintBarrier
 from ._support import again
 from ._units import moving_units
 
-__all__ = ["delete_copies", "delete_everywhere", "delete_moved"]
+__all__ = ["delete_everywhere", "delete_moved"]
 
 
 def delete_everywhere(
@@ -43,39 +43,27 @@ async def delete_moved(
     tag: str,
     fence: Callable[[], Awaitable[None]],
     barrier: HintBarrier,
+    *,
+    abort: bool = False,
 ) -> None:
-    """The moved records' old copies: time buckets are dropped whole, hashed records are
-    deleted by their outgoing mark; once the hints for the source copies have landed."""
+    """What a migration leaves behind, once the hints for the copies involved have landed:
+    after cleanup the moved records' old copies (time buckets dropped whole, hashed records
+    deleted by their outgoing mark); with ``abort`` the incoming copies the move made."""
     units = await moving_units(layouts, state, source, target)
-    shards = [p.shard for p in units.sources] + [shard for shard, _ in units.buckets]
-    await barrier.settle(f"cleanup of {state.name!r}", shards, fence)
-    if isinstance(target, TimePolicy):
-        for shard, label in units.buckets:
-            await fence()
-            drop = functools.partial(layouts.drop_bucket, state, shard, label)
-            await again(f"dropping bucket {label} on shard {shard}", drop)
-        return
-    for part in units.sources:
+    if abort:
+        parts, key = units.targets, INCOMING_KEY
+        await barrier.settle(f"abort of {state.name!r}", [p.shard for p in parts], fence)
+    else:
+        parts, key = units.sources, OUTGOING_KEY
+        shards = [p.shard for p in parts] + [shard for shard, _ in units.buckets]
+        await barrier.settle(f"cleanup of {state.name!r}", shards, fence)
+        if isinstance(target, TimePolicy):
+            for shard, label in units.buckets:
+                await fence()
+                drop = functools.partial(layouts.drop_bucket, state, shard, label)
+                await again(f"dropping bucket {label} on shard {shard}", drop)
+            return
+    for part in parts:
         await fence()
-        body = {"where": {OUTGOING_KEY: tag}}
-        await again(f"cleanup of {part.key}", delete_everywhere(io, part, body))
-
-
-async def delete_copies(
-    io: PartIO,
-    layouts: PartLayouts,
-    state: CollectionState,
-    source: Any,
-    target: Any,
-    tag: str,
-    fence: Callable[[], Awaitable[None]],
-    barrier: HintBarrier,
-) -> None:
-    """An abort's deletes: the incoming copies the move made, by their mark, once the hints
-    for the target copies have landed."""
-    units = await moving_units(layouts, state, source, target)
-    await barrier.settle(f"abort of {state.name!r}", [p.shard for p in units.targets], fence)
-    for part in units.targets:
-        await fence()
-        body = {"where": {INCOMING_KEY: tag}}
-        await again(f"deleting the copies on {part.key}", delete_everywhere(io, part, body))
+        body = {"where": {key: tag}}
+        await again(f"deleting the marked copies on {part.key}", delete_everywhere(io, part, body))

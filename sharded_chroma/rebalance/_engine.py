@@ -31,7 +31,7 @@ from ..catalog._layouts import PartLayouts, Target
 from ..catalog._state import CollectionState
 from ..control._store import ControlStore
 from ..ops._partio import PartIO
-from ._cleanup import delete_copies, delete_moved
+from ._cleanup import delete_moved
 from ._hintbarrier import HintBarrier
 from ._passes import Passes, Progress
 from ._support import (
@@ -387,9 +387,8 @@ class Migrator:
             if not untouched:
                 # Writes stop being mirrored while the copies stay hidden; then they go.
                 await self._to_phase(cid, "aborting", source, target, tag, report)
-                await delete_copies(
-                    self._io, self._layouts, state, source, target, tag, self._fence, self._barrier
-                )
+                made = (self._io, self._layouts, state, source, target, tag)
+                await delete_moved(*made, self._fence, self._barrier, abort=True)
                 await self._to_phase(cid, "stable", source, None, None, report)
             await self._store.drop_migration(cid, revision)
             report.steps.append("aborted")
