@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ._sqlitewal import enable_wal
+
 __all__ = ["SCHEMA_VERSION", "connect", "mark_repair", "transaction"]
 
 SCHEMA_VERSION = 2
@@ -152,7 +154,7 @@ def connect(path: Path, *, migrate: bool) -> sqlite3.Connection:
         path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
     )
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
+        enable_wal(conn, _BUSY_TIMEOUT_S)
         conn.execute("PRAGMA synchronous=FULL")
         if migrate:
             with transaction(conn):

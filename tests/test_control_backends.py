@@ -218,3 +218,39 @@ async def test_etcd_survives_a_restart_with_its_keys(etcd: LocalEtcd) -> None:
         await store.aclose()
         if not etcd.running:
             etcd.start()
+
+
+def test_sqlite_open_waits_for_another_writer_on_a_file_not_yet_in_wal_mode(
+    tmp_path: Path,
+) -> None:
+    """The switch to WAL fails at once (SQLite skips its busy handler) while another
+    connection holds the write lock of a file in rollback mode, as when two processes open a
+    new store together; seen in CI as "database is locked". The open waits instead."""
+    import sqlite3
+    import threading
+
+    path = tmp_path / "control.db"
+    plain = sqlite3.connect(path, isolation_level=None)
+    plain.execute("CREATE TABLE filler (x)")
+    plain.close()
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            locked.set()
+            release.wait(0.3)
+            holder.execute("COMMIT")
+        finally:
+            holder.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert locked.wait(5)
+        store = SqliteControl(path)
+    finally:
+        release.set()
+        thread.join()
+    anyio.run(store.aclose)

@@ -306,3 +306,38 @@ def test_opening_the_file_again_keeps_this_processes_locks(tmp_path: Path) -> No
         assert wal.exists(), "another process reset the WAL this one still uses"
         log.append(A, "t", "d", CID, "c", "upsert", b"{}")
         assert log.count() == 2
+
+
+def _hold_write_lock(path: Path, seconds: float, started: threading.Event) -> None:
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        started.set()
+        threading.Event().wait(seconds)
+        holder.execute("COMMIT")
+    finally:
+        holder.close()
+
+
+def test_opening_waits_for_another_writer_on_a_file_not_yet_in_wal_mode(tmp_path: Path) -> None:
+    """SQLite fails the switch to WAL at once, without its busy handler, while another
+    connection holds the write lock of a file still in rollback mode: two processes starting
+    on a new file hit it. The open must wait for the lock, not fail."""
+    from sharded_chroma._hintdb import connect
+
+    path = tmp_path / "hints.db"
+    plain = sqlite3.connect(path, isolation_level=None)
+    plain.execute("CREATE TABLE filler (x)")
+    plain.close()
+    started = threading.Event()
+    holder = threading.Thread(target=_hold_write_lock, args=(path, 0.3, started))
+    holder.start()
+    try:
+        assert started.wait(5)
+        conn = connect(path, migrate=True)
+    finally:
+        holder.join()
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()

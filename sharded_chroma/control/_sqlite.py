@@ -22,6 +22,7 @@ import anyio
 import anyio.to_thread
 
 from .._errors import ClientClosedError, ControlUnavailableError
+from .._sqlitewal import enable_wal
 from ._backend import ANY, AnyRevision, Entry
 
 __all__ = ["SqliteControl"]
@@ -65,17 +66,20 @@ class SqliteControl:
         self.endpoint = self._path.name
         self._clock = clock
         self._lock = threading.Lock()
+        conn: sqlite3.Connection | None = None
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
                 self._path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
             )
-            conn.execute("PRAGMA journal_mode=WAL")
+            enable_wal(conn, _BUSY_TIMEOUT_S)
             conn.execute("PRAGMA synchronous=NORMAL")
             with _immediate(conn):
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     conn.execute(statement)
         except (OSError, sqlite3.Error) as exc:
+            if conn is not None:
+                conn.close()
             raise ControlUnavailableError(
                 f"cannot open the file: {exc}", backend=self.name, endpoint=self.endpoint
             ) from exc
