@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, cast
 from uuid import UUID
@@ -127,8 +127,19 @@ class ShardedClient:
         goal = None if policy is None else build_policy(policy)
         return await self._live().rebalancing.run(name, goal, **options)
 
+    async def rebuild(
+        self, name: str, hnsw: Mapping[str, Any] | None = None, **options: Any
+    ) -> MigrationReport:
+        """Copy a collection into fresh physical collections on the same shards, built with
+        the index parameters in ``hnsw`` changed (``{}``: the same ones, a fresh index), and
+        swap them in while it stays in use; None resumes a killed rebuild (``rebalance``
+        without a policy does too). Options as for ``rebalance``; ``abort_rebalance`` rolls
+        one back before it cuts over."""
+        changes = None if hnsw is None else {"hnsw": dict(hnsw)}
+        return await self._live().rebalancing.rebuild(name, changes, **options)
+
     async def abort_rebalance(self, name: str) -> MigrationReport:
-        """Roll back a collection's migration that has not cut over."""
+        """Roll back a collection's migration (or rebuild) that has not cut over."""
         return await self._live().rebalancing.abort(name)
 
     async def partition_map(self, name: str) -> PartitionMap:

@@ -17,6 +17,7 @@ import anyio.to_thread
 from ._topology import Topology
 from .api._server import ShardedServer
 from .catalog._catalog import Catalog
+from .catalog._generations import Generations
 from .catalog._layouts import PartLayouts
 from .catalog._physical import PhysicalIds
 from .catalog._state import StateCache
@@ -92,7 +93,14 @@ class Runtime:
             self.epochs = Epochs(
                 lambda: open_backend(topology), lease_ttl=topology.control.lease_ttl
             )
-        self.rebalancing = Rebalancing(topology, self.catalog, self.io, self.cluster, self.layouts)
+        self.rebalancing = Rebalancing(
+            topology,
+            self.catalog,
+            self.io,
+            self.cluster,
+            self.layouts,
+            Generations(self.cluster, self.physical),
+        )
         self.server = ShardedServer(
             self.catalog, self.layouts, self.reader, self.writer, self.epochs, tracing
         )

@@ -213,11 +213,13 @@ async def raw_parts(urls: list[str], cluster_id: str) -> dict[str, list[str]]:
                     if database == DATABASES[0] and col["name"] != NAME:
                         continue
                     meta = col.get("metadata") or {}
-                    # In the companion database only time buckets hold records (the delete
-                    # marks live there too, under the same cluster id).
+                    # In the companion database only time buckets and a rebuild's
+                    # generations hold records (the delete marks live there too, under the
+                    # same cluster id).
                     if database != DATABASES[0] and meta.get("_sc_parent") != cluster_id:
                         continue
-                    if database != DATABASES[0] and not meta.get("_sc_bucket"):
+                    part = meta.get("_sc_bucket") or meta.get("_sc_gen")
+                    if database != DATABASES[0] and not part:
                         continue
                     got = await http.post(
                         f"{BASE}/{database}/collections/{col['id']}/get", json={"include": []}

@@ -27,6 +27,7 @@ from ._models import CatalogRules
 from ._physical import PhysicalIds
 from ._state import (
     CONTROL_META,
+    GENERATION_META,
     ID_META,
     ROUTING_META,
     SLOTS_META,
@@ -288,7 +289,7 @@ class Catalog:
             )
             stored = dict(raw.get("metadata") or {})
             meta = self._rules.policy_metadata(new_metadata, state.policy)
-            for key in (ROUTING_META, SLOTS_META, CONTROL_META):
+            for key in (ROUTING_META, SLOTS_META, CONTROL_META, GENERATION_META):
                 if key in stored:
                     meta[key] = stored[key]
 
@@ -308,7 +309,7 @@ class Catalog:
         await cluster.on_every_node("modify", put, others)
         if new_name is not None:
             state.name = new_name
-        if new_configuration is None or not self._layouts.is_bucketed(state):
+        if new_configuration is None:
             return
         await self._layouts.reconfigure(state, {**body, "new_name": None, "new_metadata": None})
         raw = await catalog_node.transport.request(
@@ -316,10 +317,13 @@ class Catalog:
         )
         state.configuration = dict(raw.get("configuration_json") or {})
 
-    async def store_policy(self, state: CollectionState, policy: Any) -> None:
+    async def store_policy(
+        self, state: CollectionState, policy: Any, generation: int | None = None
+    ) -> None:
         """Make ``policy`` the collection's stored policy on every node, marked as placed by the
         control store (a migration does at its start, with the policy it starts from, and at
-        its end, so the stored policy never lags a stable map)."""
+        its end, so the stored policy never lags a stable map); a rebuild stores the
+        ``generation`` it swapped in."""
         cluster = self._cluster
         catalog_node = cluster.catalog_node
         raw = await catalog_node.transport.request(
@@ -330,6 +334,8 @@ class Catalog:
             **self._rules.policy_metadata(None, policy),
             CONTROL_META: 1,
         }
+        if generation is not None:
+            meta[GENERATION_META] = generation
         meta.pop(ID_META, None)
 
         async def put(node: Node) -> Any:
@@ -343,6 +349,8 @@ class Catalog:
         # A shard the collection never reached (one the topology has, no policy used) lacks it.
         await cluster.on_every_node("store_policy", put, others, tolerate=(NotFoundError,))
         state.policy = policy
+        if generation is not None:
+            state.stored_generation = generation
 
     async def state(self, collection_id: UUID, tenant: str, database: str) -> CollectionState:
         """The cached state of a collection, loading it from the shards on first use."""

@@ -27,8 +27,9 @@ from .._node import Node
 from .._policies import TimePolicy
 from .._transport import iter_collections
 from ..cluster._cluster import Cluster
+from ._generations import generations_on
 from ._physical import PhysicalIds
-from ._state import BUCKET_META, ID_META, PARENT_META, CollectionState
+from ._state import BUCKET_META, ID_META, PARENT_META, CollectionState, parts_database
 
 __all__ = ["PartLayouts", "Target", "parts_database"]
 
@@ -38,11 +39,6 @@ logger = logging.getLogger("sharded_chroma.parts")
 _TOMBSTONES = "tombstones"
 TOMBS_META = "_sc_tombs"
 """On a delete-mark collection: the cluster id of the collection whose deletes it marks."""
-
-
-def parts_database(database: str) -> str:
-    """The companion database holding a database's time buckets."""
-    return f"{database}.sc-parts"
 
 
 @dataclass(frozen=True)
@@ -233,12 +229,13 @@ class PartLayouts:
         return labels
 
     async def drop_all(self, tenant: str, database: str, cluster_id: UUID) -> None:
-        """Delete every bucket (and the delete marks) of a collection on every node, before
-        the collection itself."""
+        """Delete every bucket and generation (and the delete marks) of a collection on every
+        node, before the collection itself."""
         base = f"/tenants/{tenant}/databases/{parts_database(database)}/collections"
 
         async def drop(node: Node) -> None:
             names = [b for _, b in await self.buckets_on(node, tenant, database, cluster_id)]
+            names += [g for _, g in await generations_on(node, tenant, database, cluster_id)]
             for name in [*names, f"{cluster_id}-{_TOMBSTONES}"]:
                 with contextlib.suppress(NotFoundError):
                     await node.transport.request("DELETE", f"{base}/{name}")
@@ -246,11 +243,15 @@ class PartLayouts:
         await self._cluster.on_every_node("delete_collection", drop)
 
     async def reconfigure(self, state: CollectionState, body: dict[str, Any]) -> None:
-        """Apply a collection's configuration change to every bucket on every node."""
+        """Apply a collection's configuration change to every bucket and generation on every
+        node."""
         base = f"/tenants/{state.tenant}/databases/{parts_database(state.database)}/collections"
 
         async def put(node: Node) -> None:
-            for _, bucket in await self.buckets_on(node, state.tenant, state.database, state.id):
+            key = (node, state.tenant, state.database, state.id)
+            names = [b for _, b in await self.buckets_on(*key)]
+            names += [g for _, g in await generations_on(node, *key[1:])]
+            for bucket in names:
                 raw = await node.transport.request("GET", f"{base}/{bucket}")
                 await node.transport.request("PUT", f"{base}/{raw['id']}", body=body)
 

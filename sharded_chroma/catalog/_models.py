@@ -16,6 +16,7 @@ from .._topology import Topology
 from ._reserved import escape_metadata, visible_collection_metadata
 from ._state import (
     CONTROL_META,
+    GENERATION_META,
     ID_META,
     ROUTING_META,
     SLOTS_META,
@@ -144,6 +145,7 @@ class CatalogRules:
             policy=policy,
             dimension=dims.pop() if dims else None,
             configuration=dict(catalog.configuration_json or {}),
+            stored_generation=_generation(meta.get(GENERATION_META)),
         )
 
     @staticmethod
@@ -177,3 +179,7 @@ class CatalogRules:
 
     def chosen_policy(self, name: str, declared: Any) -> Any:
         return declared if declared is not None else self._topology.default_policy(name)
+
+
+def _generation(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

@@ -35,8 +35,8 @@ class PhysicalIds:
                 state.database,
                 state.id,
                 state.name,
-                # A bucket's name never changes (it is made of the cluster id and its label).
-                by_name_only=state.bucket is not None,
+                # A bucket's or generation's name never changes (made of the cluster id).
+                by_name_only=state.bucket is not None or state.generation > 0,
             )
             state.physical[node.url] = pid
         return f"{state.base}/{pid}{suffix}"

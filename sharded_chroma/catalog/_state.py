@@ -18,6 +18,7 @@ from uuid import UUID
 __all__ = [
     "BUCKET_META",
     "CONTROL_META",
+    "GENERATION_META",
     "ID_META",
     "PARENT_META",
     "RESERVED_PREFIX",
@@ -27,6 +28,7 @@ __all__ = [
     "VERSION_KEY",
     "CollectionState",
     "StateCache",
+    "parts_database",
 ]
 
 RESERVED_PREFIX = "_sc_"
@@ -46,6 +48,14 @@ BUCKET_META = "_sc_bucket"
 CONTROL_META = "_sc_ctl"
 """On a collection a migration has touched: its placement is the control store's partition map,
 so a client without the control store must not open it (it would route by the stored policy)."""
+GENERATION_META = "_sc_gen"
+"""On a collection's root: the generation of physical collections holding its records, once a
+rebuild made one (see ``catalog._generations``); on a generation's collection: its number."""
+
+
+def parts_database(database: str) -> str:
+    """The companion database holding a database's time buckets and generations."""
+    return f"{database}.sc-parts"
 
 
 @dataclass
@@ -75,6 +85,13 @@ class CollectionState:
     parent: UUID | None = None
     """On a time bucket's state: the cluster id of the collection it is a part of (the delete
     marks' state has none: they are not records of the collection)."""
+    generation: int = 0
+    """The generation of physical collections this state addresses (0: the root's own)."""
+    generations: dict[int, CollectionState] = field(default_factory=dict)
+    """On a root state: the states of its later generations, as this client met them."""
+    stored_generation: int = 0
+    """On a root state: the generation its stored metadata names (what a collection without a
+    partition map opens at)."""
 
     @property
     def base(self) -> str:

@@ -215,7 +215,9 @@ class Epochs:
         future = asyncio.run_coroutine_threadsafe(run(), loop)
         return await asyncio.wrap_future(future)
 
-    async def follow(self, collection: str, stored_policy: Any) -> PartitionMap:
+    async def follow(
+        self, collection: str, stored_policy: Any, stored_generation: int = 0
+    ) -> PartitionMap:
         """Start serving a collection: registered first (so a migrator waits for this
         client), then its map read (epoch 0 from ``stored_policy`` if it has none)."""
         with self._lock:
@@ -229,7 +231,9 @@ class Epochs:
             if not await store.ack(collection, self.client_id, -1, lease):
                 raise ControlStoreError(f"the client lease in {store.where} expired")
             try:
-                found, revision = await store.ensure_map(collection, stored_policy)
+                found, revision = await store.ensure_map(
+                    collection, stored_policy, stored_generation
+                )
             except BaseException:
                 # A pending -1 of a collection this client does not follow would hold every
                 # migration of it until this client closes.
@@ -259,7 +263,7 @@ class Epochs:
         with self._lock:
             slot = self._followed.get(name)
         if slot is None:
-            await self.follow(name, state.policy)
+            await self.follow(name, state.policy, state.stored_generation)
             with self._lock:
                 slot = self._followed[name]
         if writes:

@@ -18,6 +18,12 @@ A migration from policy A to policy B takes four epochs after the one it starts 
 An abort before cutover goes through ``aborting``: A alone, writes no longer mirrored, incoming
 copies still hidden until the migrator has deleted them; then ``stable`` under A.
 
+A rebuild moves a collection between generations of physical collections (see
+``catalog._generations``) under one policy, through the same phases: ``generation`` is the
+one reads and writes follow, ``other_generation`` the one writes are also sent to (whole, to
+the same shard: nothing is marked and reads filter nothing, since the two never share a
+collection).
+
 Epochs only grow; every change of ownership is a new epoch, written by compare-and-swap.
 """
 
@@ -56,22 +62,41 @@ class PartitionMap(BaseModel):
     from."""
     tag: str | None = None
     """The migration's tag (``dual`` and ``cutover``)."""
+    generation: int = Field(default=0, ge=0)
+    """The generation of physical collections ``policy`` reads and writes."""
+    other_generation: int | None = Field(default=None, ge=0)
+    """In a rebuild: the generation ``other`` (the same policy) is at."""
 
     @model_validator(mode="after")
     def _check(self) -> PartitionMap:
         if self.phase == "stable":
             if self.other is not None or self.tag is not None:
                 raise ValueError("a stable map has no other policy and no tag")
+            if self.other_generation is not None:
+                raise ValueError("a stable map has no other generation")
         elif self.other is None or not self.tag:
             raise ValueError(f"a {self.phase} map needs the other policy and a tag")
+        elif self.other_generation == self.generation:
+            raise ValueError("a rebuild moves between two different generations")
         return self
 
     @property
     def migrating(self) -> bool:
         return self.phase != "stable"
 
+    @property
+    def rebuilding(self) -> bool:
+        """Whether this is a rebuild's map (a move between generations, nothing marked)."""
+        return self.other_generation is not None
+
+    def mirror_generation(self) -> int | None:
+        """In a rebuild: the generation writes are also sent to (``dual``, ``cutover``)."""
+        return self.other_generation if self.phase in ("dual", "cutover") else None
+
     def read_filter(self) -> dict[str, Any] | None:
         """What every read of every part adds to its filter in this phase."""
+        if self.rebuilding:
+            return None
         if self.phase in ("dual", "aborting"):
             return {INCOMING_KEY: {"$ne": self.tag}}
         if self.phase in ("cutover", "cleanup"):
@@ -101,7 +126,10 @@ class PartitionMap(BaseModel):
         return hiding is None or shard in hiding
 
     def mirror_policy(self) -> Any | None:
-        """Where writes also go: the other policy, in ``dual`` and ``cutover``."""
+        """Where writes also go: the other policy, in ``dual`` and ``cutover`` (None in a
+        rebuild, whose writes go to the same places at ``mirror_generation``)."""
+        if self.rebuilding:
+            return None
         return self.other if self.phase in ("dual", "cutover") else None
 
     def marks(self) -> tuple[str, str]:
@@ -113,7 +141,10 @@ class PartitionMap(BaseModel):
         return INCOMING_KEY, OUTGOING_KEY
 
     def to_json(self) -> bytes:
-        return orjson.dumps(self.model_dump(mode="json", exclude_none=True))
+        raw = self.model_dump(mode="json", exclude_none=True)
+        if not raw["generation"]:
+            del raw["generation"]  # what clients from before rebuilds read too
+        return orjson.dumps(raw)
 
     @classmethod
     def from_json(cls, data: bytes, *, source: str) -> PartitionMap:
@@ -135,6 +166,8 @@ class PartitionMap(BaseModel):
             "phase": self.phase,
             "other": self.other,
             "tag": self.tag,
+            "generation": self.generation,
+            "other_generation": self.other_generation,
         }
         fields.update(changes)
         return PartitionMap.model_validate({"epoch": self.epoch + 1, **fields})

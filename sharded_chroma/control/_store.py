@@ -73,14 +73,17 @@ class ControlStore:
         source = f"the map of collection {collection} in {self.where}"
         return PartitionMap.from_json(entry.value, source=source), entry.revision
 
-    async def ensure_map(self, collection: str, policy: Any) -> tuple[PartitionMap, int]:
+    async def ensure_map(
+        self, collection: str, policy: Any, generation: int = 0
+    ) -> tuple[PartitionMap, int]:
         """The collection's map; a collection without one opens at epoch 0 from ``policy``
-        (its stored policy). Two clients racing here agree: one creates, both read it."""
+        and ``generation`` (as stored on its root). Two clients racing here agree: one
+        creates, both read it."""
         for _ in range(3):
             found = await self.load_map(collection)
             if found is not None:
                 return found
-            first = PartitionMap(epoch=0, policy=policy)
+            first = PartitionMap(epoch=0, policy=policy, generation=generation)
             revision = await self.backend.put(f"maps/{collection}", first.to_json(), expect=None)
             if revision is not None:
                 return first, revision

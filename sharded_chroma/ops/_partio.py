@@ -17,6 +17,7 @@ from chromadb.errors import NotFoundError
 from .._fanout import fan_out, raise_for_failures
 from .._node import HintTarget, Node
 from .._options import current_options
+from ..catalog._generations import generation_state
 from ..catalog._layouts import Target
 from ..catalog._physical import PhysicalIds
 from ..cluster._cluster import Cluster
@@ -26,7 +27,7 @@ from ._clock import HybridClock
 from ._migrating import filtered, split_write
 from ._seqpages import seq_pages
 
-__all__ = ["GET_PAGE", "PartIO", "Removal"]
+__all__ = ["GET_PAGE", "PartIO", "Removal", "at_generation"]
 
 T = TypeVar("T")
 
@@ -43,8 +44,29 @@ class Removal:
     version: int | None = None
 
 
+def at_generation(target: Target, generation: int) -> Target:
+    """``target``'s part in another generation of physical collections (same shard)."""
+    return Target(target.shard, generation_state(target.state, generation), target.ids)
+
+
+def _served(target: Target) -> Target:
+    """The part a served call means by ``target``: the root's at the map's generation. A
+    target already naming a generation (the migrator's, unserved) is taken as it is."""
+    state = target.state
+    if state.generation or state.bucket is not None:
+        return target
+    served = served_map(state)
+    if served is None or not served.generation:
+        return target
+    return at_generation(target, served.generation)
+
+
 class PartIO:
-    """Reads and writes of one part (a physical collection on one shard)."""
+    """Reads and writes of one part (a physical collection on one shard).
+
+    Under a map past generation 0 (after a rebuild), a root part is read and written at the
+    map's generation; while a rebuild mirrors, writes go to the same shard's part at the other
+    generation too."""
 
     def __init__(self, cluster: Cluster, physical: PhysicalIds, clock: HybridClock) -> None:
         self._cluster = cluster
@@ -55,6 +77,7 @@ class PartIO:
         """POST a read to one caught-up copy of the part's shard (with failover). While the
         collection migrates, copies the phase hides are filtered out (see ``control._maps``),
         unless ``raw``."""
+        target = _served(target)
         state = target.state
         served = served_map(state)
         if served is not None and served.hides_on(target.shard) and not raw:
@@ -67,6 +90,7 @@ class PartIO:
         return await self._cluster.shards[target.shard].read(op)
 
     async def count(self, target: Target) -> int:
+        target = _served(target)
         state = target.state
         served = served_map(state)
         if served is not None and served.hides_on(target.shard):
@@ -103,6 +127,7 @@ class PartIO:
         """One page of a get, from the copy in ``sticky[target.key]`` while it answers
         (offsets are positions in one node's stored order); the copy that answered is kept
         there for the next page."""
+        target = _served(target)
         state = target.state
         served = served_map(state)
         if served is not None and served.hides_on(target.shard) and not raw:
@@ -158,7 +183,13 @@ class PartIO:
         places on other shards are sent there too (see ``_migrating.split_write``); the write
         succeeds only when every one of those requests does."""
         check_write_lease(target.state)
+        root, target = target, _served(target)
         served = served_map(target.state)
+        if served is not None and root.state.bucket is None and not root.state.generation:
+            mirrored = served.mirror_generation()
+            if mirrored is not None:
+                other = at_generation(root, mirrored)
+                return await self._write_both(target, other, op, body, removes)
         if served is None or served.mirror_policy() is None:
             return await self._write_one(target, op, body, removes)
         own, mirrors = split_write(op, target.shard, body, served, target.state.bucket)
@@ -189,6 +220,19 @@ class PartIO:
         answers, failures = await fan_out(calls)
         raise_for_failures(op, failures, all_failed=len(failures) == len(calls))
         return answers[target.shard]
+
+    async def _write_both(
+        self, target: Target, mirror: Target, op: str, body: Any, removes: Removal | None
+    ) -> Any:
+        """A rebuild's write: the whole request to the part and to its other generation, and
+        done only when both are (a delete's count is the served part's)."""
+        calls = {
+            "own": functools.partial(self._write_one, target, op, body, removes),
+            "mirror": functools.partial(self._write_one, mirror, op, body, removes),
+        }
+        answers, failures = await fan_out(calls)
+        raise_for_failures(op, failures, all_failed=len(failures) == len(calls))
+        return answers["own"]
 
     async def _write_one(self, target: Target, op: str, body: Any, removes: Removal | None) -> Any:
         state = target.state

@@ -27,6 +27,7 @@ import anyio
 
 from .._errors import ConfigurationError, ControlStoreError
 from .._policies import policy_to_json
+from ..catalog._generations import generation_state
 from ..catalog._layouts import PartLayouts, Target
 from ..catalog._state import CollectionState
 from ..control._store import ControlStore
@@ -34,6 +35,7 @@ from ..ops._partio import PartIO
 from ._cleanup import delete_moved
 from ._hintbarrier import HintBarrier
 from ._passes import Passes, Progress
+from ._steps import Steps
 from ._support import (
     MigrationReport,
     again,
@@ -79,58 +81,26 @@ class Migrator:
         self._barrier = barrier
         self._batch = batch
         self._rate = rate
-        self._ack_timeout = ack_timeout
-        self._lease_ttl = lease_ttl
         self._max_passes = max_passes
         if concurrency < 1:
             raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
         self._concurrency = concurrency
         self._progress: Progress = progress or (lambda step, n: None)
-        self._lease: int | None = None
-        self._refreshed = 0.0
-        self._lease_ok_until = 0.0
-
-    # -- the lease ----------------------------------------------------------------------------
-
-    def _took_lease(self, lease: int) -> None:
-        self._lease = lease
-        self._refreshed = time.monotonic()
-        self._lease_ok_until = self._refreshed + self._lease_ttl * 2 / 3
-
-    async def _fence(self) -> None:
-        """Before any change (and while waiting): renew the lease when due, and stop once
-        this migrator may have lost it. Renewing here rather than from a task of its own
-        means a stalled migrator cannot keep a lease it no longer acts under."""
-        now = time.monotonic()
-        if now >= self._lease_ok_until:
-            raise ControlStoreError(
-                "the migrator lease expired (the control store was out of reach, or the "
-                "process stalled); stopping: run the migration again to resume"
-            )
-        if now - self._refreshed < self._lease_ttl / 6:
-            return
-        assert self._lease is not None
-        if not await self._store.backend.refresh(self._lease):
-            self._lease_ok_until = 0.0
-            raise ControlStoreError(
-                "the migrator lease expired; stopping: run the migration again to resume"
-            )
-        self._refreshed = now
-        self._lease_ok_until = now + self._lease_ttl * 2 / 3
+        self._steps = Steps(
+            store, ack_timeout=ack_timeout, lease_ttl=lease_ttl, progress=self._progress
+        )
+        self._fence = self._steps.fence
 
     # -- running --------------------------------------------------------------------------
 
     async def run(self, state: CollectionState, goal: Any | None) -> MigrationReport:
         """Move ``state``'s collection to ``goal`` (None: resume the migration recorded)."""
         started = time.monotonic()
-        cid = str(state.id)
-        self._took_lease(await self._store.acquire_migrator(cid, self._lease_ttl))
+        await self._steps.acquire(str(state.id))
         try:
             report = await self._run(state, goal)
         finally:
-            with anyio.CancelScope(shield=True):
-                assert self._lease is not None
-                await self._store.release_migrator(self._lease)
+            await self._steps.release()
         report.seconds = time.monotonic() - started
         return report
 
@@ -141,6 +111,11 @@ class Migrator:
         found = await self._store.load_migration(cid)
         if found is not None:
             record, revision = found
+            if record.get("kind") == "rebuild":
+                raise ConfigurationError(
+                    f"collection {state.name!r} is being rebuilt; finish it (rebuild without "
+                    "a configuration) or abort it first"
+                )
             if goal is not None and policy_to_json(goal) != record["to"]:
                 raise ConfigurationError(
                     f"collection {state.name!r} is being migrated to another policy already "
@@ -149,7 +124,7 @@ class Migrator:
             return record, revision, True
         if goal is None:
             raise ConfigurationError(f"collection {state.name!r} has no migration to resume")
-        current, _ = await self._store.ensure_map(cid, state.policy)
+        current, _ = await self._store.ensure_map(cid, state.policy, state.stored_generation)
         if current.migrating:
             raise ControlStoreError(
                 f"collection {state.name!r} is at epoch {current.epoch} in phase "
@@ -160,7 +135,7 @@ class Migrator:
             raise ConfigurationError(f"collection {state.name!r} already has that policy")
         if unknown := sorted(goal.shards_named() - set(self._shard_names)):
             raise ConfigurationError(f"the goal names shard(s) {unknown} this topology lacks")
-        await self._targets.ensure(state, sorted(goal.shards_named()))
+        await self._targets.ensure(state, sorted(goal.shards_named()), current.generation)
         # From now on a client without the control store is refused: it would route by the
         # stored policy and write past the mirroring.
         await self._targets.store_policy(state, current.policy)
@@ -170,6 +145,9 @@ class Migrator:
             "from": policy_to_json(current.policy),
             "to": policy_to_json(goal),
             "step": "dual",
+            # The records are in this generation's collections (after a rebuild, not the
+            # roots'), and stay there: a migration keeps the map's generation.
+            "generation": current.generation,
             "cursors": {},
             "copied": 0,
             "started": time.time(),
@@ -181,6 +159,8 @@ class Migrator:
     async def _run(self, state: CollectionState, goal: Any | None) -> MigrationReport:
         cid = str(state.id)
         record, revision, resumed = await self._begin(state, goal)
+        # The physical collections the moves read and write (the roots, or a rebuild's).
+        parts = generation_state(state, int(record.get("generation", 0)))
         source = policy_of_record(record["from"])
         target = policy_of_record(record["to"])
         tag = record["tag"]
@@ -198,14 +178,14 @@ class Migrator:
         def passes_for(units: Units) -> Passes:
             return Passes(
                 self._io,
-                state,
+                parts,
                 units.homes,
                 tag,
                 batch=self._batch,
                 rate=self._rate,
                 progress=self._progress,
                 fence=self._fence,
-                lease_left=lambda: self._lease_ok_until - time.monotonic(),
+                lease_left=self._steps.lease_left,
             )
 
         step = record["step"]
@@ -217,9 +197,9 @@ class Migrator:
         if step in ("copy", "verify"):
             # Copies are only worth anything while clients mirror: the map must be in dual
             # for this migration (an abort or a damaged store would leave it elsewhere).
-            await self._expect_phase(cid, ("dual",), tag)
+            await self._steps.expect_phase(cid, ("dual",), tag)
         if step == "dual":
-            await self._to_phase(cid, "dual", source, target, tag, report)
+            await self._phase(cid, "dual", source, target, tag, report)
             await advance("copy")
             step = "copy"
         if step == "copy":
@@ -235,7 +215,7 @@ class Migrator:
                     record["copied"] = report.copied
                     revision = await self._store.save_migration(cid, record, revision)
 
-            units = await moving_units(self._layouts, state, source, target)
+            units = await moving_units(self._layouts, parts, source, target)
             passes = passes_for(units)
 
             async def copy_part(part: Target) -> None:
@@ -265,23 +245,23 @@ class Migrator:
             await advance("verify")
             step = "verify"
         if step == "verify":
-            await self._verify(state, source, target, passes_for, report)
+            await self._verify(parts, source, target, passes_for, report)
             await advance("cutover")
             step = "cutover"
         if step == "cutover":
-            await self._expect_phase(cid, ("dual", "cutover"), tag)
-            await self._to_phase(cid, "cutover", target, source, tag, report)
+            await self._steps.expect_phase(cid, ("dual", "cutover"), tag)
+            await self._phase(cid, "cutover", target, source, tag, report)
             await advance("cleanup")
             step = "cleanup"
         if step == "cleanup":
             found = await self._store.load_map(cid)
             if found is None or not same_phase(found[0], stable(target)):
                 # (A run killed after the map became stable has nothing left but the record.)
-                await self._to_phase(cid, "cleanup", target, source, tag, report)
+                await self._phase(cid, "cleanup", target, source, tag, report)
                 await delete_moved(
-                    self._io, self._layouts, state, source, target, tag, self._fence, self._barrier
+                    self._io, self._layouts, parts, source, target, tag, self._fence, self._barrier
                 )
-                await self._to_phase(cid, "stable", target, None, None, report)
+                await self._phase(cid, "stable", target, None, None, report)
             # The stored policy follows, so a client that opens the collection without the
             # map (or after losing the control store) still finds every record.
             await self._targets.store_policy(state, target)
@@ -289,15 +269,6 @@ class Migrator:
             report.steps.append("done")
             logger.info("migration %s of %s: done at epoch %d", tag, state.name, report.epoch)
         return report
-
-    async def _expect_phase(self, cid: str, phases: tuple[str, ...], tag: str) -> None:
-        found = await self._store.load_map(cid)
-        if found is None or found[0].phase not in phases or found[0].tag != tag:
-            shown = "none" if found is None else f"epoch {found[0].epoch}, {found[0].phase}"
-            raise ControlStoreError(
-                f"the partition map of collection {cid} ({shown}) is not in {'/'.join(phases)} "
-                f"for migration {tag}; nothing was changed"
-            )
 
     async def _verify(
         self,
@@ -327,7 +298,7 @@ class Migrator:
             "racing the copy); nothing cut over: run the migration again to resume"
         )
 
-    async def _to_phase(
+    async def _phase(
         self,
         cid: str,
         phase: str,
@@ -336,23 +307,8 @@ class Migrator:
         tag: str | None,
         report: MigrationReport,
     ) -> None:
-        """Make the map's phase ``phase`` (if it is not already) and wait for every client."""
-        found = await self._store.load_map(cid)
-        if found is None:
-            raise ControlStoreError(f"collection {cid} has no partition map")
-        current, revision = found
         wanted = {"phase": phase, "policy": policy, "other": other, "tag": tag}
-        if not same_phase(current, wanted):
-            await self._fence()
-            new = current.advanced(**wanted)
-            await self._store.swap_map(cid, new, revision)
-            current = new
-            logger.info("collection %s: epoch %d (%s)", cid, new.epoch, phase)
-        report.epoch = current.epoch
-        self._progress(phase, 0)
-        if phase != "stable":
-            await self._store.wait_for_acks(cid, current.epoch, self._ack_timeout, tick=self._fence)
-        report.steps.append(phase)
+        await self._steps.to_phase(cid, wanted, report)
 
     # -- abort ----------------------------------------------------------------------------
 
@@ -360,7 +316,7 @@ class Migrator:
         """Roll back a migration that has not cut over: the map returns to the source policy
         and the copies made so far are deleted. Resumable like the migration itself."""
         cid = str(state.id)
-        self._took_lease(await self._store.acquire_migrator(cid, self._lease_ttl))
+        await self._steps.acquire(cid)
         try:
             found = await self._store.load_migration(cid)
             if found is None:
@@ -386,14 +342,13 @@ class Migrator:
             revision = await self._store.save_migration(cid, record, revision)
             if not untouched:
                 # Writes stop being mirrored while the copies stay hidden; then they go.
-                await self._to_phase(cid, "aborting", source, target, tag, report)
-                made = (self._io, self._layouts, state, source, target, tag)
+                await self._phase(cid, "aborting", source, target, tag, report)
+                parts = generation_state(state, int(record.get("generation", 0)))
+                made = (self._io, self._layouts, parts, source, target, tag)
                 await delete_moved(*made, self._fence, self._barrier, abort=True)
-                await self._to_phase(cid, "stable", source, None, None, report)
+                await self._phase(cid, "stable", source, None, None, report)
             await self._store.drop_migration(cid, revision)
             report.steps.append("aborted")
             return report
         finally:
-            with anyio.CancelScope(shield=True):
-                assert self._lease is not None
-                await self._store.release_migrator(self._lease)
+            await self._steps.release()

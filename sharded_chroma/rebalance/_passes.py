@@ -131,11 +131,15 @@ class Passes:
         progress: Progress,
         fence: Callable[[], Awaitable[None]],
         lease_left: Callable[[], float],
+        marks: bool = True,
     ) -> None:
         self._io = io
         self._state = state
         self._homes_of = homes
         self._tag = tag
+        # A rebuild copies into collections of their own, which hold nothing but copies:
+        # nothing is marked, and every record of a target part is one.
+        self._marks = marks
         self._batch = batch
         self._rate = rate
         self._progress = progress
@@ -184,7 +188,8 @@ class Passes:
         metas = []
         for row in rows:
             meta = strip_marks(row.get("metadatas")) or {}
-            meta[INCOMING_KEY] = self._tag
+            if self._marks:
+                meta[INCOMING_KEY] = self._tag
             metas.append(meta)
         return {
             "ids": [r["ids"] for r in rows],
@@ -214,7 +219,7 @@ class Passes:
             r["ids"]
             for _, moving in by_home.values()
             for r in moving
-            if (r["metadatas"] or {}).get(OUTGOING_KEY) != self._tag
+            if self._marks and (r["metadatas"] or {}).get(OUTGOING_KEY) != self._tag
         ]
         return rows, by_home, unmarked
 
@@ -337,7 +342,9 @@ class Passes:
         moved into a source meanwhile (after that source's pages were read) is no extra.
         Every candidate counts: the pass is clean only when there was none."""
         candidates: list[dict[str, Any]] = []
-        body = {"where": {INCOMING_KEY: self._tag}, "include": ["metadatas"]}
+        body: dict[str, Any] = {"include": ["metadatas"]}
+        if self._marks:
+            body["where"] = {INCOMING_KEY: self._tag}
         async for page in self._io.pages(target, body, self._batch, raw=True):
             rows = [r for r in range(len(page["ids"])) if page["ids"][r] not in expected]
             if rows:

@@ -5,11 +5,13 @@ follower keeps its own connection on its thread)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from .._errors import ConfigurationError
 from .._topology import Topology
 from ..catalog._catalog import Catalog
+from ..catalog._generations import Generations
 from ..catalog._layouts import PartLayouts
 from ..catalog._state import CollectionState
 from ..cluster._cluster import Cluster
@@ -21,6 +23,7 @@ from ..ops._partio import PartIO
 from ._engine import MigrationReport, Migrator
 from ._hintbarrier import HintBarrier
 from ._passes import Progress
+from ._rebuild import Rebuilder
 from ._targets import TargetCollections
 
 __all__ = ["Rebalancing"]
@@ -36,8 +39,10 @@ class Rebalancing:
         io: PartIO,
         cluster: Cluster,
         layouts: PartLayouts,
+        generations: Generations,
     ) -> None:
         self._layouts = layouts
+        self._generations = generations
         self._topology = topology
         self._catalog = catalog
         self._io = io
@@ -63,13 +68,33 @@ class Rebalancing:
             store,
             self._io,
             self._layouts,
-            TargetCollections(self._cluster, self._catalog),
+            TargetCollections(self._cluster, self._catalog, self._generations),
             self._cluster.shard_names,
             HintBarrier(self._cluster, timeout=control.ack_timeout),
             ack_timeout=options.pop("ack_timeout", control.ack_timeout),
             lease_ttl=options.pop("lease_ttl", control.lease_ttl),
             **options,
         )
+
+    def _rebuilder(self, store: ControlStore, options: dict[str, Any]) -> Rebuilder:
+        control = self._topology.control
+        assert control is not None
+        options.pop("concurrency", None)  # a rebuild copies shard by shard
+        return Rebuilder(
+            store,
+            self._io,
+            self._generations,
+            TargetCollections(self._cluster, self._catalog, self._generations),
+            HintBarrier(self._cluster, timeout=control.ack_timeout),
+            ack_timeout=options.pop("ack_timeout", control.ack_timeout),
+            lease_ttl=options.pop("lease_ttl", control.lease_ttl),
+            **options,
+        )
+
+    @staticmethod
+    async def _is_rebuild(store: ControlStore, state: CollectionState) -> bool:
+        found = await store.load_migration(str(state.id))
+        return found is not None and found[0].get("kind") == "rebuild"
 
     async def run(
         self,
@@ -81,26 +106,50 @@ class Rebalancing:
         progress: Progress | None = None,
         **options: Any,
     ) -> MigrationReport:
+        """Migrate to ``goal``, or (None) resume what is recorded, a rebuild included."""
         store = self._store()
         try:
             state = await self._state(name)
             if goal is not None:
                 goal = self._topology.bind(goal)
-            migrator = self._migrator(
-                store, {"batch": batch, "rate": rate, "progress": progress, **options}
-            )
+            given = {"batch": batch, "rate": rate, "progress": progress, **options}
             # The migrator's own requests are never mirrored or filtered, whatever the caller
             # was serving.
             with unserved():
-                return await migrator.run(state, goal)
+                if goal is None and await self._is_rebuild(store, state):
+                    return await self._rebuilder(store, given).run(state, None)
+                return await self._migrator(store, given).run(state, goal)
+        finally:
+            await store.backend.aclose()
+
+    async def rebuild(
+        self,
+        name: str,
+        changes: Mapping[str, Any] | None,
+        *,
+        batch: int = 500,
+        rate: float | None = None,
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> MigrationReport:
+        """Rebuild with ``changes`` to the index parameters (None: resume)."""
+        store = self._store()
+        try:
+            state = await self._state(name)
+            given = {"batch": batch, "rate": rate, "progress": progress, **options}
+            with unserved():
+                return await self._rebuilder(store, given).run(state, changes)
         finally:
             await store.backend.aclose()
 
     async def abort(self, name: str, **options: Any) -> MigrationReport:
+        """Roll back the migration or rebuild recorded, if it has not cut over."""
         store = self._store()
         try:
             state = await self._state(name)
             with unserved():
+                if await self._is_rebuild(store, state):
+                    return await self._rebuilder(store, options).abort(state)
                 return await self._migrator(store, options).abort(state)
         finally:
             await store.backend.aclose()
@@ -111,7 +160,7 @@ class Rebalancing:
         store = self._store()
         try:
             state = await self._state(name)
-            found, _ = await store.ensure_map(str(state.id), state.policy)
+            found, _ = await store.ensure_map(str(state.id), state.policy, state.stored_generation)
             return found
         finally:
             await store.backend.aclose()

@@ -130,6 +130,8 @@ def same_phase(current: PartitionMap, wanted: dict[str, Any]) -> bool:
         and current.tag == wanted["tag"]
         and text(current.policy) == text(wanted["policy"])
         and text(current.other) == text(wanted["other"])
+        and current.generation == wanted.get("generation", current.generation)
+        and current.other_generation == wanted.get("other_generation", current.other_generation)
     )
 
 

@@ -12,6 +12,7 @@ from chromadb.errors import NotFoundError
 from .._errors import ConfigurationError
 from .._node import Node
 from ..catalog._catalog import Catalog
+from ..catalog._generations import Generations, generation_state
 from ..catalog._state import ID_META, CollectionState
 from ..cluster._cluster import Cluster
 
@@ -24,21 +25,40 @@ class TargetCollections:
     """Makes a collection exist, identically configured, on every node of some shards, and
     stores its final policy once a migration is done."""
 
-    def __init__(self, cluster: Cluster, catalog: Catalog) -> None:
+    def __init__(self, cluster: Cluster, catalog: Catalog, generations: Generations) -> None:
         self._cluster = cluster
         self._catalog = catalog
+        self._generations = generations
 
-    async def store_policy(self, state: CollectionState, policy: Any) -> None:
-        await self._catalog.store_policy(state, policy)
+    async def store_policy(
+        self, state: CollectionState, policy: Any, generation: int | None = None
+    ) -> None:
+        await self._catalog.store_policy(state, policy, generation)
 
-    async def ensure(self, state: CollectionState, shards: Sequence[str]) -> None:
+    async def catalog_model(self, state: CollectionState) -> dict[str, Any]:
+        """The collection's model as the catalog node holds it."""
         path = f"{state.base}/{state.name}"
-        catalog = await self._cluster.catalog_node.transport.request("GET", path)
+        raw: dict[str, Any] = await self._cluster.catalog_node.transport.request("GET", path)
+        return raw
+
+    async def ensure(
+        self, state: CollectionState, shards: Sequence[str], generation: int = 0
+    ) -> None:
+        """The collection on every node of ``shards``; after a rebuild (``generation`` > 0)
+        the generation's collections too, configured as the catalog shard's."""
+        path = f"{state.base}/{state.name}"
+        catalog_node = self._cluster.catalog_node
+        catalog = await catalog_node.transport.request("GET", path)
         metadata = {**(catalog.get("metadata") or {}), ID_META: str(state.id)}
         wanted = catalog.get("configuration_json")
         for shard in shards:
             for node in self._cluster.shards[shard].nodes:
                 await self._ensure_on(node, shard, state, path, metadata, wanted)
+        if generation:
+            sub = generation_state(state, generation)
+            raw = await catalog_node.transport.request("GET", f"{sub.base}/{sub.name}")
+            config = raw.get("configuration_json") or {}
+            await self._generations.ensure(state, generation, shards, config)
 
     async def _ensure_on(
         self,

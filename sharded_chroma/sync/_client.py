@@ -8,7 +8,7 @@ chromadb's sync ``Collection`` over the same server contract.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, cast
 from uuid import UUID
@@ -146,6 +146,12 @@ class SyncShardedClient:
         """See ``ShardedClient.rebalance`` (a ``progress`` callback runs on the client's
         loop thread)."""
         return self._portal.call(self._inner.rebalance, name, policy, **options)
+
+    def rebuild(
+        self, name: str, hnsw: Mapping[str, Any] | None = None, **options: Any
+    ) -> MigrationReport:
+        """See ``ShardedClient.rebuild``."""
+        return self._portal.call(self._inner.rebuild, name, hnsw, **options)
 
     def abort_rebalance(self, name: str) -> MigrationReport:
         return self._portal.call(self._inner.abort_rebalance, name)

@@ -1,0 +1,355 @@
+"""Rebuild: copy a collection into a fresh generation of physical collections on the same
+shards (new index parameters, or a defragmented index) and swap it in while clients keep
+reading and writing.
+
+The same steps as a migration (``_engine``), through the same phases of the partition map,
+with generations instead of policies (``control._maps``): ``dual`` (reads from generation
+``g``, writes to ``g`` and ``g + 1``), copy and verify each shard's part into ``g + 1``,
+``cutover`` (reads from ``g + 1``, writes mirrored back), ``cleanup`` (``g + 1`` alone; once
+every client serves it and this host's hints for ``g`` have landed, ``g`` is dropped, or
+emptied when it is the root collection), then ``stable`` at ``g + 1``, which the root's
+metadata records too. Nothing is marked: the two generations never share a collection.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+
+from .._errors import ConfigurationError, ControlStoreError
+from .._policies import TimePolicy, policy_to_json
+from ..catalog._generations import Generations, generation_state
+from ..catalog._layouts import Target
+from ..catalog._state import CollectionState
+from ..control._store import ControlStore
+from ..ops._partio import PartIO
+from ._cleanup import delete_everywhere
+from ._hintbarrier import HintBarrier
+from ._passes import BucketHomes, Passes, Progress
+from ._rebuildconfig import rebuilt_configuration
+from ._steps import Steps
+from ._support import MigrationReport, again, policy_of_record
+from ._targets import TargetCollections
+
+__all__ = ["Rebuilder"]
+
+logger = logging.getLogger("sharded_chroma.rebalance")
+
+
+class Rebuilder:
+    """One collection's rebuild. Built by ``Rebalancing``; ``run`` and ``abort``."""
+
+    def __init__(
+        self,
+        store: ControlStore,
+        io: PartIO,
+        generations: Generations,
+        targets: TargetCollections,
+        barrier: HintBarrier,
+        *,
+        batch: int = 500,
+        rate: float | None = None,
+        ack_timeout: float = 120.0,
+        lease_ttl: float = 15.0,
+        max_passes: int = 20,
+        progress: Progress | None = None,
+    ) -> None:
+        self._store = store
+        self._io = io
+        self._generations = generations
+        self._targets = targets
+        self._barrier = barrier
+        self._batch = batch
+        self._rate = rate
+        self._max_passes = max_passes
+        self._progress: Progress = progress or (lambda step, n: None)
+        self._steps = Steps(
+            store, ack_timeout=ack_timeout, lease_ttl=lease_ttl, progress=self._progress
+        )
+
+    async def run(
+        self, state: CollectionState, changes: Mapping[str, Any] | None
+    ) -> MigrationReport:
+        """Rebuild ``state``'s collection with ``changes`` to its index parameters (``{"hnsw":
+        {...}}``; ``{}``: the same ones, a fresh index); None resumes the rebuild recorded."""
+        started = time.monotonic()
+        await self._steps.acquire(str(state.id))
+        try:
+            report = await self._run(state, changes)
+        finally:
+            await self._steps.release()
+        report.seconds = time.monotonic() - started
+        return report
+
+    async def _begin(
+        self, state: CollectionState, changes: Mapping[str, Any] | None
+    ) -> tuple[dict[str, Any], int, bool]:
+        cid = str(state.id)
+        found = await self._store.load_migration(cid)
+        if found is not None:
+            record, revision = found
+            if record.get("kind") != "rebuild":
+                raise ConfigurationError(
+                    f"collection {state.name!r} is being migrated to another policy; finish "
+                    "or abort that migration before rebuilding it"
+                )
+            if changes is not None and dict(changes) != record["changes"]:
+                raise ConfigurationError(
+                    f"collection {state.name!r} is being rebuilt with other parameters "
+                    f"({record['changes']}); finish it (rebuild without parameters) or abort it"
+                )
+            return record, revision, True
+        if changes is None:
+            raise ConfigurationError(f"collection {state.name!r} has no rebuild to resume")
+        current, _ = await self._store.ensure_map(cid, state.policy, state.stored_generation)
+        if current.migrating:
+            raise ConfigurationError(
+                f"collection {state.name!r} is at epoch {current.epoch} in phase "
+                f"{current.phase}; finish or abort that migration first"
+            )
+        policy = current.policy
+        if isinstance(policy, TimePolicy):
+            raise ConfigurationError(
+                f"collection {state.name!r} is placed in time buckets; rebuilding those is "
+                "not supported yet (nothing was changed)"
+            )
+        catalog = await self._targets.catalog_model(state)
+        configuration = rebuilt_configuration(catalog.get("configuration_json") or {}, changes)
+        old, new = current.generation, current.generation + 1
+        # Every shard of the policy must hold the collection (one never written to may not).
+        await self._targets.ensure(state, sorted(policy.shards_named()), old)
+        # From now on a client without the control store is refused.
+        await self._targets.store_policy(state, policy)
+        record = {
+            "kind": "rebuild",
+            "tag": uuid.uuid4().hex[:12],
+            "name": state.name,
+            "policy": policy_to_json(policy),
+            "changes": dict(changes),
+            "configuration": configuration,
+            "from_generation": old,
+            "to_generation": new,
+            "step": "dual",
+            "cursors": {},
+            "copied": 0,
+            "started": time.time(),
+        }
+        revision = await self._store.save_migration(cid, record, None)
+        logger.info("rebuild %s of %s: generation %d to %d", record["tag"], state.name, old, new)
+        return record, revision, False
+
+    async def _run(
+        self, state: CollectionState, changes: Mapping[str, Any] | None
+    ) -> MigrationReport:
+        cid = str(state.id)
+        record, revision, resumed = await self._begin(state, changes)
+        policy = policy_of_record(record["policy"])
+        old, new = int(record["from_generation"]), int(record["to_generation"])
+        tag = record["tag"]
+        report = MigrationReport(state.name, tag, copied=int(record.get("copied", 0)))
+        if resumed:
+            report.resumed_at = record["step"]
+            logger.info("rebuild %s of %s: resuming at %s", tag, state.name, record["step"])
+        shards = sorted(policy.shards_named())
+        sources = [Target(s, generation_state(state, old)) for s in shards]
+        targets = [Target(s, generation_state(state, new)) for s in shards]
+        passes = Passes(
+            self._io,
+            generation_state(state, new),
+            BucketHomes({src.key: dst for src, dst in zip(sources, targets, strict=True)}),
+            tag,
+            batch=self._batch,
+            rate=self._rate,
+            progress=self._progress,
+            fence=self._steps.fence,
+            lease_left=self._steps.lease_left,
+            marks=False,
+        )
+
+        def wanted(phase: str, served: int, other: int | None) -> dict[str, Any]:
+            moving = phase != "stable"
+            return {
+                "phase": phase,
+                "policy": policy,
+                "other": policy if moving else None,
+                "tag": tag if moving else None,
+                "generation": served,
+                "other_generation": other,
+            }
+
+        async def advance(step: str) -> None:
+            nonlocal revision
+            await self._steps.fence()
+            record["step"] = step
+            revision = await self._store.save_migration(cid, record, revision)
+
+        step = record["step"]
+        if step == "aborting":
+            raise ConfigurationError(
+                f"an abort of the rebuild of {state.name!r} is under way; run abort again to "
+                "finish it"
+            )
+        if step in ("copy", "verify"):
+            await self._steps.expect_phase(cid, ("dual",), tag)
+        if step == "dual":
+            # Made once the record exists, so an abort finds and drops them.
+            await self._generations.ensure(state, new, shards, record["configuration"])
+            await self._steps.to_phase(cid, wanted("dual", old, new), report)
+            await advance("copy")
+            step = "copy"
+        if step == "copy":
+            for source in sources:
+                if record["cursors"].get(source.key) == "done":
+                    continue
+
+                async def save(seq: int, key: str = source.key) -> None:
+                    nonlocal revision
+                    await self._steps.fence()
+                    record["cursors"][key] = seq
+                    record["copied"] = report.copied
+                    revision = await self._store.save_migration(cid, record, revision)
+
+                def copy_rest(part: Target = source) -> Any:
+                    return passes.copy(part, record["cursors"].get(part.key), save)
+
+                report.copied += await again(f"copy of {source.key}", copy_rest)
+                record["cursors"][source.key] = "done"
+                record["copied"] = report.copied
+                revision = await self._store.save_migration(cid, record, revision)
+            await advance("verify")
+            step = "verify"
+        if step == "verify":
+            await self._verify(passes, sources, targets, report)
+            await advance("cutover")
+            step = "cutover"
+        if step == "cutover":
+            await self._steps.expect_phase(cid, ("dual", "cutover"), tag)
+            await self._steps.to_phase(cid, wanted("cutover", new, old), report)
+            await advance("cleanup")
+            step = "cleanup"
+        if step == "cleanup":
+            found = await self._store.load_map(cid)
+            done = found is not None and not found[0].migrating and found[0].generation == new
+            if not done:
+                await self._steps.to_phase(cid, wanted("cleanup", new, old), report)
+                await self._barrier.settle(f"cleanup of {state.name!r}", shards, self._steps.fence)
+                await self._leave(state, old, sources)
+                await self._steps.to_phase(cid, wanted("stable", new, None), report)
+            # The root's metadata follows, so a collection whose map is lost still opens at
+            # the generation holding its records.
+            await self._targets.store_policy(state, policy, new)
+            await self._store.drop_migration(cid, revision)
+            report.steps.append("done")
+            logger.info("rebuild %s of %s: done at generation %d", tag, state.name, new)
+        return report
+
+    async def _verify(
+        self,
+        passes: Passes,
+        sources: list[Target],
+        targets: list[Target],
+        report: MigrationReport,
+    ) -> None:
+        for n in range(1, self._max_passes + 1):
+            found = await again("verify pass", lambda: passes.reconcile(sources, targets))
+            report.passes += 1
+            report.fixed += found
+            logger.info("verify pass %d: %d difference(s)", n, found)
+            if found == 0:
+                report.steps.append("verify")
+                return
+            await anyio.sleep(min(1.0, 0.1 * n))
+        raise ControlStoreError(
+            f"verification kept finding differences after {self._max_passes} passes (writes "
+            "racing the copy); nothing cut over: run the rebuild again to resume"
+        )
+
+    async def _leave(self, state: CollectionState, generation: int, parts: list[Target]) -> None:
+        """Give up a generation: a later one is dropped; the root collection (generation 0)
+        holds the collection's name and metadata, so its records are deleted instead, by id,
+        on every copy."""
+        shards = [p.shard for p in parts]
+        if generation:
+            await self._steps.fence()
+            drop = functools.partial(self._generations.drop, state, generation, shards)
+            await again(f"dropping generation {generation}", drop)
+            return
+        for part in parts:
+            listing = functools.partial(
+                self._io.read, part, "/get", {"limit": self._batch, "include": []}, raw=True
+            )
+            while True:
+                await self._steps.fence()
+                page = await again(f"listing {part.key}", listing)
+                if not page["ids"]:
+                    break
+                body = {"ids": list(page["ids"])}
+                await again(f"emptying {part.key}", delete_everywhere(self._io, part, body))
+
+    # -- abort ----------------------------------------------------------------------------
+
+    async def abort(self, state: CollectionState) -> MigrationReport:
+        """Roll back a rebuild that has not cut over: the map stays at (or returns to) the
+        old generation, and the new one is dropped. Resumable like the rebuild itself."""
+        cid = str(state.id)
+        await self._steps.acquire(cid)
+        try:
+            found = await self._store.load_migration(cid)
+            if found is None or found[0].get("kind") != "rebuild":
+                raise ConfigurationError(f"collection {state.name!r} has no rebuild to abort")
+            record, revision = found
+            policy = policy_of_record(record["policy"])
+            old, new, tag = (
+                int(record["from_generation"]),
+                int(record["to_generation"]),
+                record["tag"],
+            )
+            report = MigrationReport(state.name, tag)
+            current = await self._store.load_map(cid)
+            if current is None:
+                raise ControlStoreError(f"collection {state.name!r} has no partition map")
+            now = current[0]
+            before_cutover = now.phase in ("dual", "aborting") and now.tag == tag
+            untouched = not now.migrating and now.generation == old
+            if record["step"] != "aborting" and not (before_cutover or untouched):
+                raise ConfigurationError(
+                    f"the rebuild of {state.name!r} has cut over (epoch {now.epoch}, phase "
+                    f"{now.phase}); it can only be finished (rebuild without parameters)"
+                )
+            record["step"] = "aborting"
+            revision = await self._store.save_migration(cid, record, revision)
+            shards = sorted(policy.shards_named())
+            if not untouched:
+                aborting = {
+                    "phase": "aborting",
+                    "policy": policy,
+                    "other": policy,
+                    "tag": tag,
+                    "generation": old,
+                    "other_generation": new,
+                }
+                await self._steps.to_phase(cid, aborting, report)
+                await self._barrier.settle(f"abort of {state.name!r}", shards, self._steps.fence)
+            drop = functools.partial(self._generations.drop, state, new, shards)
+            await again(f"dropping generation {new}", drop)
+            if not untouched:
+                stable = {
+                    "phase": "stable",
+                    "policy": policy,
+                    "other": None,
+                    "tag": None,
+                    "generation": old,
+                    "other_generation": None,
+                }
+                await self._steps.to_phase(cid, stable, report)
+            await self._store.drop_migration(cid, revision)
+            report.steps.append("aborted")
+            return report
+        finally:
+            await self._steps.release()

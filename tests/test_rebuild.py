@@ -1,0 +1,129 @@
+"""Rebuild: a collection copied into a fresh generation of physical collections with new index
+parameters and swapped in, against real Chroma servers and a real control store, with writer
+processes and tasks on the same ids throughout; judged by the history checker afterwards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import sharded_chroma
+from sharded_chroma import ConfigurationError, HashPolicy
+from tests._rebalancing import topology_for
+from tests.test_concurrent_writes import NAME, POLICIES, Log, raw_parts
+from tests.test_rebalance import preload
+
+pytestmark = pytest.mark.anyio
+
+IDS = 90
+BASE = "/api/v2/tenants/default_tenant/databases"
+PARTS_DB = "default_database.sc-parts"
+
+
+def sqlite_topology(urls: list[str], tmp_path: Path, name: str = "c.db") -> dict[str, Any]:
+    return topology_for(urls, {"backend": "sqlite", "path": str(tmp_path / name)})
+
+
+async def client_of(topology: dict[str, Any]) -> Any:
+    return await sharded_chroma.AsyncHttpClient(topology=sharded_chroma.Topology.build(topology))
+
+
+async def generations_on(url: str, cluster_id: str) -> dict[int, dict[str, Any]]:
+    """A server's generation collections of the collection (number -> raw model), read with
+    plain HTTP."""
+    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as http:
+        listed = await http.get(f"{BASE}/{PARTS_DB}/collections")
+        if listed.status_code == 404:
+            return {}
+        listed.raise_for_status()
+        out = {}
+        for col in listed.json():
+            meta = col.get("metadata") or {}
+            if meta.get("_sc_parent") == cluster_id and meta.get("_sc_gen"):
+                out[int(meta["_sc_gen"])] = col
+        return out
+
+
+def root_ids(parts: dict[str, list[str]]) -> list[str]:
+    return [rid for key, ids in parts.items() if key.endswith(f"/{NAME}") for rid in ids]
+
+
+def gen_ids(parts: dict[str, list[str]], generation: int) -> list[str]:
+    return [rid for key, ids in parts.items() if key.endswith(f"-gen{generation}") for rid in ids]
+
+
+async def test_a_rebuild_swaps_in_a_new_generation_with_the_new_parameters(
+    shard_urls: list[str], tmp_path: Path
+) -> None:
+    topology = sqlite_topology(shard_urls, tmp_path)
+    async with await client_of(topology) as client:
+        col = await client.create_collection(NAME, embedding_function=None, policy=HashPolicy())
+        await preload(col, Log(), IDS)
+        before = await col.get(include=["metadatas", "documents", "embeddings"])
+        probe = [[0.3, 0.2, 0.3]]
+        nearest = await col.query(query_embeddings=probe, n_results=7)
+
+        report = await client.rebuild(NAME, {"max_neighbors": 24, "ef_construction": 150})
+        assert report.steps[-1] == "done", report
+        assert report.copied == IDS
+
+        current = await client.partition_map(NAME)
+        assert (current.phase, current.generation) == ("stable", 1)
+        after = await col.get(include=["metadatas", "documents", "embeddings"])
+        assert after["ids"] == before["ids"]
+        assert after["metadatas"] == before["metadatas"]
+        assert after["documents"] == before["documents"]
+        assert [list(e) for e in after["embeddings"]] == [list(e) for e in before["embeddings"]]
+        again = await col.query(query_embeddings=probe, n_results=7)
+        assert again["ids"] == nearest["ids"]
+        assert await col.count() == IDS
+
+        parts = await raw_parts(shard_urls, str(col.id))
+        assert root_ids(parts) == [], "the root collections were not emptied"
+        assert sorted(gen_ids(parts, 1)) == sorted(before["ids"])
+        for url in shard_urls:
+            hnsw = (await generations_on(url, str(col.id)))[1]["configuration_json"]["hnsw"]
+            assert (hnsw["max_neighbors"], hnsw["ef_construction"]) == (24, 150)
+
+        # Writes after the swap go to the new generation.
+        await col.upsert(ids=["late"], embeddings=[[0.5, 0.5, 0.5]], metadatas=[{"w": "late"}])
+        assert "late" in gen_ids(await raw_parts(shard_urls, str(col.id)), 1)
+        assert await col.count() == IDS + 1
+
+
+@pytest.mark.parametrize(
+    ("hnsw", "says"),
+    [
+        ({"max_neighbours": 24}, "unknown hnsw parameter"),
+        ({"max_neighbors": 0}, "positive int"),
+        ({"ef_construction": 1.5}, "positive int"),
+        ({"space": "cosine"}, "distance space"),
+        ({"resize_factor": 0.5}, "at least 1"),
+    ],
+)
+async def test_bad_parameters_are_refused_before_anything_is_written(
+    shard_urls: list[str], tmp_path: Path, hnsw: dict[str, Any], says: str
+) -> None:
+    topology = sqlite_topology(shard_urls, tmp_path)
+    async with await client_of(topology) as client:
+        col = await client.create_collection(NAME, embedding_function=None, policy=HashPolicy())
+        await preload(col, Log(), 12)
+        with pytest.raises(ConfigurationError, match=says):
+            await client.rebuild(NAME, hnsw)
+        assert (await client.partition_map(NAME)).epoch == 0
+        assert await client._live().rebalancing.migration(NAME) is None
+        for url in shard_urls:
+            assert await generations_on(url, str(col.id)) == {}
+
+
+async def test_a_time_placed_collection_is_refused(shard_urls: list[str], tmp_path: Path) -> None:
+    topology = sqlite_topology(shard_urls, tmp_path)
+    async with await client_of(topology) as client:
+        col = await client.create_collection(NAME, embedding_function=None, policy=POLICIES["time"])
+        await preload(col, Log(), 12)
+        with pytest.raises(ConfigurationError, match="time buckets"):
+            await client.rebuild(NAME, {"max_neighbors": 24})
+        assert await client._live().rebalancing.migration(NAME) is None
