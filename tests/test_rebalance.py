@@ -98,9 +98,11 @@ def run_migration_under_writers(
     start: Any,
     goal_of: Any,
     seconds: float,
+    act: Any = None,
 ) -> tuple[Any, Any, list[Op], list[str], list[str]]:
     """Create the collection with policy ``start``, preload it, start two writer processes,
-    migrate to ``goal_of(policy)`` meanwhile; return the report, goal and what was recorded."""
+    migrate to ``goal_of(policy)`` meanwhile (or run ``act(client, goal)`` instead); return
+    the report, goal and what was recorded."""
     main_log = Log()
 
     async def create() -> Any:
@@ -131,7 +133,10 @@ def run_migration_under_writers(
             await asyncio.to_thread(gate.wait, 120)
             await asyncio.sleep(1.0)
             began = time.monotonic()
-            report = await client.rebalance(NAME, goal, batch=25, concurrency=2)
+            if act is None:
+                report = await client.rebalance(NAME, goal, batch=25, concurrency=2)
+            else:
+                report = await act(client, goal)
             ended = time.monotonic()
             # The writers go on a little under the final map, then stop.
             await asyncio.sleep(2.0)

@@ -4,6 +4,7 @@ processes and tasks on the same ids throughout; judged by the history checker af
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,8 @@ import pytest
 import sharded_chroma
 from sharded_chroma import ConfigurationError, HashPolicy
 from tests._rebalancing import topology_for
-from tests.test_concurrent_writes import NAME, POLICIES, Log, raw_parts
-from tests.test_rebalance import preload
+from tests.test_concurrent_writes import NAME, POLICIES, Log, assert_busy, raw_parts
+from tests.test_rebalance import control_table, final_checks, preload, run_migration_under_writers
 
 pytestmark = pytest.mark.anyio
 
@@ -127,3 +128,40 @@ async def test_a_time_placed_collection_is_refused(shard_urls: list[str], tmp_pa
         with pytest.raises(ConfigurationError, match="time buckets"):
             await client.rebuild(NAME, {"max_neighbors": 24})
         assert await client._live().rebalancing.migration(NAME) is None
+
+
+@pytest.mark.parametrize(("kind", "backend"), [("field", "sqlite"), ("hash", "etcd")])
+def test_rebuild_under_two_writer_processes(
+    shard_urls: list[str],
+    tmp_path: Path,
+    kind: str,
+    backend: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Two processes add, upsert (changing routing values under the field policy), update,
+    delete, get and query the same ids while the collection is rebuilt: the history checker
+    passes afterwards, every record is in the new generation only, where the policy puts it."""
+    topology = topology_for(shard_urls, control_table(backend, tmp_path, request))
+
+    async def rebuild(client: Any, goal: Any) -> Any:
+        return await client.rebuild(NAME, {"max_neighbors": 20}, batch=25)
+
+    report, goal, ops, errors, dupes = run_migration_under_writers(
+        shard_urls, topology, tmp_path, POLICIES[kind], lambda p: p, 120.0, act=rebuild
+    )
+    assert report.steps[-1] == "done", report
+    assert report.copied > 0
+    assert not dupes, dupes[:5]
+    assert_busy(ops, errors)
+    final_checks(shard_urls, topology, goal, ops, errors)
+
+    async def layout() -> tuple[dict[str, list[str]], int]:
+        async with await client_of(topology) as client:
+            col = await client.get_collection(NAME, embedding_function=None)
+            generation = (await client.partition_map(NAME)).generation
+            return await raw_parts(shard_urls, str(col.id)), generation
+
+    parts, generation = asyncio.run(layout())
+    assert generation == 1
+    assert root_ids(parts) == [], "records left in the root collections"
+    assert gen_ids(parts, 1), "nothing in the new generation"

@@ -24,7 +24,6 @@ import anyio
 import orjson
 
 from .._errors import RoutingError
-from .._merge import take_rows
 from ..catalog._layouts import Target
 from ..catalog._reserved import visible_metadata
 from ..catalog._state import SEQ_KEY, VERSION_KEY, CollectionState
@@ -295,10 +294,12 @@ class Passes:
     async def _fix(
         self, source: Target, target: Target, moving: Sequence[Mapping[str, Any]]
     ) -> int:
-        """Send again the copies on ``home`` that stay wrong; returns how many differed at
-        first. A difference whose source changed meanwhile is a client's write under way,
-        which reaches both places, and is left to it; only one that holds (the copy went out
-        of date while the source stayed) is fixed. Either way the pass is not clean."""
+        """Send again the copies on ``home`` that stay wrong; returns how many differ. A
+        difference whose source changed meanwhile is a client's write under way, which
+        reaches both places, and is left to it; only one that holds (the copy went out of
+        date while the source stayed) is fixed. A difference counts unless, read again in
+        the same order (source, then copy) after a pause, the two agree: that is the same
+        evidence as agreeing at first, and a pass is clean only when every record gave it."""
         first = await self._differing(target, moving)
         if not first:
             return 0
@@ -311,8 +312,16 @@ class Passes:
             for row, _ in first
             if row["ids"] in now and _digest(now[row["ids"]]) == _digest(row)
         ]
+        kept = {row["ids"] for row in held}
+        changed = [now[i] for i in ids if i in now and i not in kept]
+        gone = [i for i in ids if i not in now]
         stale: list[Mapping[str, Any]] = []
         wrong = await self._differing(target, held)
+        still = len(wrong) + len(await self._differing(target, changed))
+        if gone:
+            # Deleted meanwhile: agreeing means the copy is gone too.
+            body = {"ids": gone, "include": []}
+            still += len((await self._io.read(target, "/get", body, raw=True))["ids"])
         for row, copy in wrong:
             # Upserts merge: a copy with keys its source lacks must go first, and only while
             # it is the copy compared. One a client rewrote meanwhile stays, for the next pass.
@@ -323,9 +332,7 @@ class Passes:
                 "reconcile: %d copy(ies) on %s differed; sent again", len(stale), target.key
             )
             await self._write(target, "upsert", self._copy_body(stale))
-        # Every difference seen counts, fixed or left to a write under way: a pass is clean
-        # only when it saw none at all.
-        return len(first)
+        return still
 
     async def _delete_copy(self, target: Target, copy: Mapping[str, Any]) -> bool:
         """Delete one copy while it is the one read; whether it was deleted."""
@@ -337,38 +344,41 @@ class Passes:
     async def _remove_extras(
         self, target: Target, expected: set[str], sources: Sequence[Target]
     ) -> int:
-        """Incoming copies on ``target`` whose source no longer has them (a delete raced the
-        copy): deleted, each only while it is the copy seen. A copy whose record a client
-        moved into a source meanwhile (after that source's pages were read) is no extra.
-        Every candidate counts: the pass is clean only when there was none."""
-        candidates: list[dict[str, Any]] = []
-        body: dict[str, Any] = {"include": ["metadatas"]}
+        """Incoming copies on ``target`` that its sources' pages did not show. After a pause,
+        one still there whose record a source holds now (a client moved it there after that
+        source's pages were read) is compared with it; one no source holds (a delete raced
+        the copy) is deleted, only while it is the copy seen. Returns how many were neither
+        gone by then nor equal to their source: the pass is clean only when that is none."""
+        candidates: list[str] = []
+        body: dict[str, Any] = {"include": []}
         if self._marks:
             body["where"] = {INCOMING_KEY: self._tag}
         async for page in self._io.pages(target, body, self._batch, raw=True):
-            rows = [r for r in range(len(page["ids"])) if page["ids"][r] not in expected]
-            if rows:
-                candidates.extend(_rows(take_rows(page, rows)))
+            candidates += [rid for rid in page["ids"] if rid not in expected]
         if not candidates:
             return 0
         await anyio.sleep(_SETTLE_S)
-        ids = [c["ids"] for c in candidates]
-        sourced: set[str] = set()
+        sourced: dict[str, dict[str, Any]] = {}
         for source in sources:
             read = functools.partial(
-                self._io.read, source, "/get", {"ids": ids, "include": ["metadatas"]}, raw=True
+                self._io.read, source, "/get", {"ids": candidates, "include": FULL}, raw=True
             )
             answer = await self._io.guarded(source, read)
             if answer is None:
                 continue  # a bucket dropped meanwhile
-            for rid, home in zip(answer["ids"], self._homes_of.of(source, answer), strict=True):
+            for row, home in zip(_rows(answer), self._homes_of.of(source, answer), strict=True):
                 if home is not None and home.key == target.key:
-                    sourced.add(rid)
-        extras = [c for c in candidates if c["ids"] not in sourced]
+                    sourced[row["ids"]] = row
+        # Read after the sources, as a pass reads: a copy a client deleted is gone by now.
+        left = await self._io.read(
+            target, "/get", {"ids": candidates, "include": ["metadatas"]}, raw=True
+        )
+        extras = [r for r in _rows(left) if r["ids"] not in sourced]
+        unequal = await self._differing(target, [r for r in sourced.values()])
         await self._fence()
         removed = 0
         for copy in extras:
             removed += await self._delete_copy(target, copy)
         if removed:
             logger.info("reconcile: %d copy(ies) on %s had no source; deleted", removed, target.key)
-        return len(candidates)
+        return len(extras) + len(unequal)
