@@ -37,6 +37,7 @@ from ._node import Node
 from ._policies import TimePolicy
 from ._replicas import ReplicaSet
 from ._reports import PairReport, VerifyReport
+from .catalog._generations import generation_state, generations_on
 from .catalog._state import CollectionState
 from .ops._seqpages import seq_pages
 
@@ -191,7 +192,19 @@ async def _pairs(
                     sub = backend.layouts.bucket_state(state, label)
                     for node in rs.nodes[1:]:
                         pairs.append(Pair(f"{name}/{label}", sub, rs, node, None))
+            elif state is not None:
+                # A rebuild's generations (the one serving, and both while one runs).
+                where = (state.tenant, state.database, state.id)
+                listed = await rs.read(functools.partial(_generations_of, where=where))
+                for number, _ in listed:
+                    sub = generation_state(state, number)
+                    for node in rs.nodes[1:]:
+                        pairs.append(Pair(f"{name}/gen{number}", sub, rs, node, None))
     return found, pairs
+
+
+async def _generations_of(node: Node, where: tuple[str, str, Any]) -> list[tuple[int, str]]:
+    return await generations_on(node, *where)
 
 
 async def _count(backend: Runtime, state: CollectionState, node: Node) -> int:

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import chromadb
+import httpx
 import numpy as np
 import pytest
 
@@ -416,3 +417,46 @@ def test_cli_exit_codes(cluster: Cluster, capsys: pytest.CaptureFixture[str]) ->
     assert "nothing to compare" in capsys.readouterr().out
     assert main(["verify", "--topology", str(cluster.toml), "--collection", "no-such"]) == 1
     assert "NotFoundError" in capsys.readouterr().err
+
+
+async def test_a_rebuilt_collections_generation_is_verified_and_repaired(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """After a rebuild the records live in the new generation's collections: a replica copy
+    of one that lost records is found and repaired there (the emptied roots agree anyway)."""
+    name = "ae-rebuilt"
+    shards = [
+        {"name": "s0", "primary": cluster.urls[0], "replicas": [cluster.urls[1]]},
+        {"name": "s1", "primary": cluster.urls[2], "replicas": [cluster.urls[3]]},
+    ]
+    topology = Topology.build(
+        {
+            "shards": shards,
+            "replication": {"hints_dir": str(cluster.hints_dir)},
+            "control": {"backend": "sqlite", "path": str(tmp_path / "control.db")},
+        }
+    )
+    async with await sharded_chroma.AsyncHttpClient(topology=topology) as client:
+        await load(client, name, 120)
+        report = await client.rebuild(name, {"max_neighbors": 12})
+        assert report.steps[-1] == "done"
+        col = await client.get_collection(name, embedding_function=None)
+        assert (await verify(client, collections=[name])).clean
+
+        # Lose records on s0's replica copy of generation 1, behind the client's back.
+        base = "/api/v2/tenants/default_tenant/databases/default_database.sc-parts/collections"
+        async with httpx.AsyncClient(base_url=cluster.replicas["s0"], trust_env=False) as http:
+            raw = (await http.get(f"{base}/{col.id}-gen1")).json()
+            held = (await http.post(f"{base}/{raw['id']}/get", json={"include": []})).json()
+            lost = sorted(held["ids"])[:7]
+            deleted = await http.post(f"{base}/{raw['id']}/delete", json={"ids": lost})
+            deleted.raise_for_status()
+
+        found = await verify(client, collections=[name])
+        assert not found.clean
+        by_name = {(p.collection, p.shard): p for p in found.pairs}
+        assert by_name[(f"{name}/gen1", "s0")].missing == tuple(lost)
+        assert by_name[(name, "s0")].primary_records == 0  # the emptied root
+        await repair(client, collections=[name])
+        assert (await verify(client, collections=[name])).clean
+        assert await col.count() == 150
