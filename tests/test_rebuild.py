@@ -13,6 +13,7 @@ import pytest
 
 import sharded_chroma
 from sharded_chroma import ConfigurationError, HashPolicy
+from sharded_chroma.rebalance import plan_hash
 from tests._rebalancing import topology_for
 from tests.test_concurrent_writes import NAME, POLICIES, Log, assert_busy, raw_parts
 from tests.test_rebalance import control_table, final_checks, preload, run_migration_under_writers
@@ -165,3 +166,49 @@ def test_rebuild_under_two_writer_processes(
     assert generation == 1
     assert root_ids(parts) == [], "records left in the root collections"
     assert gen_ids(parts, 1), "nothing in the new generation"
+
+
+async def test_rebuilt_twice_then_grown_and_opened_after_losing_the_map(
+    shard_urls: list[str], oracle_url: str, tmp_path: Path
+) -> None:
+    """A second rebuild drops the first one's generation; a migration afterwards moves records
+    within the serving generation (made on the new shard with its configuration); and a
+    control store that lost the map opens the collection at the generation its root names."""
+    urls = [*shard_urls, oracle_url]
+    topology = sqlite_topology(urls, tmp_path)
+    three = HashPolicy(shards=("s0", "s1", "s2"))
+    async with await client_of(topology) as client:
+        col = await client.create_collection(NAME, embedding_function=None, policy=three)
+        await preload(col, Log(), IDS)
+        before = await col.get(include=["metadatas", "documents"])
+        await client.rebuild(NAME, {"max_neighbors": 24})
+        await client.rebuild(NAME, {"ef_search": 40})
+        assert (await client.partition_map(NAME)).generation == 2
+        cid = str(col.id)
+        for url in shard_urls:
+            gens = await generations_on(url, cid)
+            assert set(gens) == {2}, f"{url} holds generations {sorted(gens)}"
+            hnsw = gens[2]["configuration_json"]["hnsw"]
+            assert (hnsw["max_neighbors"], hnsw["ef_search"]) == (24, 40)
+
+        goal = plan_hash(three, shards=["s0", "s1", "s2", "s3"]).goal
+        report = await client.rebalance(NAME, goal, batch=25)
+        assert report.steps[-1] == "done" and report.copied > 0
+        current = await client.partition_map(NAME)
+        assert (current.generation, current.policy) == (2, goal)
+        assert set(await generations_on(oracle_url, cid)) == {2}
+        parts = await raw_parts(urls, cid)
+        assert root_ids(parts) == []
+        on_s3 = [rid for key, ids in parts.items() if key.startswith("s3:") for rid in ids]
+        assert on_s3 and all(goal.place(rid, None).shard == "s3" for rid in on_s3)
+        after = await col.get(include=["metadatas", "documents"])
+        assert (after["ids"], after["metadatas"]) == (before["ids"], before["metadatas"])
+
+    # Another control store (the first one lost): the stored policy and generation decide.
+    fresh = sqlite_topology(urls, tmp_path, "other.db")
+    async with await client_of(fresh) as client:
+        col = await client.get_collection(NAME, embedding_function=None)
+        current = await client.partition_map(NAME)
+        assert (current.epoch, current.generation, current.policy) == (0, 2, goal)
+        assert (await col.get(include=[]))["ids"] == before["ids"]
+        assert await col.count() == IDS

@@ -119,9 +119,11 @@ class Rebuilder:
                 f"collection {state.name!r} is placed in time buckets; rebuilding those is "
                 "not supported yet (nothing was changed)"
             )
-        catalog = await self._targets.catalog_model(state)
-        configuration = rebuilt_configuration(catalog.get("configuration_json") or {}, changes)
         old, new = current.generation, current.generation + 1
+        # Changes add to the serving generation's parameters (an earlier rebuild's).
+        configuration = rebuilt_configuration(
+            await self._targets.configuration(state, old), changes
+        )
         # Every shard of the policy must hold the collection (one never written to may not).
         await self._targets.ensure(state, sorted(policy.shards_named()), old)
         # From now on a client without the control store is refused.

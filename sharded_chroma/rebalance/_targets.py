@@ -35,11 +35,13 @@ class TargetCollections:
     ) -> None:
         await self._catalog.store_policy(state, policy, generation)
 
-    async def catalog_model(self, state: CollectionState) -> dict[str, Any]:
-        """The collection's model as the catalog node holds it."""
-        path = f"{state.base}/{state.name}"
-        raw: dict[str, Any] = await self._cluster.catalog_node.transport.request("GET", path)
-        return raw
+    async def configuration(self, state: CollectionState, generation: int) -> dict[str, Any]:
+        """The configuration of the collection's ``generation`` on the catalog node (the
+        root's at 0)."""
+        sub = generation_state(state, generation)
+        path = f"{sub.base}/{sub.name}"
+        raw = await self._cluster.catalog_node.transport.request("GET", path)
+        return dict(raw.get("configuration_json") or {})
 
     async def ensure(
         self, state: CollectionState, shards: Sequence[str], generation: int = 0
@@ -55,9 +57,7 @@ class TargetCollections:
             for node in self._cluster.shards[shard].nodes:
                 await self._ensure_on(node, shard, state, path, metadata, wanted)
         if generation:
-            sub = generation_state(state, generation)
-            raw = await catalog_node.transport.request("GET", f"{sub.base}/{sub.name}")
-            config = raw.get("configuration_json") or {}
+            config = await self.configuration(state, generation)
             await self._generations.ensure(state, generation, shards, config)
 
     async def _ensure_on(
