@@ -350,3 +350,41 @@ def test_hash_collections_refuse_time_options(
     code, _, err = _cli(capsys, "plan", *args)
     assert code != 0 and "--hot do not apply to it" in err, err
     _assert_unmoved(topology, urls, before)
+
+
+def test_rebuild_command_swaps_in_a_new_index_and_refuses_bad_parameters(
+    topology: Path, urls: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _layout(urls)
+    with pytest.raises(SystemExit):
+        main(["rebuild", "--topology", str(topology), "--collection", NAME, "--max-neighbors"])
+    capsys.readouterr()
+    code, out, err = _cli(
+        capsys, "rebuild", "--topology", str(topology), "--collection", NAME, "--max-neighbors", "0"
+    )
+    assert code != 0 and "positive int" in err, (out, err)
+    _assert_unmoved(topology, urls, before)
+
+    code, out, err = _cli(
+        capsys,
+        "rebuild",
+        "--topology",
+        str(topology),
+        "--collection",
+        NAME,
+        "--max-neighbors",
+        "24",
+        "--batch",
+        "50",
+    )
+    assert code == 0, err
+    assert re.search(rf"rebuild \w+ of {NAME}: dual -> .* -> done; {RECORDS} record", out), out
+    assert "now generation 1" in out
+    current, count, ids = _state(topology)
+    assert (current.phase, current.generation, count, len(ids)) == ("stable", 1, RECORDS, RECORDS)
+    assert all(not ids_here for ids_here in _layout(urls).values()), "roots not emptied"
+
+    code, out, err = _cli(
+        capsys, "rebuild", "--topology", str(topology), "--collection", NAME, "--resume"
+    )
+    assert code != 0 and "no rebuild to resume" in err, (out, err)

@@ -1,5 +1,6 @@
 """The ``sharded-chroma`` command: ``dev``, ``demo``, ``status``, ``verify``, ``repair``,
-``drop-partitions``, ``plan``, ``rebalance``, ``abort``, ``export`` and ``import``."""
+``drop-partitions``, ``plan``, ``rebalance``, ``rebuild``, ``abort``, ``export`` and
+``import``."""
 
 from __future__ import annotations
 
@@ -119,7 +120,10 @@ def _parser() -> argparse.ArgumentParser:
     rebalance.add_argument(
         "--concurrency", type=int, default=1, help="source shards copied at once"
     )
-    abort = sub.add_parser("abort", help="roll back a migration that has not cut over")
+    from ._rebuild import rebuild_args
+
+    rebuild_args(sub)
+    abort = sub.add_parser("abort", help="roll back a migration or rebuild not cut over")
     abort.add_argument("--topology", type=Path, required=True)
     abort.add_argument("--collection", required=True, metavar="NAME")
     from ._backup import backup_args
@@ -169,6 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "abort": _rebalance.run_abort,
             }[args.command]
             return anyio.run(run, args, _out)
+        elif args.command == "rebuild":
+            from ._rebuild import run_rebuild
+
+            _positive("batch", args.batch)
+            return anyio.run(run_rebuild, args, _out)
         elif args.command in ("export", "import"):
             from . import _backup
 

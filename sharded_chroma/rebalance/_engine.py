@@ -113,8 +113,8 @@ class Migrator:
             record, revision = found
             if record.get("kind") == "rebuild":
                 raise ConfigurationError(
-                    f"collection {state.name!r} is being rebuilt; finish it (rebuild without "
-                    "a configuration) or abort it first"
+                    f"collection {state.name!r} is being rebuilt; finish it (resume the "
+                    "rebuild, or run rebalance without a goal) or abort it first"
                 )
             if goal is not None and policy_to_json(goal) != record["to"]:
                 raise ConfigurationError(

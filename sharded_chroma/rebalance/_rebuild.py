@@ -102,7 +102,7 @@ class Rebuilder:
             if changes is not None and dict(changes) != record["changes"]:
                 raise ConfigurationError(
                     f"collection {state.name!r} is being rebuilt with other parameters "
-                    f"({record['changes']}); finish it (rebuild without parameters) or abort it"
+                    f"({record['changes']}); resume it (no parameters) or abort it"
                 )
             return record, revision, True
         if changes is None:
@@ -322,7 +322,7 @@ class Rebuilder:
             if record["step"] != "aborting" and not (before_cutover or untouched):
                 raise ConfigurationError(
                     f"the rebuild of {state.name!r} has cut over (epoch {now.epoch}, phase "
-                    f"{now.phase}); it can only be finished (rebuild without parameters)"
+                    f"{now.phase}); it can only be resumed to its end"
                 )
             record["step"] = "aborting"
             revision = await self._store.save_migration(cid, record, revision)
