@@ -20,10 +20,13 @@ from .._options import current_options
 from ..catalog._generations import generation_state
 from ..catalog._layouts import Target
 from ..catalog._physical import PhysicalIds
+from ..catalog._reserved import visible_metadata
+from ..catalog._state import VERSION_KEY
 from ..cluster._cluster import Cluster
 from ..control._maps import PartitionMap
 from ..control._served import check_write_lease, served_map
 from ._clock import HybridClock
+from ._genmirror import READ_BACK, generation_split, split_by
 from ._migrating import filtered, split_write
 from ._seqpages import seq_pages
 
@@ -188,8 +191,17 @@ class PartIO:
         if served is not None and root.state.bucket is None and not root.state.generation:
             mirrored = served.mirror_generation()
             if mirrored is not None:
-                other = at_generation(root, mirrored)
-                return await self._write_both(target, other, op, body, removes)
+                assert served.other is not None
+                how, homes = generation_split(op, root.shard, body, served.policy, served.other)
+                if how == READ_BACK:
+                    answer = await self._write_one(target, op, body, removes)
+                    await self._mirror_as_written(target, root, body["ids"], mirrored, served.other)
+                    return answer
+                shares = {
+                    s: (at_generation(Target(s, root.state), mirrored), part)
+                    for s, part in homes.items()
+                }
+                return await self._write_both(target, op, body, removes, shares, how)
         if served is None or served.mirror_policy() is None:
             return await self._write_one(target, op, body, removes)
         own, mirrors = split_write(op, target.shard, body, served, target.state.bucket)
@@ -222,17 +234,64 @@ class PartIO:
         return answers[target.shard]
 
     async def _write_both(
-        self, target: Target, mirror: Target, op: str, body: Any, removes: Removal | None
+        self,
+        target: Target,
+        op: str,
+        body: Any,
+        removes: Removal | None,
+        mirrors: Mapping[str, tuple[Target, Mapping[str, Any]]],
+        mirror_op: str,
     ) -> Any:
-        """A rebuild's write: the whole request to the part and to its other generation, and
-        done only when both are (a delete's count is the served part's)."""
-        calls = {
-            "own": functools.partial(self._write_one, target, op, body, removes),
-            "mirror": functools.partial(self._write_one, mirror, op, body, removes),
-        }
+        """A write while a move fills a new generation: the request to the part and its
+        share to each part of the other generation (``_genmirror``), done only when every
+        one is (a delete's count is the served part's)."""
+        calls = {"": functools.partial(self._write_one, target, op, body, removes)}
+        for shard, (part, share) in mirrors.items():
+            mine = removes
+            if removes is not None and share.get("ids") is not body.get("ids"):
+                held = set(share.get("ids") or ())
+                mine = Removal(tuple(i for i in removes.ids if i in held), removes.version)
+            calls[f"{shard}@{part.state.generation}"] = functools.partial(
+                self._write_one, part, mirror_op, share, mine
+            )
         answers, failures = await fan_out(calls)
         raise_for_failures(op, failures, all_failed=len(failures) == len(calls))
-        return answers["own"]
+        return answers[""]
+
+    async def _mirror_as_written(
+        self, target: Target, root: Target, ids: list[str], generation: int, other: Any
+    ) -> None:
+        """Mirror an update of routing fields from its records as written (this process
+        holds their ids' locks): each upserted whole at its place under ``other``, and
+        copies older than it deleted from that policy's other shards."""
+        read = {"ids": list(ids), "include": ["embeddings", "metadatas", "documents", "uris"]}
+        found = await self.read(target, "/get", read, raw=True)
+        if not found["ids"]:
+            return
+        metas = found.get("metadatas") or [None] * len(found["ids"])
+        homes = [
+            other.place(i, visible_metadata(m)).shard
+            for i, m in zip(found["ids"], metas, strict=True)
+        ]
+        versions = [int((m or {}).get(VERSION_KEY) or 0) for m in metas]
+        body = {k: found.get(k) for k in ("ids", "embeddings", "metadatas", "documents", "uris")}
+        calls = {}
+        for shard, share in split_by(body, homes).items():
+            part = at_generation(Target(shard, root.state), generation)
+            calls[shard] = functools.partial(self._write_one, part, "upsert", share, None)
+        _, failures = await fan_out(calls)
+        raise_for_failures("update", failures, all_failed=len(failures) == len(calls))
+        # Older than every version written here: never a newer write of another process.
+        older = {"$lt": min(versions)} if min(versions) else None
+        deletes = {}
+        for shard in sorted(other.shards_named()):
+            away = [i for i, home in zip(found["ids"], homes, strict=True) if home != shard]
+            if away and older is not None:
+                part = at_generation(Target(shard, root.state), generation)
+                body = {"ids": away, "where": {VERSION_KEY: older}}
+                deletes[shard] = functools.partial(self._write_one, part, "delete", body, None)
+        _, failures = await fan_out(deletes)
+        raise_for_failures("update", failures, all_failed=len(failures) == len(deletes))
 
     async def _write_one(self, target: Target, op: str, body: Any, removes: Removal | None) -> Any:
         state = target.state

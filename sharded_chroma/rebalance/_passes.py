@@ -18,21 +18,21 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import orjson
 
-from .._errors import RoutingError
+from .._merge import take_rows
 from ..catalog._layouts import Target
-from ..catalog._reserved import visible_metadata
 from ..catalog._state import SEQ_KEY, VERSION_KEY, CollectionState
 from ..control._maps import INCOMING_KEY, OUTGOING_KEY
 from ..ops._locator import FULL
 from ..ops._migrating import strip_marks
 from ..ops._partio import PartIO
+from ._homes import Homes
 
-__all__ = ["BucketHomes", "HashHomes", "Homes", "Passes", "Progress"]
+__all__ = ["Passes", "Progress"]
 
 logger = logging.getLogger("sharded_chroma.rebalance")
 
@@ -46,43 +46,6 @@ _SCAN_PAGES = 4
 
 Progress = Callable[[str, int], None]
 """Called with a step name and how many records it handled since the last call."""
-
-
-class Homes(Protocol):
-    """Where the goal puts each record of a source part's page (None: it stays)."""
-
-    def of(self, source: Target, page: Mapping[str, Any]) -> list[Target | None]: ...
-
-
-class HashHomes:
-    """Records hashed by id: each goes to the goal's shard for it, in the root collection."""
-
-    def __init__(self, goal: Any, state: CollectionState) -> None:
-        self._goal = goal
-        self._state = state
-
-    def of(self, source: Target, page: Mapping[str, Any]) -> list[Target | None]:
-        metas = page.get("metadatas") or [None] * len(page["ids"])
-        out: list[Target | None] = []
-        for rid, meta in zip(page["ids"], metas, strict=True):
-            try:
-                shard = self._goal.place(rid, visible_metadata(meta)).shard
-            except RoutingError:
-                shard = source.shard  # one the goal cannot place stays where it is
-            out.append(None if shard == source.shard else Target(shard, self._state))
-        return out
-
-
-class BucketHomes:
-    """Whole time buckets: every record of a moving bucket goes to the same bucket elsewhere."""
-
-    def __init__(self, moves: Mapping[str, Target]) -> None:
-        self._moves = dict(moves)
-        """Target part by source part key."""
-
-    def of(self, source: Target, page: Mapping[str, Any]) -> list[Target | None]:
-        home = self._moves.get(source.key)
-        return [home] * len(page["ids"])
 
 
 def _digest(row: Mapping[str, Any]) -> bytes:
@@ -253,16 +216,45 @@ class Passes:
         records, apart from writes clients were making (which reach both places)."""
         expected: dict[str, set[str]] = {}
         found = 0
+        # Only a move into a new generation takes every record of parts placed by metadata,
+        # where two processes moving one record can leave it in two parts for a while.
+        shadowed = {} if self._marks else await self._shadowed(sources)
         for source in sources:
-            found += await self._reconcile_source(source, expected)
+            found += await self._reconcile_source(source, expected, shadowed)
         for target in targets:
             found += await self._remove_extras(target, expected.get(target.key, set()), sources)
         return found
 
-    async def _reconcile_source(self, source: Target, expected: dict[str, set[str]]) -> int:
+    async def _shadowed(self, sources: Sequence[Target]) -> dict[str, str]:
+        """Ids held by several source parts, mapped to the part of their newest copy (highest
+        version, then sequence; ties: the first part), which readers keep and the copy must
+        hold: the other copies are neither compared nor kept."""
+        seen: dict[str, tuple[tuple[int, int], str]] = {}
+        several: set[str] = set()
+        for source in sources:
+            async for page in self._source_pages(source, None):
+                for rid, meta in zip(page["ids"], page.get("metadatas") or [], strict=False):
+                    stamp = (_version(meta) or 0, int((meta or {}).get(SEQ_KEY) or 0))
+                    if rid in seen:
+                        several.add(rid)
+                        if stamp <= seen[rid][0]:
+                            continue
+                    seen[rid] = (stamp, source.key)
+        return {rid: seen[rid][1] for rid in several}
+
+    async def _reconcile_source(
+        self, source: Target, expected: dict[str, set[str]], shadowed: Mapping[str, str]
+    ) -> int:
         found = 0
         async for page in self._source_pages(source, None):
             started = time.monotonic()
+            if shadowed:
+                keep = [
+                    n
+                    for n, rid in enumerate(page["ids"])
+                    if shadowed.get(rid, source.key) == source.key
+                ]
+                page = take_rows(page, keep)
             rows, by_home, unmarked = self._moving(source, page)
             for key, (_, moving) in by_home.items():
                 expected.setdefault(key, set()).update(r["ids"] for r in moving)
@@ -294,35 +286,21 @@ class Passes:
     async def _fix(
         self, source: Target, target: Target, moving: Sequence[Mapping[str, Any]]
     ) -> int:
-        """Send again the copies on ``home`` that stay wrong; returns how many differ. A
-        difference whose source changed meanwhile is a client's write under way, which
-        reaches both places, and is left to it; only one that holds (the copy went out of
-        date while the source stayed) is fixed. A difference counts unless, read again in
-        the same order (source, then copy) after a pause, the two agree: that is the same
-        evidence as agreeing at first, and a pass is clean only when every record gave it."""
+        """Send again the copies on ``home`` that stay wrong; returns how many still differ
+        afterwards. A difference whose source changed meanwhile is a client's write under
+        way, which reaches both places, and is left to it; only one that holds (the copy went
+        out of date while the source stayed) is fixed. Then every id found differing is read
+        again in the pass's order (source, then copy): agreeing then is the same evidence as
+        agreeing at first, and a pass is clean only when every record gave it."""
         first = await self._differing(target, moving)
         if not first:
             return 0
         await anyio.sleep(_SETTLE_S)
         ids = [row["ids"] for row, _ in first]
-        answer = await self._io.read(source, "/get", {"ids": ids, "include": FULL}, raw=True)
-        now = {r["ids"]: r for r in _rows(answer)}
-        held = [
-            row
-            for row, _ in first
-            if row["ids"] in now and _digest(now[row["ids"]]) == _digest(row)
-        ]
-        kept = {row["ids"] for row in held}
-        changed = [now[i] for i in ids if i in now and i not in kept]
-        gone = [i for i in ids if i not in now]
+        now = await self._source_rows(source, ids)
+        held = [r for r, _ in first if r["ids"] in now and _digest(now[r["ids"]]) == _digest(r)]
         stale: list[Mapping[str, Any]] = []
-        wrong = await self._differing(target, held)
-        still = len(wrong) + len(await self._differing(target, changed))
-        if gone:
-            # Deleted meanwhile: agreeing means the copy is gone too.
-            body = {"ids": gone, "include": []}
-            still += len((await self._io.read(target, "/get", body, raw=True))["ids"])
-        for row, copy in wrong:
+        for row, copy in await self._differing(target, held):
             # Upserts merge: a copy with keys its source lacks must go first, and only while
             # it is the copy compared. One a client rewrote meanwhile stays, for the next pass.
             if copy is None or await self._delete_copy(target, copy):
@@ -332,7 +310,24 @@ class Passes:
                 "reconcile: %d copy(ies) on %s differed; sent again", len(stale), target.key
             )
             await self._write(target, "upsert", self._copy_body(stale))
-        return still
+        return await self._still_differing(source, target, ids)
+
+    async def _source_rows(self, source: Target, ids: list[str]) -> dict[str, dict[str, Any]]:
+        answer = await self._io.read(source, "/get", {"ids": ids, "include": FULL}, raw=True)
+        return {r["ids"]: r for r in _rows(answer)}
+
+    async def _still_differing(self, source: Target, target: Target, ids: list[str]) -> int:
+        """How many of ``ids`` differ between ``source`` and ``target`` now (one deleted at
+        the source meanwhile agrees when its copy is gone too)."""
+        now = await self._source_rows(source, ids)
+        wrong = await self._differing(target, list(now.values()))
+        gone = [i for i in ids if i not in now]
+        if gone:
+            body = {"ids": gone, "include": []}
+            wrong += [(r, None) for r in _rows(await self._io.read(target, "/get", body, raw=True))]
+        for row, copy in wrong:
+            logger.debug("reconcile: %s on %s still differs: %s", row["ids"], target.key, copy)
+        return len(wrong)
 
     async def _delete_copy(self, target: Target, copy: Mapping[str, Any]) -> bool:
         """Delete one copy while it is the one read; whether it was deleted."""
@@ -342,7 +337,10 @@ class Passes:
         return bool((answer or {}).get("deleted", 1))
 
     async def _remove_extras(
-        self, target: Target, expected: set[str], sources: Sequence[Target]
+        self,
+        target: Target,
+        expected: set[str],
+        sources: Sequence[Target],
     ) -> int:
         """Incoming copies on ``target`` that its sources' pages did not show. After a pause,
         one still there whose record a source holds now (a client moved it there after that
@@ -358,7 +356,9 @@ class Passes:
         if not candidates:
             return 0
         await anyio.sleep(_SETTLE_S)
-        sourced: dict[str, dict[str, Any]] = {}
+        # The newest copy of each candidate in the sources as they are now (one in several
+        # parts is settled as readers settle it), and whether its home is this target.
+        newest: dict[str, tuple[tuple[int, int], dict[str, Any], bool]] = {}
         for source in sources:
             read = functools.partial(
                 self._io.read, source, "/get", {"ids": candidates, "include": FULL}, raw=True
@@ -367,8 +367,13 @@ class Passes:
             if answer is None:
                 continue  # a bucket dropped meanwhile
             for row, home in zip(_rows(answer), self._homes_of.of(source, answer), strict=True):
-                if home is not None and home.key == target.key:
-                    sourced[row["ids"]] = row
+                meta = row.get("metadatas") or {}
+                stamp = (_version(meta) or 0, int(meta.get(SEQ_KEY) or 0))
+                if row["ids"] in newest and stamp <= newest[row["ids"]][0]:
+                    continue
+                mine = home is not None and home.key == target.key
+                newest[row["ids"]] = (stamp, row, mine)
+        sourced = {rid: row for rid, (_, row, mine) in newest.items() if mine}
         # Read after the sources, as a pass reads: a copy a client deleted is gone by now.
         left = await self._io.read(
             target, "/get", {"ids": candidates, "include": ["metadatas"]}, raw=True
@@ -381,4 +386,6 @@ class Passes:
             removed += await self._delete_copy(target, copy)
         if removed:
             logger.info("reconcile: %d copy(ies) on %s had no source; deleted", removed, target.key)
-        return len(extras) + len(unequal)
+        # A copy deleted here agrees with its sources (absent) from then on; one a client
+        # rewrote meanwhile does not count as checked.
+        return len(extras) - removed + len(unequal)

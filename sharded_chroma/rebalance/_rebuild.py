@@ -9,6 +9,12 @@ with generations instead of policies (``control._maps``): ``dual`` (reads from g
 every client serves it and this host's hints for ``g`` have landed, ``g`` is dropped, or
 emptied when it is the root collection), then ``stable`` at ``g + 1``, which the root's
 metadata records too. Nothing is marked: the two generations never share a collection.
+
+The same steps move a collection placed by metadata (field, composite, hash of a field) to
+a goal routing by the same fields (other shards, partitions or weights): every record is
+copied into the next generation at the goal's place for it, and writes are mirrored there
+record by record (``ops._genmirror``). Marks could not do it: a record that changes its
+routing value mid-move can need its own copy and another's incoming copy in one collection.
 """
 
 from __future__ import annotations
@@ -28,14 +34,16 @@ from ..catalog._generations import Generations, generation_state
 from ..catalog._layouts import Target
 from ..catalog._state import CollectionState
 from ..control._store import ControlStore
+from ..ops._genmirror import placeable
 from ..ops._partio import PartIO
 from ._cleanup import delete_everywhere
 from ._hintbarrier import HintBarrier
-from ._passes import BucketHomes, Passes, Progress
+from ._passes import Passes, Progress
 from ._rebuildconfig import rebuilt_configuration
 from ._steps import Steps
 from ._support import MigrationReport, again, policy_of_record
 from ._targets import TargetCollections
+from ._units import generation_units
 
 __all__ = ["Rebuilder"]
 
@@ -51,6 +59,7 @@ class Rebuilder:
         io: PartIO,
         generations: Generations,
         targets: TargetCollections,
+        shard_names: tuple[str, ...],
         barrier: HintBarrier,
         *,
         batch: int = 500,
@@ -64,6 +73,7 @@ class Rebuilder:
         self._io = io
         self._generations = generations
         self._targets = targets
+        self._shard_names = shard_names
         self._barrier = barrier
         self._batch = batch
         self._rate = rate
@@ -74,21 +84,22 @@ class Rebuilder:
         )
 
     async def run(
-        self, state: CollectionState, changes: Mapping[str, Any] | None
+        self, state: CollectionState, changes: Mapping[str, Any] | None, goal: Any | None = None
     ) -> MigrationReport:
         """Rebuild ``state``'s collection with ``changes`` to its index parameters (``{"hnsw":
-        {...}}``; ``{}``: the same ones, a fresh index); None resumes the rebuild recorded."""
+        {...}}``; ``{}``: the same ones, a fresh index), under ``goal`` if given (else its
+        policy); ``changes`` None resumes the move recorded."""
         started = time.monotonic()
         await self._steps.acquire(str(state.id))
         try:
-            report = await self._run(state, changes)
+            report = await self._run(state, changes, goal)
         finally:
             await self._steps.release()
         report.seconds = time.monotonic() - started
         return report
 
     async def _begin(
-        self, state: CollectionState, changes: Mapping[str, Any] | None
+        self, state: CollectionState, changes: Mapping[str, Any] | None, goal: Any | None
     ) -> tuple[dict[str, Any], int, bool]:
         cid = str(state.id)
         found = await self._store.load_migration(cid)
@@ -99,10 +110,14 @@ class Rebuilder:
                     f"collection {state.name!r} is being migrated to another policy; finish "
                     "or abort that migration before rebuilding it"
                 )
-            if changes is not None and dict(changes) != record["changes"]:
+            asked = None if goal is None else policy_to_json(goal)
+            if (changes is not None and dict(changes) != record["changes"]) or (
+                asked is not None and asked != record.get("to", record["policy"])
+            ):
                 raise ConfigurationError(
-                    f"collection {state.name!r} is being rebuilt with other parameters "
-                    f"({record['changes']}); resume it (no parameters) or abort it"
+                    f"collection {state.name!r} is being moved into a new generation with "
+                    f"other parameters or another goal ({record['changes']}, "
+                    f"{record.get('to', record['policy'])}); resume it or abort it"
                 )
             return record, revision, True
         if changes is None:
@@ -119,13 +134,18 @@ class Rebuilder:
                 f"collection {state.name!r} is placed in time buckets; rebuilding those is "
                 "not supported yet (nothing was changed)"
             )
+        goal = policy if goal is None else goal
+        if why := placeable(policy, goal):
+            raise ConfigurationError(f"{why} (nothing was changed)")
+        if unknown := sorted(goal.shards_named() - set(self._shard_names)):
+            raise ConfigurationError(f"the goal names shard(s) {unknown} this topology lacks")
         old, new = current.generation, current.generation + 1
         # Changes add to the serving generation's parameters (an earlier rebuild's).
         configuration = rebuilt_configuration(
             await self._targets.configuration(state, old), changes
         )
-        # Every shard of the policy must hold the collection (one never written to may not).
-        await self._targets.ensure(state, sorted(policy.shards_named()), old)
+        # Every shard must hold the collection (one never written to may not, a new one not).
+        await self._targets.ensure(state, sorted(policy.shards_named() | goal.shards_named()))
         # From now on a client without the control store is refused.
         await self._targets.store_policy(state, policy)
         record = {
@@ -133,6 +153,7 @@ class Rebuilder:
             "tag": uuid.uuid4().hex[:12],
             "name": state.name,
             "policy": policy_to_json(policy),
+            "to": policy_to_json(goal),
             "changes": dict(changes),
             "configuration": configuration,
             "from_generation": old,
@@ -147,24 +168,24 @@ class Rebuilder:
         return record, revision, False
 
     async def _run(
-        self, state: CollectionState, changes: Mapping[str, Any] | None
+        self, state: CollectionState, changes: Mapping[str, Any] | None, goal: Any | None
     ) -> MigrationReport:
         cid = str(state.id)
-        record, revision, resumed = await self._begin(state, changes)
+        record, revision, resumed = await self._begin(state, changes, goal)
         policy = policy_of_record(record["policy"])
+        goal = policy_of_record(record.get("to", record["policy"]))
         old, new = int(record["from_generation"]), int(record["to_generation"])
         tag = record["tag"]
         report = MigrationReport(state.name, tag, copied=int(record.get("copied", 0)))
         if resumed:
             report.resumed_at = record["step"]
             logger.info("rebuild %s of %s: resuming at %s", tag, state.name, record["step"])
-        shards = sorted(policy.shards_named())
-        sources = [Target(s, generation_state(state, old)) for s in shards]
-        targets = [Target(s, generation_state(state, new)) for s in shards]
+        units = generation_units(state, policy, goal, old, new)
+        sources, targets = list(units.sources), list(units.targets)
         passes = Passes(
             self._io,
             generation_state(state, new),
-            BucketHomes({src.key: dst for src, dst in zip(sources, targets, strict=True)}),
+            units.homes,
             tag,
             batch=self._batch,
             rate=self._rate,
@@ -174,15 +195,16 @@ class Rebuilder:
             marks=False,
         )
 
-        def wanted(phase: str, served: int, other: int | None) -> dict[str, Any]:
+        def wanted(phase: str) -> dict[str, Any]:
+            after = phase not in ("dual", "aborting")
             moving = phase != "stable"
             return {
                 "phase": phase,
-                "policy": policy,
-                "other": policy if moving else None,
+                "policy": goal if after else policy,
+                "other": (policy if after else goal) if moving else None,
                 "tag": tag if moving else None,
-                "generation": served,
-                "other_generation": other,
+                "generation": new if after else old,
+                "other_generation": (old if after else new) if moving else None,
             }
 
         async def advance(step: str) -> None:
@@ -201,8 +223,9 @@ class Rebuilder:
             await self._steps.expect_phase(cid, ("dual",), tag)
         if step == "dual":
             # Made once the record exists, so an abort finds and drops them.
-            await self._generations.ensure(state, new, shards, record["configuration"])
-            await self._steps.to_phase(cid, wanted("dual", old, new), report)
+            made = sorted(goal.shards_named())
+            await self._generations.ensure(state, new, made, record["configuration"])
+            await self._steps.to_phase(cid, wanted("dual"), report)
             await advance("copy")
             step = "copy"
         if step == "copy":
@@ -232,20 +255,21 @@ class Rebuilder:
             step = "cutover"
         if step == "cutover":
             await self._steps.expect_phase(cid, ("dual", "cutover"), tag)
-            await self._steps.to_phase(cid, wanted("cutover", new, old), report)
+            await self._steps.to_phase(cid, wanted("cutover"), report)
             await advance("cleanup")
             step = "cleanup"
         if step == "cleanup":
             found = await self._store.load_map(cid)
             done = found is not None and not found[0].migrating and found[0].generation == new
             if not done:
-                await self._steps.to_phase(cid, wanted("cleanup", new, old), report)
+                await self._steps.to_phase(cid, wanted("cleanup"), report)
+                shards = [p.shard for p in sources]
                 await self._barrier.settle(f"cleanup of {state.name!r}", shards, self._steps.fence)
                 await self._leave(state, old, sources)
-                await self._steps.to_phase(cid, wanted("stable", new, None), report)
+                await self._steps.to_phase(cid, wanted("stable"), report)
             # The root's metadata follows, so a collection whose map is lost still opens at
-            # the generation holding its records.
-            await self._targets.store_policy(state, policy, new)
+            # the generation holding its records, under the policy they are placed by.
+            await self._targets.store_policy(state, goal, new)
             await self._store.drop_migration(cid, revision)
             report.steps.append("done")
             logger.info("rebuild %s of %s: done at generation %d", tag, state.name, new)
@@ -307,11 +331,9 @@ class Rebuilder:
                 raise ConfigurationError(f"collection {state.name!r} has no rebuild to abort")
             record, revision = found
             policy = policy_of_record(record["policy"])
-            old, new, tag = (
-                int(record["from_generation"]),
-                int(record["to_generation"]),
-                record["tag"],
-            )
+            goal = policy_of_record(record.get("to", record["policy"]))
+            old, new = int(record["from_generation"]), int(record["to_generation"])
+            tag = record["tag"]
             report = MigrationReport(state.name, tag)
             current = await self._store.load_map(cid)
             if current is None:
@@ -326,12 +348,12 @@ class Rebuilder:
                 )
             record["step"] = "aborting"
             revision = await self._store.save_migration(cid, record, revision)
-            shards = sorted(policy.shards_named())
+            shards = sorted(goal.shards_named())
             if not untouched:
                 aborting = {
                     "phase": "aborting",
                     "policy": policy,
-                    "other": policy,
+                    "other": goal,
                     "tag": tag,
                     "generation": old,
                     "other_generation": new,

@@ -19,6 +19,7 @@ from ..control._maps import PartitionMap
 from ..control._open import open_backend
 from ..control._served import unserved
 from ..control._store import ControlStore
+from ..ops._migrating import mirrorable
 from ..ops._partio import PartIO
 from ._engine import MigrationReport, Migrator
 from ._hintbarrier import HintBarrier
@@ -85,6 +86,7 @@ class Rebalancing:
             self._io,
             self._generations,
             TargetCollections(self._cluster, self._catalog, self._generations),
+            self._cluster.shard_names,
             HintBarrier(self._cluster, timeout=control.ack_timeout),
             ack_timeout=options.pop("ack_timeout", control.ack_timeout),
             lease_ttl=options.pop("lease_ttl", control.lease_ttl),
@@ -118,6 +120,12 @@ class Rebalancing:
             with unserved():
                 if goal is None and await self._is_rebuild(store, state):
                     return await self._rebuilder(store, given).run(state, None)
+                if goal is not None:
+                    generation = state.stored_generation
+                    current, _ = await store.ensure_map(str(state.id), state.policy, generation)
+                    if not (mirrorable(current.policy) and mirrorable(goal)):
+                        # Placed by metadata: every record moves into a new generation.
+                        return await self._rebuilder(store, given).run(state, {}, goal)
                 return await self._migrator(store, given).run(state, goal)
         finally:
             await store.backend.aclose()

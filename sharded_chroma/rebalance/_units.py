@@ -1,19 +1,22 @@
 """What one migration moves, as parts: the source parts, the target parts, and where each
 record of a source part goes. Hash of the id: each source shard's root collection, records to
 the goal's shard for their id. Time: whole buckets, each its own physical collection, from the
-shard the current policy gives them to the one the goal does."""
+shard the current policy gives them to the one the goal does. A move into a new generation
+(a rebuild, or a policy routing by metadata): every record, from the current generation's
+part to the goal's part for it in the next."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from .._policies import TimePolicy
+from .._policies import TimePolicy, policy_to_json
+from ..catalog._generations import generation_state
 from ..catalog._layouts import PartLayouts, Target
 from ..catalog._state import CollectionState
-from ._passes import BucketHomes, HashHomes, Homes
+from ._homes import BucketHomes, HashHomes, Homes, PlacedHomes
 
-__all__ = ["Units", "moving_units"]
+__all__ = ["Units", "generation_units", "moving_units"]
 
 
 @dataclass(frozen=True)
@@ -51,3 +54,15 @@ async def moving_units(
     targets = [Target(h, layouts.bucket_state(state, label)) for _, label, h in moves]
     homes = BucketHomes({src.key: dst for src, dst in zip(sources, targets, strict=True)})
     return Units(tuple(sources), tuple(targets), homes, tuple((s, lb) for s, lb, _ in moves))
+
+
+def generation_units(state: CollectionState, source: Any, goal: Any, old: int, new: int) -> Units:
+    """A move from ``source`` at generation ``old`` to ``goal`` at ``new``."""
+    sources = tuple(Target(s, generation_state(state, old)) for s in sorted(source.shards_named()))
+    targets = tuple(Target(s, generation_state(state, new)) for s in sorted(goal.shards_named()))
+    homes: Homes
+    if policy_to_json(source) == policy_to_json(goal):
+        homes = BucketHomes({src.key: dst for src, dst in zip(sources, targets, strict=True)})
+    else:
+        homes = PlacedHomes(goal, generation_state(state, new))
+    return Units(sources, targets, homes)
