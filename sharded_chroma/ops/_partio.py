@@ -292,6 +292,17 @@ class PartIO:
                 deletes[shard] = functools.partial(self._write_one, part, "delete", body, None)
         _, failures = await fan_out(deletes)
         raise_for_failures("update", failures, all_failed=len(failures) == len(deletes))
+        # A delete of another process that took the records from this part after they were
+        # read back may have reached the other generation before the copies above: take
+        # those copies back (each only while it is the one written).
+        still = await self.read(
+            target, "/get", {"ids": list(found["ids"]), "include": []}, raw=True
+        )
+        for rid, home, version in zip(found["ids"], homes, versions, strict=True):
+            if rid not in set(still["ids"]) and version:
+                part = at_generation(Target(home, root.state), generation)
+                body = {"ids": [rid], "where": {VERSION_KEY: version}}
+                await self._write_one(part, "delete", body, None)
 
     async def _write_one(self, target: Target, op: str, body: Any, removes: Removal | None) -> Any:
         state = target.state
