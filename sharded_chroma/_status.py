@@ -18,6 +18,7 @@ from ._nodestate import NodeState
 from ._transport import NodeTransport, iter_collections
 from .catalog._layouts import parts_database
 from .catalog._state import BUCKET_META as _BUCKET_META
+from .catalog._state import GENERATION_META as _GENERATION_META
 from .catalog._state import ID_META as _ID_META
 from .catalog._state import PARENT_META as _PARENT_META
 
@@ -103,7 +104,8 @@ async def _collections(
     transport: NodeTransport, tenant: str, database: str
 ) -> list[CollectionStatus]:
     """Every collection on a node with its count; a time bucket (a physical collection in the
-    companion database) is listed as ``<collection>/<bucket>``."""
+    companion database) is listed as ``<collection>/<bucket>``, a rebuild's generation as
+    ``<collection>/gen<n>``."""
     base = f"/tenants/{tenant}/databases/{database}/collections"
     cols = []
     names: dict[str, str] = {}
@@ -118,11 +120,14 @@ async def _collections(
         buckets = [item async for item in iter_collections(transport, parts)]
     for item in buckets:
         meta = item.get("metadata") or {}
-        if not meta.get(_BUCKET_META):
+        label = meta.get(_BUCKET_META) or (
+            f"gen{meta[_GENERATION_META]}" if meta.get(_GENERATION_META) else None
+        )
+        if not label:
             continue  # bookkeeping (a collection's delete marks), not a part of records
         parent = names.get(str(meta.get(_PARENT_META)), f"(deleted {meta.get(_PARENT_META)})")
         count = await transport.request("GET", f"{parts}/{item['id']}/count")
-        name = f"{parent}/{meta.get(_BUCKET_META)}"
+        name = f"{parent}/{label}"
         cols.append(CollectionStatus(name, int(count), item.get("dimension")))
     return cols
 

@@ -90,6 +90,10 @@ async def test_a_rebuild_swaps_in_a_new_generation_with_the_new_parameters(
             hnsw = (await generations_on(url, str(col.id)))[1]["configuration_json"]["hnsw"]
             assert (hnsw["max_neighbors"], hnsw["ef_construction"]) == (24, 150)
 
+        shown = [c for shard in await client.status() for c in shard.collections]
+        assert sum(c.records for c in shown if c.name == f"{NAME}/gen1") == IDS
+        assert sum(c.records for c in shown if c.name == NAME) == 0
+
         # Writes after the swap go to the new generation.
         await col.upsert(ids=["late"], embeddings=[[0.5, 0.5, 0.5]], metadatas=[{"w": "late"}])
         assert "late" in gen_ids(await raw_parts(shard_urls, str(col.id)), 1)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "StepProgress"]
 
 
 class Progress:
@@ -52,3 +53,24 @@ class Progress:
         if self._tty:
             self.stream.write("\r" + self.line() + "\n")
             self.stream.flush()
+
+
+class StepProgress:
+    """A migrator's ``progress`` callback for the CLI: a line when a step begins (a call
+    with no records), a progress bar per step that handles records."""
+
+    def __init__(self, out: Callable[[str], None], total: int) -> None:
+        self._out = out
+        self._total = total
+        self._bars: dict[str, Progress] = {}
+
+    def __call__(self, step: str, n: int) -> None:
+        if n == 0:
+            self._out(f"step {step}")
+            return
+        bar = self._bars.get(step) or self._bars.setdefault(step, Progress(step, self._total))
+        bar.advance(n)
+
+    def finish(self) -> None:
+        for bar in self._bars.values():
+            bar.finish()

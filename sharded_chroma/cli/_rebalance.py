@@ -14,7 +14,7 @@ from .._policies import HashPolicy, TimePolicy
 from .._routing import slot_for_key
 from .._topology import Topology
 from ..rebalance import RebalancePlan, plan_hash, plan_time
-from ._progress import Progress
+from ._progress import StepProgress
 
 __all__ = ["goal_args", "run_abort", "run_plan", "run_rebalance"]
 
@@ -164,14 +164,7 @@ async def run_rebalance(args: Any, out: Out) -> int:
                 return 1
             goal = plan.goal
         total = sum(s.records for s in await client.status()) or 1
-        bars: dict[str, Progress] = {}
-
-        def progress(step: str, n: int) -> None:
-            if n == 0:
-                out(f"step {step}")
-                return
-            bar = bars.get(step) or bars.setdefault(step, Progress(step, total))
-            bar.advance(n)
+        progress = StepProgress(out, total)
 
         report = await client.rebalance(
             args.collection,
@@ -181,8 +174,7 @@ async def run_rebalance(args: Any, out: Out) -> int:
             concurrency=args.concurrency,
             progress=progress,
         )
-        for bar in bars.values():
-            bar.finish()
+        progress.finish()
     resumed = f" (resumed at {report.resumed_at})" if report.resumed_at else ""
     out(
         f"migration {report.tag} of {report.collection}: {' -> '.join(report.steps)}{resumed}; "

@@ -10,7 +10,7 @@ from typing import Any
 from .._client import ShardedClient
 from .._topology import Topology
 from ..rebalance._rebuildconfig import HNSW_PARAMETERS
-from ._progress import Progress
+from ._progress import StepProgress
 
 __all__ = ["rebuild_args", "run_rebuild"]
 
@@ -47,14 +47,7 @@ async def run_rebuild(args: Any, out: Out) -> int:
         raise SystemExit("sharded-chroma: --resume takes no index parameters (they are recorded)")
     async with ShardedClient(Topology.from_toml(args.topology)) as client:
         total = sum(s.records for s in await client.status()) or 1
-        bars: dict[str, Progress] = {}
-
-        def progress(step: str, n: int) -> None:
-            if n == 0:
-                out(f"step {step}")
-                return
-            bar = bars.get(step) or bars.setdefault(step, Progress(step, total))
-            bar.advance(n)
+        progress = StepProgress(out, total)
 
         report = await client.rebuild(
             args.collection,
@@ -63,8 +56,7 @@ async def run_rebuild(args: Any, out: Out) -> int:
             rate=args.rate,
             progress=progress,
         )
-        for bar in bars.values():
-            bar.finish()
+        progress.finish()
         generation = (await client.partition_map(args.collection)).generation
     resumed = f" (resumed at {report.resumed_at})" if report.resumed_at else ""
     out(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import anyio
@@ -245,7 +245,13 @@ class Migrator:
             await advance("verify")
             step = "verify"
         if step == "verify":
-            await self._verify(parts, source, target, passes_for, report)
+
+            async def one_pass() -> int:
+                # Listed again each pass: a time bucket made during the move moves too.
+                units = await moving_units(self._layouts, parts, source, target)
+                return await passes_for(units).reconcile(units.sources, units.targets)
+
+            await self._steps.verify(one_pass, self._max_passes, report)
             await advance("cutover")
             step = "cutover"
         if step == "cutover":
@@ -269,34 +275,6 @@ class Migrator:
             report.steps.append("done")
             logger.info("migration %s of %s: done at epoch %d", tag, state.name, report.epoch)
         return report
-
-    async def _verify(
-        self,
-        state: CollectionState,
-        source: Any,
-        target: Any,
-        passes_for: Callable[[Units], Passes],
-        report: MigrationReport,
-    ) -> None:
-        for n in range(1, self._max_passes + 1):
-
-            async def one_pass() -> int:
-                # Listed again each pass: a time bucket made during the move moves too.
-                units = await moving_units(self._layouts, state, source, target)
-                return await passes_for(units).reconcile(units.sources, units.targets)
-
-            found = await again("verify pass", one_pass)
-            report.passes += 1
-            report.fixed += found
-            logger.info("verify pass %d: %d difference(s)", n, found)
-            if found == 0:
-                report.steps.append("verify")
-                return
-            await anyio.sleep(min(1.0, 0.1 * n))
-        raise ControlStoreError(
-            f"verification kept finding differences after {self._max_passes} passes (writes "
-            "racing the copy); nothing cut over: run the migration again to resume"
-        )
 
     async def _phase(
         self,

@@ -26,8 +26,6 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import anyio
-
 from .._errors import ConfigurationError, ControlStoreError
 from .._policies import TimePolicy, policy_to_json
 from ..catalog._generations import Generations, generation_state
@@ -250,7 +248,9 @@ class Rebuilder:
             await advance("verify")
             step = "verify"
         if step == "verify":
-            await self._verify(passes, sources, targets, report)
+            await self._steps.verify(
+                lambda: passes.reconcile(sources, targets), self._max_passes, report
+            )
             await advance("cutover")
             step = "cutover"
         if step == "cutover":
@@ -274,27 +274,6 @@ class Rebuilder:
             report.steps.append("done")
             logger.info("rebuild %s of %s: done at generation %d", tag, state.name, new)
         return report
-
-    async def _verify(
-        self,
-        passes: Passes,
-        sources: list[Target],
-        targets: list[Target],
-        report: MigrationReport,
-    ) -> None:
-        for n in range(1, self._max_passes + 1):
-            found = await again("verify pass", lambda: passes.reconcile(sources, targets))
-            report.passes += 1
-            report.fixed += found
-            logger.info("verify pass %d: %d difference(s)", n, found)
-            if found == 0:
-                report.steps.append("verify")
-                return
-            await anyio.sleep(min(1.0, 0.1 * n))
-        raise ControlStoreError(
-            f"verification kept finding differences after {self._max_passes} passes (writes "
-            "racing the copy); nothing cut over: run the rebuild again to resume"
-        )
 
     async def _leave(self, state: CollectionState, generation: int, parts: list[Target]) -> None:
         """Give up a generation: a later one is dropped; the root collection (generation 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -12,7 +13,7 @@ import anyio
 from .._errors import ControlStoreError
 from ..control._store import ControlStore
 from ._passes import Progress
-from ._support import MigrationReport, same_phase
+from ._support import MigrationReport, again, same_phase
 
 __all__ = ["Steps"]
 
@@ -69,6 +70,27 @@ class Steps:
             )
         self._refreshed = now
         self._lease_ok_until = now + self._lease_ttl * 2 / 3
+
+    # -- verification -------------------------------------------------------------------------
+
+    async def verify(
+        self, one_pass: Callable[[], Awaitable[int]], max_passes: int, report: MigrationReport
+    ) -> None:
+        """Reconcile passes until one finds no difference (each retried on transient
+        failures); refused after ``max_passes``, before anything cuts over."""
+        for n in range(1, max_passes + 1):
+            found = await again("verify pass", one_pass)
+            report.passes += 1
+            report.fixed += found
+            logger.info("verify pass %d: %d difference(s)", n, found)
+            if found == 0:
+                report.steps.append("verify")
+                return
+            await anyio.sleep(min(1.0, 0.1 * n))
+        raise ControlStoreError(
+            f"verification kept finding differences after {max_passes} passes (writes racing "
+            "the copy); nothing cut over: run it again to resume"
+        )
 
     # -- phases -------------------------------------------------------------------------------
 
