@@ -388,3 +388,48 @@ def test_rebuild_command_swaps_in_a_new_index_and_refuses_bad_parameters(
         capsys, "rebuild", "--topology", str(topology), "--collection", NAME, "--resume"
     )
     assert code != 0 and "no rebuild to resume" in err, (out, err)
+
+
+def test_a_field_placed_collection_is_planned_and_moved_by_partition(
+    urls: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--move PARTITION=S1,S2` gives a partition new shards: planned, then moved online
+    into a new generation, every record ending where the goal puts it."""
+    path = tmp_path / "fields.toml"
+    path.write_text(_toml(urls, tmp_path / "fields.sqlite3"), encoding="utf-8")
+    policy = sharded_chroma.FieldPolicy(
+        field="region", partitions={"eu": ("s0",), "us": ("s1",), "ap": ("s2",)}
+    )
+    regions = ("eu", "us", "ap")
+
+    async def create() -> None:
+        async with await _client(path) as client:
+            col = await client.create_collection(NAME, embedding_function=None, policy=policy)
+            await col.add(
+                ids=[f"f{i:03d}" for i in range(120)],
+                embeddings=[[i / 120, 0.5, 1.0] for i in range(120)],
+                metadatas=[{"region": regions[i % 3]} for i in range(120)],
+            )
+
+    asyncio.run(create())
+    args = ["--topology", str(path), "--collection", NAME, "--move", "ap=s2,s3"]
+    code, out, err = _cli(capsys, "plan", *args)
+    assert code == 0, err
+    assert "s2 -> s2,s3: partition(s) ap, 40 records" in out, out
+    assert "copies every record" in out, out
+    code, out, err = _cli(capsys, "plan", *args[:4], "--add", "s3")
+    assert code != 0 and "do not apply" in err, (out, err)
+
+    code, out, err = _cli(capsys, "rebalance", *args, "--batch", "50")
+    assert code == 0, err
+    assert re.search(rf"migration \w+ of {NAME}: .* -> done; 120 record", out), out
+    current, count, ids = _state(path)
+    assert current.policy.partitions["ap"] == ("s2", "s3") and current.generation == 1
+    assert (count, len(ids)) == (120, 120)
+    layout = asyncio.run(_layout_of(path))
+    assert {p.partition: sorted(p.shards) for p in layout.partitions}["ap"] == ["s2", "s3"]
+
+
+async def _layout_of(path: Path) -> Any:
+    async with await _client(path) as client:
+        return await client.layout(NAME)

@@ -1,5 +1,6 @@
-"""`sharded-chroma plan`, `rebalance` and `abort`: move a hash-placed collection's slots, or
-a time-placed collection's buckets and hot shard, between shards while it stays in use."""
+"""`sharded-chroma plan`, `rebalance` and `abort`: move a hash-placed collection's slots, a
+time-placed collection's buckets and hot shard, or a field-placed collection's partitions,
+between shards while it stays in use."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from typing import Any
 
 from .._client import ShardedClient
 from .._errors import ConfigurationError
-from .._policies import HashPolicy, TimePolicy
+from .._policies import FieldPolicy, HashPolicy, TimePolicy
 from .._routing import slot_for_key
 from .._topology import Topology
-from ..rebalance import RebalancePlan, plan_hash, plan_time
+from ..rebalance import RebalancePlan, plan_field, plan_hash, plan_time
 from ._progress import StepProgress
 
 __all__ = ["goal_args", "run_abort", "run_plan", "run_rebalance"]
@@ -34,7 +35,10 @@ def goal_args(cmd: Any) -> None:
         action="append",
         default=[],
         metavar="BUCKET=SHARD",
-        help="time policy: move a bucket (its label, e.g. 2026-11-30) to a shard",
+        help=(
+            "time policy: move a bucket (its label, e.g. 2026-11-30) to a shard; field or "
+            "composite policy: give a partition these shards (PARTITION=S1,S2)"
+        ),
     )
     cmd.add_argument(
         "--hot", metavar="SHARD", help="time policy: the shard new buckets go to from now on"
@@ -65,7 +69,7 @@ def _moves(items: Sequence[str]) -> dict[str, str]:
     for item in items:
         label, sep, shard = item.partition("=")
         if not (sep and label and shard):
-            raise ConfigurationError(f"--move takes BUCKET=SHARD, got {item!r}")
+            raise ConfigurationError(f"--move takes BUCKET=SHARD or PARTITION=S1,S2, got {item!r}")
         if out.get(label, shard) != shard:
             raise ConfigurationError(f"--move names bucket {label!r} twice")
         out[label] = shard
@@ -102,11 +106,18 @@ async def _plan(client: ShardedClient, args: Any) -> RebalancePlan:
             "time", args, {"--add": args.add, "--remove": args.remove, "--weight": args.weight}
         )
         return await _plan_time(client, args, policy)
-    if not isinstance(policy, HashPolicy):
-        raise ConfigurationError(
-            f"collection {args.collection!r} is placed by a {policy.kind} policy; online "
-            "rebalancing moves hash slots and time buckets only so far"
+    if isinstance(policy, FieldPolicy):
+        _refuse_options(
+            policy.kind,
+            args,
+            {
+                "--add": args.add,
+                "--remove": args.remove,
+                "--weight": args.weight,
+                "--hot": args.hot,
+            },
         )
+        return await _plan_field(client, args, policy)
     _refuse_options("hash", args, {"--move": args.move, "--hot": args.hot})
     known = [s.name for s in client.topology.shards]
     problems = [
@@ -124,6 +135,18 @@ async def _plan(client: ShardedClient, args: Any) -> RebalancePlan:
     shards = [s for s in dict.fromkeys((*policy.shards, *args.add)) if s not in args.remove]
     counts = await _slot_counts(client, args.collection, policy)
     return plan_hash(policy, shards=shards, weights=_weights(args.weight), slot_counts=counts)
+
+
+async def _plan_field(client: ShardedClient, args: Any, policy: FieldPolicy) -> RebalancePlan:
+    """Partitions given new shard lists (``--move PARTITION=S1,S2``), counted from one layout
+    read. Such a move copies every record (see the README)."""
+    layout = await client.layout(args.collection)
+    return plan_field(
+        policy,
+        move={p: tuple(shards.split(",")) for p, shards in _moves(args.move).items()},
+        partition_counts={p.partition: p.records for p in layout.partitions},
+        known_shards=[s.name for s in client.topology.shards],
+    )
 
 
 async def _plan_time(client: ShardedClient, args: Any, policy: TimePolicy) -> RebalancePlan:

@@ -74,6 +74,9 @@ class RebalancePlan:
             and self.goal.hot != self.current.hot
         ):
             lines.append(f"  new buckets go to {self.goal.hot} (was {self.current.hot})")
+        by_metadata = isinstance(self.goal, FieldPolicy) or getattr(self.goal, "field", None)
+        if self.moves and by_metadata and not isinstance(self.goal, TimePolicy):
+            lines.append("  placed by metadata: the move copies every record (a new generation)")
         for m in self.moves:
             records = "" if m.records is None else f", {m.records:,} records"
             lines.append(f"  {m.source} -> {m.target}: {m.what()}{records}")
