@@ -24,16 +24,22 @@ def test_a_rebuild_mirrors_the_whole_request_to_the_same_shard() -> None:
     assert generation_split("add", "s0", sent, OLD, OLD)[0] == "add"
 
 
-def test_whole_records_go_to_the_goals_place_and_an_add_becomes_an_upsert() -> None:
-    ids = [f"r{i}" for i in range(40)]
-    sent = body(ids, ["eu"] * 20 + ["us"] * 20)
-    op, shares = generation_split("add", "s0", sent, OLD, NEW)
-    assert op == "upsert"
+def test_writes_that_make_records_are_mirrored_from_the_records_as_written() -> None:
+    for op in ("add", "upsert"):
+        assert generation_split(op, "s0", body(["a", "b"], ["eu", "us"]), OLD, NEW) == (
+            READ_BACK,
+            {},
+        )
+
+
+def test_under_hash_of_the_id_requests_are_split_by_id() -> None:
+    old, new = HashPolicy(shards=("s0", "s1")), HashPolicy(shards=("s0", "s1", "s2"))
+    ids = [f"r{i}" for i in range(60)]
+    op, shares = generation_split("add", "s0", {"ids": ids}, old, new)
+    assert op == "add"
     placed = {rid: shard for shard, share in shares.items() for rid in share["ids"]}  # type: ignore[union-attr]
-    assert sorted(placed) == sorted(ids)
-    meta = {rid: {"region": "eu" if i < 20 else "us"} for i, rid in enumerate(ids)}
-    assert all(NEW.place(rid, meta[rid]).shard == shard for rid, shard in placed.items())
-    assert {placed[r] for r in ids[:20]} == {"s0", "s2"}  # eu is hashed over two shards now
+    assert placed == {rid: new.place(rid, None).shard for rid in ids}
+    assert len(set(placed.values())) == 3
 
 
 def test_updates_of_other_keys_and_deletes_go_to_every_goal_shard() -> None:

@@ -7,14 +7,16 @@ policy, any request by ids under hash of the id. The rest (an update of some key
 goes to every shard of the other policy: it changes nothing where the record is not (Chroma
 1.5.9 ignores an update or delete of an id it does not hold, measured).
 
-Two cases need more, because the served policy's write path decides by its own placement:
-
-- a record it moves between its parts may stay in one part of the other policy, where the
-  move's ``add`` of the new copy would be a no-op over the old copy, which the move's delete
-  then removes: a mirrored ``add`` is sent as an ``upsert`` (whole records either way);
-- an update of a routing field that leaves the record in its part under the served policy may
-  move it under the other: such an update is mirrored by reading the records back once it is
-  applied (``READ_BACK``), see ``PartIO``.
+Writes that make or move records are mirrored from the records as written instead
+(``READ_BACK``, see ``PartIO``): the served policy's write path decides by its own placement,
+and its requests replayed under the other would go wrong where the two disagree. A record it
+moves between its parts may stay in one part of the other policy (the move's ``add`` of the
+new copy would be a no-op over the old copy, which the move's delete then removes); an update
+or upsert that keeps a record in its part may move it under the other (the old copy would
+stay behind); an ``add`` that was a no-op at the served part would create or overwrite the
+record in the other generation. A record read back is what a reader of the served policy
+sees, so mirroring it cannot be wrong in those ways. Under hash of the id both policies agree
+on every record's place from its id alone, and requests are split by it.
 """
 
 from __future__ import annotations
@@ -65,18 +67,19 @@ def generation_split(
     everywhere = {s: dict(body) for s in sorted(other.shards_named())}
     if not ids:
         return op, everywhere
-    if op == "add":
-        op = "upsert"
     if isinstance(other, HashPolicy) and other.field is None:
         homes = [p.shard for p in other.place_all(list(ids), None)]
-    elif op == "upsert":
+        return op, split_by(body, homes)
+    if op in ("add", "upsert"):
+        # Placed now only to refuse a record the other policy cannot place, before anything
+        # is written; where each goes is decided from the records as written.
         metas = body.get("metadatas") or [None] * len(ids)
-        homes = [other.place(i, visible_metadata(m)).shard for i, m in zip(ids, metas, strict=True)]
-    elif op == "update" and _touches(body.get("metadatas"), routed_by(other) or frozenset()):
+        for record_id, meta in zip(ids, metas, strict=True):
+            other.place(record_id, visible_metadata(meta))
         return READ_BACK, {}
-    else:
-        return op, everywhere
-    return op, split_by(body, homes)
+    if op == "update" and _touches(body.get("metadatas"), routed_by(other) or frozenset()):
+        return READ_BACK, {}
+    return op, everywhere
 
 
 def split_by(body: Mapping[str, Any], homes: list[str]) -> dict[str, dict[str, Any]]:

@@ -195,7 +195,7 @@ class PartIO:
                 how, homes = generation_split(op, root.shard, body, served.policy, served.other)
                 if how == READ_BACK:
                     answer = await self._write_one(target, op, body, removes)
-                    await self._mirror_as_written(target, root, body["ids"], mirrored, served.other)
+                    await self._mirror_as_written(target, root, body, mirrored, served.other)
                     return answer
                 shares = {
                     s: (at_generation(Target(s, root.state), mirrored), part)
@@ -245,7 +245,7 @@ class PartIO:
         """A write while a move fills a new generation: the request to the part and its
         share to each part of the other generation (``_genmirror``), done only when every
         one is (a delete's count is the served part's)."""
-        calls = {"": functools.partial(self._write_one, target, op, body, removes)}
+        calls = {}
         for shard, (part, share) in mirrors.items():
             mine = removes
             if removes is not None and share.get("ids") is not body.get("ids"):
@@ -254,18 +254,55 @@ class PartIO:
             calls[f"{shard}@{part.state.generation}"] = functools.partial(
                 self._write_one, part, mirror_op, share, mine
             )
-        answers, failures = await fan_out(calls)
-        raise_for_failures(op, failures, all_failed=len(failures) == len(calls))
-        return answers[""]
+        # Ordered so that another process, which can only act on what the served part shows,
+        # acts after the mirror: a write reaches the other generation first, a delete second.
+        # (Concurrent, a delete that located the new copy could reach the other generation
+        # before the write did, and leave it there.)
+        if op != "delete":
+            _, failures = await fan_out(calls)
+            raise_for_failures(op, failures, all_failed=len(failures) == len(calls))
+        answer = await self._write_one(target, op, body, removes)
+        if op == "delete":
+            _, failures = await fan_out(calls)
+            raise_for_failures(op, failures)
+        return answer
+
+    async def _drop_older(
+        self, root: Target, generation: int, other: Any, version: int, ids: list[str]
+    ) -> None:
+        """Delete copies of ``ids`` older than ``version`` from every shard of ``other``."""
+        if not ids or not version:
+            return
+        body = {"ids": ids, "where": {VERSION_KEY: {"$lt": version}}}
+        calls = {
+            s: functools.partial(
+                self._write_one,
+                at_generation(Target(s, root.state), generation),
+                "delete",
+                body,
+                None,
+            )
+            for s in sorted(other.shards_named())
+        }
+        _, failures = await fan_out(calls)
+        raise_for_failures("delete", failures, all_failed=len(failures) == len(calls))
 
     async def _mirror_as_written(
-        self, target: Target, root: Target, ids: list[str], generation: int, other: Any
+        self, target: Target, root: Target, sent: Mapping[str, Any], generation: int, other: Any
     ) -> None:
         """Mirror an update of routing fields from its records as written (this process
         holds their ids' locks): each upserted whole at its place under ``other``, and
         copies older than it deleted from that policy's other shards."""
-        read = {"ids": list(ids), "include": ["embeddings", "metadatas", "documents", "uris"]}
+        ids = list(sent["ids"])
+        read = {"ids": ids, "include": ["embeddings", "metadatas", "documents", "uris"]}
         found = await self.read(target, "/get", read, raw=True)
+        if len(found["ids"]) < len(ids):
+            # Deleted by another process since this write (nothing of it was sent to the
+            # other generation yet): no older copy may stay there either.
+            stamps = [int((m or {}).get(VERSION_KEY) or 0) for m in sent.get("metadatas") or ()]
+            held = set(found["ids"])
+            missing = [i for i in ids if i not in held]
+            await self._drop_older(root, generation, other, max(stamps, default=0), missing)
         if not found["ids"]:
             return
         metas = found.get("metadatas") or [None] * len(found["ids"])

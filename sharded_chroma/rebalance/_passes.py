@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
-import orjson
 
 from .._merge import take_rows
 from ..catalog._layouts import Target
@@ -31,6 +30,7 @@ from ..ops._locator import FULL
 from ..ops._migrating import strip_marks
 from ..ops._partio import PartIO
 from ._homes import Homes
+from ._rows import digest, rows_of, stamp_of, version_of
 
 __all__ = ["Passes", "Progress"]
 
@@ -46,36 +46,6 @@ _SCAN_PAGES = 4
 
 Progress = Callable[[str, int], None]
 """Called with a step name and how many records it handled since the last call."""
-
-
-def _digest(row: Mapping[str, Any]) -> bytes:
-    meta = strip_marks(row.get("metadatas"))
-    return orjson.dumps(
-        [
-            row.get("embeddings"),
-            row.get("documents"),
-            row.get("uris"),
-            None if meta is None else sorted(meta.items()),
-        ],
-        option=orjson.OPT_SERIALIZE_NUMPY,
-    )
-
-
-def _rows(page: Mapping[str, Any]) -> list[dict[str, Any]]:
-    ids = page["ids"]
-    out = []
-    for n, rid in enumerate(ids):
-        row = {"ids": rid}
-        for column in FULL:
-            values = page.get(column)
-            row[column] = None if values is None else values[n]
-        out.append(row)
-    return out
-
-
-def _version(meta: Mapping[str, Any] | None) -> int | None:
-    value = None if meta is None else meta.get(VERSION_KEY)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class Passes:
@@ -143,7 +113,7 @@ class Passes:
         out: list[dict[str, Any]] = []
         for at in range(0, len(rows), self._batch):
             body = {"ids": [r["ids"] for r in rows[at : at + self._batch]], "include": FULL}
-            out += _rows(await self._io.read(source, "/get", body, raw=True))
+            out += rows_of(await self._io.read(source, "/get", body, raw=True))
         return out
 
     def _copy_body(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -172,7 +142,7 @@ class Passes:
     ) -> tuple[list[dict[str, Any]], dict[str, tuple[Target, list[dict[str, Any]]]], list[str]]:
         """A source page's rows, those the goal moves grouped by the part they go to (by part
         key), and the ids of those not yet carrying the outgoing mark."""
-        rows = _rows(page)
+        rows = rows_of(page)
         by_home: dict[str, tuple[Target, list[dict[str, Any]]]] = {}
         for row, home in zip(rows, self._homes_of.of(source, page), strict=True):
             if home is not None:
@@ -185,6 +155,19 @@ class Passes:
         ]
         return rows, by_home, unmarked
 
+    async def _whole_by_home(
+        self, source: Target, by_home: Mapping[str, tuple[Target, list[dict[str, Any]]]]
+    ) -> dict[str, tuple[Target, list[dict[str, Any]]]]:
+        """The moving records read whole, grouped by their home as read then: a client may
+        have changed a routing value since the page showed them."""
+        whole = await self._content(source, [r for _, rows in by_home.values() for r in rows])
+        out: dict[str, tuple[Target, list[dict[str, Any]]]] = {}
+        page = {"ids": [r["ids"] for r in whole], "metadatas": [r["metadatas"] for r in whole]}
+        for row, home in zip(whole, self._homes_of.of(source, page), strict=True):
+            if home is not None:
+                out.setdefault(home.key, (home, []))[1].append(row)
+        return out
+
     async def copy(
         self, source: Target, after: int | None, save: Callable[[int], Awaitable[None]]
     ) -> int:
@@ -195,8 +178,7 @@ class Passes:
             started = time.monotonic()
             rows, by_home, unmarked = self._moving(source, page)
             await self._fence()
-            for home, moving in by_home.values():
-                whole = await self._content(source, moving)
+            for home, whole in (await self._whole_by_home(source, by_home)).values():
                 for at in range(0, len(whole), self._batch):
                     chunk = whole[at : at + self._batch]
                     await self._write(home, "upsert", self._copy_body(chunk))
@@ -234,7 +216,7 @@ class Passes:
         for source in sources:
             async for page in self._source_pages(source, None):
                 for rid, meta in zip(page["ids"], page.get("metadatas") or [], strict=False):
-                    stamp = (_version(meta) or 0, int((meta or {}).get(SEQ_KEY) or 0))
+                    stamp = stamp_of(meta)
                     if rid in seen:
                         several.add(rid)
                         if stamp <= seen[rid][0]:
@@ -256,13 +238,12 @@ class Passes:
                 ]
                 page = take_rows(page, keep)
             rows, by_home, unmarked = self._moving(source, page)
-            for key, (_, moving) in by_home.items():
-                expected.setdefault(key, set()).update(r["ids"] for r in moving)
             await self._fence()
             await self._mark_outgoing(source, unmarked)
             found += len(unmarked)
-            for home, moving in by_home.values():
-                found += await self._fix(source, home, await self._content(source, moving))
+            for key, (home, whole) in (await self._whole_by_home(source, by_home)).items():
+                expected.setdefault(key, set()).update(r["ids"] for r in whole)
+                found += await self._fix(source, home, whole)
             self._progress("verify", len(rows))
             await self._throttle(started, len(rows))
         return found
@@ -275,11 +256,11 @@ class Passes:
             return []
         ids = [r["ids"] for r in rows]
         answer = await self._io.read(target, "/get", {"ids": ids, "include": FULL}, raw=True)
-        copies = {r["ids"]: r for r in _rows(answer)}
+        copies = {r["ids"]: r for r in rows_of(answer)}
         out: list[tuple[Mapping[str, Any], Mapping[str, Any] | None]] = []
         for row in rows:
             copy = copies.get(row["ids"])
-            if copy is None or _digest(copy) != _digest(row):
+            if copy is None or digest(copy) != digest(row):
                 out.append((row, copy))
         return out
 
@@ -297,8 +278,8 @@ class Passes:
             return 0
         await anyio.sleep(_SETTLE_S)
         ids = [row["ids"] for row, _ in first]
-        now = await self._source_rows(source, ids)
-        held = [r for r, _ in first if r["ids"] in now and _digest(now[r["ids"]]) == _digest(r)]
+        now = await self._sourcerows_of(source, ids)
+        held = [r for r, _ in first if r["ids"] in now and digest(now[r["ids"]]) == digest(r)]
         stale: list[Mapping[str, Any]] = []
         for row, copy in await self._differing(target, held):
             # Upserts merge: a copy with keys its source lacks must go first, and only while
@@ -312,29 +293,51 @@ class Passes:
             await self._write(target, "upsert", self._copy_body(stale))
         return await self._still_differing(source, target, ids)
 
-    async def _source_rows(self, source: Target, ids: list[str]) -> dict[str, dict[str, Any]]:
+    async def _sourcerows_of(self, source: Target, ids: list[str]) -> dict[str, dict[str, Any]]:
         answer = await self._io.read(source, "/get", {"ids": ids, "include": FULL}, raw=True)
-        return {r["ids"]: r for r in _rows(answer)}
+        return {r["ids"]: r for r in rows_of(answer)}
 
     async def _still_differing(self, source: Target, target: Target, ids: list[str]) -> int:
         """How many of ``ids`` differ between ``source`` and ``target`` now (one deleted at
         the source meanwhile agrees when its copy is gone too)."""
-        now = await self._source_rows(source, ids)
+        now = await self._sourcerows_of(source, ids)
         wrong = await self._differing(target, list(now.values()))
         gone = [i for i in ids if i not in now]
         if gone:
             body = {"ids": gone, "include": []}
-            wrong += [(r, None) for r in _rows(await self._io.read(target, "/get", body, raw=True))]
+            wrong += [
+                (r, None) for r in rows_of(await self._io.read(target, "/get", body, raw=True))
+            ]
         for row, copy in wrong:
             logger.debug("reconcile: %s on %s still differs: %s", row["ids"], target.key, copy)
         return len(wrong)
 
     async def _delete_copy(self, target: Target, copy: Mapping[str, Any]) -> bool:
         """Delete one copy while it is the one read; whether it was deleted."""
-        version = _version(copy.get("metadatas"))
+        version = version_of(copy.get("metadatas"))
         where = None if version is None else {VERSION_KEY: version}
         answer = await self._write(target, "delete", {"ids": [copy["ids"]], "where": where})
         return bool((answer or {}).get("deleted", 1))
+
+    async def _sourced(
+        self, target: Target, ids: list[str], sources: Sequence[Target]
+    ) -> dict[str, dict[str, Any]]:
+        """Of ``ids``, those whose newest copy in the sources as they are now (one in several
+        parts is settled as readers settle it) has its home on ``target``, with that copy."""
+        newest: dict[str, tuple[tuple[int, int], dict[str, Any], bool]] = {}
+        for source in sources:
+            read = functools.partial(
+                self._io.read, source, "/get", {"ids": ids, "include": FULL}, raw=True
+            )
+            answer = await self._io.guarded(source, read)
+            if answer is None:
+                continue  # a bucket dropped meanwhile
+            for row, home in zip(rows_of(answer), self._homes_of.of(source, answer), strict=True):
+                stamp = stamp_of(row.get("metadatas"))
+                if row["ids"] in newest and stamp <= newest[row["ids"]][0]:
+                    continue
+                newest[row["ids"]] = (stamp, row, home is not None and home.key == target.key)
+        return {rid: row for rid, (_, row, mine) in newest.items() if mine}
 
     async def _remove_extras(
         self,
@@ -356,36 +359,23 @@ class Passes:
         if not candidates:
             return 0
         await anyio.sleep(_SETTLE_S)
-        # The newest copy of each candidate in the sources as they are now (one in several
-        # parts is settled as readers settle it), and whether its home is this target.
-        newest: dict[str, tuple[tuple[int, int], dict[str, Any], bool]] = {}
-        for source in sources:
-            read = functools.partial(
-                self._io.read, source, "/get", {"ids": candidates, "include": FULL}, raw=True
-            )
-            answer = await self._io.guarded(source, read)
-            if answer is None:
-                continue  # a bucket dropped meanwhile
-            for row, home in zip(_rows(answer), self._homes_of.of(source, answer), strict=True):
-                meta = row.get("metadatas") or {}
-                stamp = (_version(meta) or 0, int(meta.get(SEQ_KEY) or 0))
-                if row["ids"] in newest and stamp <= newest[row["ids"]][0]:
-                    continue
-                mine = home is not None and home.key == target.key
-                newest[row["ids"]] = (stamp, row, mine)
-        sourced = {rid: row for rid, (_, row, mine) in newest.items() if mine}
+        sourced = await self._sourced(target, candidates, sources)
         # Read after the sources, as a pass reads: a copy a client deleted is gone by now.
         left = await self._io.read(
             target, "/get", {"ids": candidates, "include": ["metadatas"]}, raw=True
         )
-        extras = [r for r in _rows(left) if r["ids"] not in sourced]
+        extras = [r for r in rows_of(left) if r["ids"] not in sourced]
         unequal = await self._differing(target, [r for r in sourced.values()])
         await self._fence()
-        removed = 0
+        gone: list[str] = []
         for copy in extras:
-            removed += await self._delete_copy(target, copy)
-        if removed:
-            logger.info("reconcile: %d copy(ies) on %s had no source; deleted", removed, target.key)
-        # A copy deleted here agrees with its sources (absent) from then on; one a client
-        # rewrote meanwhile does not count as checked.
-        return len(extras) - removed + len(unequal)
+            if await self._delete_copy(target, copy):
+                gone.append(copy["ids"])
+        if gone:
+            logger.info(
+                "reconcile: %d copy(ies) on %s had no source; deleted", len(gone), target.key
+            )
+        # A copy deleted here agrees with its sources (absent) from then on, unless a source
+        # holds it for this target by now (a client's write whose copy here came first).
+        back = await self._sourced(target, gone, sources) if gone else {}
+        return len(extras) - len(gone) + len(unequal) + len(back)
