@@ -18,13 +18,13 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from chromadb.errors import ChromaError, NotFoundError
+from chromadb.errors import NotFoundError
 
 from .._errors import ConfigurationError
 from .._node import Node
 from .._transport import iter_collections
 from ..cluster._cluster import Cluster
-from ._physical import PhysicalIds
+from ._physical import PhysicalIds, make_part
 from ._state import (
     BUCKET_META,
     GENERATION_META,
@@ -107,23 +107,10 @@ class Generations:
         leftover: abort it first)."""
         sub = generation_state(root, generation)
         metadata = {ID_META: str(sub.id), PARENT_META: str(root.id), GENERATION_META: generation}
-        databases = f"/tenants/{sub.tenant}/databases"
-        body = {
-            "name": sub.name,
-            "metadata": metadata,
-            "configuration": configuration,
-            "get_or_create": True,
-        }
         wanted = None if configuration is None else _hnsw(configuration)
 
         async def create(node: Node) -> Any:
-            try:
-                await node.transport.request("POST", databases, body={"name": sub.database})
-            except ChromaError as exc:
-                logger.debug("database %s on %s: %s", sub.database, node.url, exc)
-            raw = await node.transport.request(
-                "POST", f"{databases}/{sub.database}/collections", body=body
-            )
+            raw = await make_part(node, sub, metadata, configuration)
             found = _hnsw(raw.get("configuration_json") or {})
             if wanted is not None and any(found.get(k) != v for k, v in wanted.items()):
                 raise ConfigurationError(

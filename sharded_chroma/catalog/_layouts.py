@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from chromadb.errors import ChromaError, NotFoundError
+from chromadb.errors import NotFoundError
 
 from .._fanout import fan_out, raise_for_failures
 from .._node import Node
@@ -28,7 +28,7 @@ from .._policies import TimePolicy
 from .._transport import iter_collections
 from ..cluster._cluster import Cluster
 from ._generations import generations_on
-from ._physical import PhysicalIds
+from ._physical import PhysicalIds, make_part
 from ._state import BUCKET_META, ID_META, PARENT_META, CollectionState, parts_database
 
 __all__ = ["PartLayouts", "Target", "parts_database"]
@@ -165,23 +165,8 @@ class PartLayouts:
         configuration: Any,
         nodes: list[Node],
     ) -> None:
-        databases = f"/tenants/{sub.tenant}/databases"
-        body = {
-            "name": sub.name,
-            "metadata": metadata,
-            "configuration": configuration,
-            "get_or_create": True,
-        }
-
         async def create(node: Node) -> Any:
-            try:
-                await node.transport.request("POST", databases, body={"name": sub.database})
-            except ChromaError as exc:
-                # Already there (another part or process made it): the next call tells.
-                logger.debug("database %s on %s: %s", sub.database, node.url, exc)
-            raw = await node.transport.request(
-                "POST", f"{databases}/{sub.database}/collections", body=body
-            )
+            raw = await make_part(node, sub, metadata, configuration)
             self._physical.record(sub, node, UUID(str(raw["id"])))
             return raw
 

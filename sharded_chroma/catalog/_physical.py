@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
-from chromadb.errors import NotFoundError
+from chromadb.errors import ChromaError, NotFoundError
 
 from .._node import HintTarget, Node
 from .._transport import iter_collections
 from ._state import ID_META, CollectionState, StateCache
 
-__all__ = ["PhysicalIds"]
+__all__ = ["PhysicalIds", "make_part"]
 
 
 class PhysicalIds:
@@ -99,3 +100,24 @@ class PhysicalIds:
             node, target.tenant, target.database, cluster_id, target.collection_name
         )
         return f"/tenants/{target.tenant}/databases/{target.database}/collections/{pid}/{target.op}"
+
+
+async def make_part(
+    node: Node, sub: CollectionState, metadata: Mapping[str, Any], configuration: Any
+) -> dict[str, Any]:
+    """Make (or get) a part's physical collection on one node, in its database (made first
+    if missing); the server's model of it."""
+    databases = f"/tenants/{sub.tenant}/databases"
+    # Already there (another part or process made it): the collection call below tells.
+    with contextlib.suppress(ChromaError):
+        await node.transport.request("POST", databases, body={"name": sub.database})
+    body = {
+        "name": sub.name,
+        "metadata": dict(metadata),
+        "configuration": configuration,
+        "get_or_create": True,
+    }
+    raw: dict[str, Any] = await node.transport.request(
+        "POST", f"{databases}/{sub.database}/collections", body=body
+    )
+    return raw

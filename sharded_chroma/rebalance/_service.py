@@ -62,34 +62,32 @@ class Rebalancing:
         model = await self._catalog.get_collection(name, t.tenant, t.database)
         return await self._catalog.state(model.id, t.tenant, t.database)
 
-    def _migrator(self, store: ControlStore, options: dict[str, Any]) -> Migrator:
+    def _parts(self, options: dict[str, Any]) -> tuple[TargetCollections, HintBarrier]:
+        """What both kinds of move are built with; ``options`` loses the control-store ones
+        and gains their topology defaults."""
         control = self._topology.control
         assert control is not None
+        options.setdefault("ack_timeout", control.ack_timeout)
+        options.setdefault("lease_ttl", control.lease_ttl)
+        targets = TargetCollections(self._cluster, self._catalog, self._generations)
+        return targets, HintBarrier(self._cluster, timeout=control.ack_timeout)
+
+    def _migrator(self, store: ControlStore, options: dict[str, Any]) -> Migrator:
+        targets, barrier = self._parts(options)
         return Migrator(
-            store,
-            self._io,
-            self._layouts,
-            TargetCollections(self._cluster, self._catalog, self._generations),
-            self._cluster.shard_names,
-            HintBarrier(self._cluster, timeout=control.ack_timeout),
-            ack_timeout=options.pop("ack_timeout", control.ack_timeout),
-            lease_ttl=options.pop("lease_ttl", control.lease_ttl),
-            **options,
+            store, self._io, self._layouts, targets, self._cluster.shard_names, barrier, **options
         )
 
     def _rebuilder(self, store: ControlStore, options: dict[str, Any]) -> Rebuilder:
-        control = self._topology.control
-        assert control is not None
-        options.pop("concurrency", None)  # a rebuild copies shard by shard
+        targets, barrier = self._parts(options)
+        options.pop("concurrency", None)  # a generation is filled shard by shard
         return Rebuilder(
             store,
             self._io,
             self._generations,
-            TargetCollections(self._cluster, self._catalog, self._generations),
+            targets,
             self._cluster.shard_names,
-            HintBarrier(self._cluster, timeout=control.ack_timeout),
-            ack_timeout=options.pop("ack_timeout", control.ack_timeout),
-            lease_ttl=options.pop("lease_ttl", control.lease_ttl),
+            barrier,
             **options,
         )
 
