@@ -90,6 +90,11 @@ async def test_a_rebuild_swaps_in_a_new_generation_with_the_new_parameters(
             hnsw = (await generations_on(url, str(col.id)))[1]["configuration_json"]["hnsw"]
             assert (hnsw["max_neighbors"], hnsw["ef_construction"]) == (24, 150)
 
+        # The configuration users see is the new generation's (a fresh lookup, as another
+        # process would make).
+        async with await client_of(topology) as other:
+            hnsw = (await other.get_collection(NAME, embedding_function=None)).configuration_json
+            assert (hnsw["hnsw"]["max_neighbors"], hnsw["hnsw"]["ef_construction"]) == (24, 150)
         shown = [c for shard in await client.status() for c in shard.collections]
         assert sum(c.records for c in shown if c.name == f"{NAME}/gen1") == IDS
         assert sum(c.records for c in shown if c.name == NAME) == 0

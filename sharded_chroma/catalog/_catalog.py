@@ -3,6 +3,7 @@ copy of every shard (see ``_state`` for how a logical collection maps to physica
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
@@ -14,14 +15,15 @@ from chromadb.api.collection_configuration import (
     update_collection_configuration_to_json,
 )
 from chromadb.api.types import CollectionMetadata, Schema
-from chromadb.errors import NotFoundError
+from chromadb.errors import ChromaError, NotFoundError
 from chromadb.types import Collection as CollectionModel
 
-from .._errors import NodeUnavailableError, ShardMismatchError
+from .._errors import NodeUnavailableError, ShardedChromaError, ShardMismatchError
 from .._fanout import fan_out, raise_for_failures
 from .._node import Node
 from .._policies import PolicyLike
 from ..cluster._cluster import Cluster
+from ._generations import generation_state
 from ._layouts import PartLayouts
 from ._models import CatalogRules
 from ._physical import PhysicalIds
@@ -36,6 +38,8 @@ from ._state import (
 )
 
 __all__ = ["Catalog"]
+
+logger = logging.getLogger("sharded_chroma.catalog")
 
 
 class Catalog:
@@ -121,7 +125,7 @@ class Catalog:
         models = {catalog_node.url: rules.model(first)}
         models.update({url: rules.model(r) for url, r in rest.items()})
         state = self._load(models, catalog_node.url, declared)
-        return self._public(state, models[catalog_node.url])
+        return await self._served_model(state, self._public(state, models[catalog_node.url]))
 
     async def _models_by_name(
         self, name: str, tenant: str, database: str
@@ -165,7 +169,24 @@ class Catalog:
     ) -> CollectionModel:
         models, catalog_url = await self._models_by_name(name, tenant, database)
         state = self._load(models, catalog_url, self._rules.declared_policy(name, None))
-        return self._public(state, models[catalog_url])
+        return await self._served_model(state, self._public(state, models[catalog_url]))
+
+    async def _served_model(
+        self, state: CollectionState, model: CollectionModel
+    ) -> CollectionModel:
+        """After a rebuild, the configuration users see is the generation's that holds the
+        records (its index parameters), not the root's; the root's if it cannot be read."""
+        if not state.stored_generation:
+            return model
+        sub = generation_state(state, state.stored_generation)
+        try:
+            raw = await self._cluster.catalog_node.transport.request(
+                "GET", f"{sub.base}/{sub.name}"
+            )
+        except (ChromaError, ShardedChromaError) as exc:
+            logger.warning("generation of %s not read (%s); showing its root's", state.name, exc)
+            return model
+        return model.model_copy(update={"configuration_json": raw.get("configuration_json")})
 
     async def get_collection_by_id(
         self,
