@@ -267,26 +267,6 @@ class PartIO:
             raise_for_failures(op, failures)
         return answer
 
-    async def _drop_older(
-        self, root: Target, generation: int, other: Any, version: int, ids: list[str]
-    ) -> None:
-        """Delete copies of ``ids`` older than ``version`` from every shard of ``other``."""
-        if not ids or not version:
-            return
-        body = {"ids": ids, "where": {VERSION_KEY: {"$lt": version}}}
-        calls = {
-            s: functools.partial(
-                self._write_one,
-                at_generation(Target(s, root.state), generation),
-                "delete",
-                body,
-                None,
-            )
-            for s in sorted(other.shards_named())
-        }
-        _, failures = await fan_out(calls)
-        raise_for_failures("delete", failures, all_failed=len(failures) == len(calls))
-
     async def _mirror_as_written(
         self, target: Target, root: Target, sent: Mapping[str, Any], generation: int, other: Any
     ) -> None:
@@ -296,13 +276,6 @@ class PartIO:
         ids = list(sent["ids"])
         read = {"ids": ids, "include": ["embeddings", "metadatas", "documents", "uris"]}
         found = await self.read(target, "/get", read, raw=True)
-        if len(found["ids"]) < len(ids):
-            # Deleted by another process since this write (nothing of it was sent to the
-            # other generation yet): no older copy may stay there either.
-            stamps = [int((m or {}).get(VERSION_KEY) or 0) for m in sent.get("metadatas") or ()]
-            held = set(found["ids"])
-            missing = [i for i in ids if i not in held]
-            await self._drop_older(root, generation, other, max(stamps, default=0), missing)
         if not found["ids"]:
             return
         metas = found.get("metadatas") or [None] * len(found["ids"])
