@@ -5,7 +5,8 @@ follower keeps its own connection on its thread)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from .._errors import ConfigurationError
@@ -96,6 +97,19 @@ class Rebalancing:
         found = await store.load_migration(str(state.id))
         return found is not None and found[0].get("kind") == "rebuild"
 
+    @contextlib.asynccontextmanager
+    async def _session(self, name: str) -> AsyncIterator[tuple[ControlStore, CollectionState]]:
+        """The control store (closed afterwards) and the collection's state, with no map
+        served inside: the migrator's own requests are never mirrored or filtered, whatever
+        the caller was serving."""
+        store = self._store()
+        try:
+            state = await self._state(name)
+            with unserved():
+                yield store, state
+        finally:
+            await store.backend.aclose()
+
     async def run(
         self,
         name: str,
@@ -107,26 +121,19 @@ class Rebalancing:
         **options: Any,
     ) -> MigrationReport:
         """Migrate to ``goal``, or (None) resume what is recorded, a rebuild included."""
-        store = self._store()
-        try:
-            state = await self._state(name)
-            if goal is not None:
-                goal = self._topology.bind(goal)
-            given = {"batch": batch, "rate": rate, "progress": progress, **options}
-            # The migrator's own requests are never mirrored or filtered, whatever the caller
-            # was serving.
-            with unserved():
-                if goal is None and await self._is_rebuild(store, state):
+        given = {"batch": batch, "rate": rate, "progress": progress, **options}
+        async with self._session(name) as (store, state):
+            if goal is None:
+                if await self._is_rebuild(store, state):
                     return await self._rebuilder(store, given).run(state, None)
-                if goal is not None:
-                    generation = state.stored_generation
-                    current, _ = await store.ensure_map(str(state.id), state.policy, generation)
-                    if not (mirrorable(current.policy) and mirrorable(goal)):
-                        # Placed by metadata: every record moves into a new generation.
-                        return await self._rebuilder(store, given).run(state, {}, goal)
-                return await self._migrator(store, given).run(state, goal)
-        finally:
-            await store.backend.aclose()
+                return await self._migrator(store, given).run(state, None)
+            goal = self._topology.bind(goal)
+            generation = state.stored_generation
+            current, _ = await store.ensure_map(str(state.id), state.policy, generation)
+            if not (mirrorable(current.policy) and mirrorable(goal)):
+                # Placed by metadata: every record moves into a new generation.
+                return await self._rebuilder(store, given).run(state, {}, goal)
+            return await self._migrator(store, given).run(state, goal)
 
     async def rebuild(
         self,
@@ -139,26 +146,16 @@ class Rebalancing:
         **options: Any,
     ) -> MigrationReport:
         """Rebuild with ``changes`` to the index parameters (None: resume)."""
-        store = self._store()
-        try:
-            state = await self._state(name)
-            given = {"batch": batch, "rate": rate, "progress": progress, **options}
-            with unserved():
-                return await self._rebuilder(store, given).run(state, changes)
-        finally:
-            await store.backend.aclose()
+        given = {"batch": batch, "rate": rate, "progress": progress, **options}
+        async with self._session(name) as (store, state):
+            return await self._rebuilder(store, given).run(state, changes)
 
     async def abort(self, name: str, **options: Any) -> MigrationReport:
         """Roll back the migration or rebuild recorded, if it has not cut over."""
-        store = self._store()
-        try:
-            state = await self._state(name)
-            with unserved():
-                if await self._is_rebuild(store, state):
-                    return await self._rebuilder(store, options).abort(state)
-                return await self._migrator(store, options).abort(state)
-        finally:
-            await store.backend.aclose()
+        async with self._session(name) as (store, state):
+            if await self._is_rebuild(store, state):
+                return await self._rebuilder(store, options).abort(state)
+            return await self._migrator(store, options).abort(state)
 
     async def current_map(self, name: str) -> PartitionMap:
         """The collection's map in the control store (epoch 0 from its stored policy when it
