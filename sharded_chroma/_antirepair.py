@@ -293,7 +293,7 @@ async def repair(
         for rs in backend.cluster.shards.values():
             for node in rs.nodes:
                 if seen[node.url].needs_repair and node.url in settled:
-                    rs.mark_repaired(node, seen[node.url])
+                    await anyio.to_thread.run_sync(rs.mark_repaired, node, seen[node.url])
     return RepairReport(
         before=before,
         pairs=tuple(fixed),

@@ -3,7 +3,8 @@ lost some (needs repair). A copy is *behind* while either holds; a behind copy s
 
 ``NodeStateStore`` is the narrow interface; ``SqliteNodeStore`` keeps the state in the host's
 hint-log file, so every process of the host sees what any of them wrote, and it survives
-restarts. A cluster-wide store (the control store) can implement the same interface.
+restarts. With a control store, ``control._nodes.SharedNodeStore`` implements the same
+interface over it and the control store, so every host sees every other's.
 ``NodeStates`` is one process's view: it re-reads the store whenever the store changed, which
 costs one ``PRAGMA data_version`` per call when nothing did.
 """
@@ -14,15 +15,16 @@ import logging
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from ._errors import ClientClosedError
 from ._hintdb import connect, mark_repair, transaction
 
-__all__ = ["NodeState", "NodeStateStore", "NodeStates", "SqliteNodeStore"]
+__all__ = ["NodeState", "NodeStateStore", "NodeStates", "OwnedNodeStore", "SqliteNodeStore"]
 
 logger = logging.getLogger("sharded_chroma.replicas")
 
@@ -42,10 +44,17 @@ class NodeState:
     """Changes with every new mark; a repair clears only the marks it saw begin."""
     last_quarantined: int = 0
     """The newest quarantined hint's id (0: none)."""
+    elsewhere: int = 0
+    """Other hosts' hint logs holding missed writes for it (with a control store)."""
+    shared_mark: int = 0
+    """The control-store revision of its cluster-wide needs-repair mark (0: none)."""
+    orphans: tuple[tuple[str, int], ...] = ()
+    """Keys (and revisions) saying a hint log whose every client is gone holds writes for
+    it: nobody may replay them, so the node needs repair; a repair clears these."""
 
     @property
     def behind(self) -> bool:
-        return self.pending > 0 or self.needs_repair
+        return self.pending > 0 or self.needs_repair or self.elsewhere > 0
 
 
 class NodeStateStore(Protocol):
@@ -59,12 +68,26 @@ class NodeStateStore(Protocol):
 
     def mark_needs_repair(self, node: str, reason: str) -> None: ...
 
+    def publish(self, node: str) -> None:
+        """Return once every host can see that this host holds missed writes for ``node``
+        (called after a hint was kept, before the write is acknowledged); raises
+        ``ControlUnavailableError`` when that cannot be made known."""
+
     def clear_repair(self, node: str, seen: NodeState) -> None:
         """Clear the mark and the quarantined hints ``seen`` (a state read before the repair
         began); a mark or quarantine added since stays."""
 
+    async def fence(self) -> None:
+        """Before a read of records: take in whatever any host published before now."""
+
     def tombstones(self, node: str, collection_id: str, ids: Iterable[str]) -> dict[str, int]:
         """Delete versions of those ``ids`` that ``node`` missed a delete of."""
+
+
+class OwnedNodeStore(NodeStateStore, Protocol):
+    """A store its owner closes."""
+
+    def close(self) -> None: ...
 
 
 _STATES = (
@@ -119,6 +142,25 @@ class SqliteNodeStore:
             conn = self._writer()
             with transaction(conn):
                 mark_repair(conn, node, reason, float(self._clock()))
+
+    def publish(self, node: str) -> None:
+        """Every process of this host reads the file: nothing to do."""
+
+    async def fence(self) -> None:
+        """Reads of the file are current already."""
+
+    def log_id(self) -> str:
+        """This hint log's identity, the same for every process that opens the file and
+        different for every other file (other hosts' logs)."""
+        with self._lock:
+            conn = self._writer()
+            with transaction(conn):
+                conn.execute(
+                    "INSERT OR IGNORE INTO cluster (key, value) VALUES ('log_id', ?)",
+                    (uuid.uuid4().hex,),
+                )
+                row = conn.execute("SELECT value FROM cluster WHERE key = 'log_id'").fetchone()
+        return str(row[0])
 
     def clear_repair(self, node: str, seen: NodeState) -> None:
         with self._lock:
@@ -196,7 +238,7 @@ class NodeStates:
         state = self._states.get(node, NodeState())
         reason = self._local.get(node)
         if reason is not None and not state.needs_repair:
-            return NodeState(state.pending, True, reason, state.quarantined)
+            return replace(state, needs_repair=True, reason=reason)
         return state
 
     def behind(self, node: str) -> bool:
@@ -214,6 +256,17 @@ class NodeStates:
             )
             self._local[node] = reason
         self.changed()
+
+    def publish(self, node: str) -> None:
+        """See ``NodeStateStore.publish``."""
+        if self._store is not None:
+            self._store.publish(node)
+
+    async def fence(self) -> None:
+        """See ``NodeStateStore.fence``; then re-read."""
+        if self._store is not None:
+            await self._store.fence()
+        self.refresh()
 
     def clear_repair(self, node: str, seen: NodeState | None = None) -> None:
         """Clear ``node``'s mark as ``seen`` before a repair began (None: whatever it is now,

@@ -7,9 +7,10 @@ import logging
 
 import anyio.to_thread
 
-from ._errors import NodeUnavailableError
+from ._errors import ControlUnavailableError, NodeUnavailableError
 from ._hints import HintLog
 from ._node import HintTarget
+from ._nodeconfig import redact_url
 from ._nodestate import NodeStates
 
 __all__ = ["keep_for"]
@@ -60,6 +61,26 @@ async def keep_for(
         )
         return exc
     states.changed()
+    try:
+        # Before the write is acknowledged: a host that does not know the copy is behind
+        # would read from it and miss this write.
+        await anyio.to_thread.run_sync(states.publish, url)
+    except ControlUnavailableError as exc:
+        logger.error(
+            "shard %s node %s: behind, but other hosts cannot be told: %s",
+            shard,
+            redact_url(url),
+            exc,
+        )
+        unshared = ControlUnavailableError(
+            f"the write was kept for node {redact_url(url)} of shard {shard} in this host's "
+            "hint log, but other hosts cannot be told that node is behind, so the write is "
+            "not acknowledged (retrying it is safe)",
+            backend=exc.backend,
+            endpoint=exc.endpoint,
+        )
+        unshared.__cause__ = exc
+        return unshared
     return NodeUnavailableError(
         shard=shard, node=url, attempts=[f"{reason}; write kept in the hint log"]
     )

@@ -16,7 +16,12 @@ from typing import Any, TypeVar
 import anyio
 from chromadb.errors import ChromaError
 
-from ._errors import NodeAccessError, NodeUnavailableError, WriteConcernError
+from ._errors import (
+    ControlUnavailableError,
+    NodeAccessError,
+    NodeUnavailableError,
+    WriteConcernError,
+)
 from ._hedging import Hedger, timed
 from ._hints import HintLog
 from ._node import HintTarget, Node, node_fault, required_copies
@@ -111,7 +116,11 @@ class ReplicaSet:
         waits up to ``replay_inline_deadline`` for one to catch up. Facts every copy shares
         (heartbeat, version, limits) pass ``current=False`` and may come from any copy.
         """
-        self._states.refresh()
+        if current:
+            # Another host may have made a copy behind just before a write we must see.
+            await self._states.fence()
+        else:
+            self._states.refresh()
         candidates = self._candidates(current)
         if not candidates and current:
             candidates = await self._wait_for_one()
@@ -288,6 +297,9 @@ class ReplicaSet:
             # another copy stored must get it, or it would serve reads without it.
             with anyio.CancelScope(shield=True):
                 misses.update(await self._owe(owed, answers, refusals, target, content))
+        unshared = [e for e in misses.values() if isinstance(e, ControlUnavailableError)]
+        if unshared and answers:
+            raise unshared[0]
         if refusals and not answers:
             raise next(iter(refusals.values()))
         if denied and not answers:

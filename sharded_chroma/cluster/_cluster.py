@@ -19,7 +19,7 @@ from .._hintfile import claim_hint_file
 from .._hints import HintLog
 from .._node import Node
 from .._nodeconfig import redact_url
-from .._nodestate import NodeStates, SqliteNodeStore
+from .._nodestate import NodeStates, OwnedNodeStore, SqliteNodeStore
 from .._replay import ReplayTarget
 from .._replicas import ReplicaSet
 from .._topology import Topology
@@ -36,18 +36,32 @@ class Cluster:
     """Shards, their nodes and transports; owns the hint log and every connection pool.
 
     ``replay_target`` resolves where a hinted write goes on a node; it is handed to every
-    replica set at construction."""
+    replica set at construction. ``share``, when given, makes the node-state store that
+    shares this host's (in the hint log) with every other host; it then owns the local one.
+    """
 
-    def __init__(self, topology: Topology, replay_target: ReplayTarget) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        replay_target: ReplayTarget,
+        share: Callable[[SqliteNodeStore, Sequence[str]], OwnedNodeStore] | None = None,
+    ) -> None:
         self.topology = topology
         self.shard_names: tuple[str, ...] = tuple(s.name for s in topology.shards)
         self.catalog_shard = self.shard_names[0]
         self.replication = topology.replication
         self.hints: HintLog | None = None
-        self._store: SqliteNodeStore | None = None
+        self._store: OwnedNodeStore | None = None
         if any(s.replicas for s in topology.shards):
             self.hints = _open_hint_log(topology)
-            self._store = SqliteNodeStore(self.hints.path)
+            local = SqliteNodeStore(self.hints.path)
+            try:
+                urls = [n.url for s in topology.shards for n in s.nodes]
+                self._store = local if share is None else share(local, urls)
+            except BaseException:
+                local.close()
+                self.hints.close()
+                raise
         self.node_states = NodeStates(self._store)
         self.node_states.refresh()
         self.shards: dict[str, ReplicaSet] = {}

@@ -1,0 +1,394 @@
+"""Node state shared by every host through the control store.
+
+``SharedNodeStore`` is a ``NodeStateStore`` made of this host's ``SqliteNodeStore`` (what this
+host's hint log knows, read synchronously as before) and the control store (what every other
+host's says; keys in ``_nodekeys``). One background thread with its own event loop:
+
+- publishes this host's state: a key per node this hint log holds missed writes for (written
+  by ``publish`` before the write that missed is acknowledged, deleted once none is pending),
+  and a node's needs-repair mark (revision-numbered, so a repair clears only the marks it saw
+  begin, on every host);
+- keeps a marker per process alive under a lease, so other hosts can tell hints nobody can
+  replay (every client of that log gone) from hints a live client will replay;
+- follows every host's keys with ``wait`` into a snapshot in memory; a read of records first
+  ``fence``s: one list of the keys begun after the read began (shared by concurrent reads),
+  so a copy published behind before a write was acknowledged is never read after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, TypeVar
+
+import anyio
+
+from .._errors import ClientClosedError, ControlStoreError, ControlUnavailableError
+from .._nodeconfig import redact_url
+from .._nodestate import NodeState, SqliteNodeStore
+from ._backend import ANY, ControlBackend
+from ._nodekeys import PREFIX, Snapshot, merge, node_key, parse
+
+__all__ = ["SharedNodeStore"]
+
+logger = logging.getLogger("sharded_chroma.replicas")
+
+_T = TypeVar("_T")
+
+
+class SharedNodeStore:
+    """This host's node state plus every other host's (see the module docstring)."""
+
+    def __init__(
+        self,
+        local: SqliteNodeStore,
+        nodes: Iterable[str],
+        open_backend: Callable[[], ControlBackend],
+        *,
+        lease_ttl: float = 15.0,
+        poll: float = 0.1,
+        timeout: float = 5.0,
+    ) -> None:
+        self._local = local
+        self._urls = {node_key(u): u for u in nodes}
+        self._nodes = frozenset(self._urls.values())
+        self._open_backend = open_backend
+        self._ttl = lease_ttl
+        self._poll = poll
+        self._timeout = timeout
+        self.log_id = local.log_id()
+        self.process = uuid.uuid4().hex
+        self._lock = threading.Lock()
+        self._snap = Snapshot()
+        self._changes = 0
+        # Reloads are numbered as their list starts: a later one saw a later state (the
+        # store's reads are linearizable), so an older one finishing last never wins.
+        self._tickets = 0
+        self._stored = 0
+        self._finished = 0
+        self._listing: anyio.Event | None = None
+        self._fence_warned = 0.0
+        # Nodes this process published a stale key for, and the needs-repair marks it
+        # published: node url -> (local mark generation, revision, newest quarantined id).
+        self._mine: set[str] = set()
+        self._published: dict[str, tuple[int, int, int]] = {}
+        self._backend: ControlBackend | None = None
+        self._lease: int | None = None
+        self._serial: anyio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._started = threading.Event()
+        self._failure: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._run, name="sharded-chroma-nodestate", daemon=True
+        )
+        self._thread.start()
+        self._started.wait(30.0)
+        if self._failure is not None:
+            self._thread.join(10.0)
+            raise self._failure
+
+    # -- NodeStateStore ---------------------------------------------------------------------
+
+    def version(self) -> int:
+        with self._lock:
+            changes = self._changes
+        return self._local.version() * (1 << 32) + changes
+
+    def states(self) -> dict[str, NodeState]:
+        local = self._local.states()
+        with self._lock:
+            snap = self._snap
+        return merge(local, snap, self._urls, self.log_id)
+
+    def mark_needs_repair(self, node: str, reason: str) -> None:
+        self._local.mark_needs_repair(node, reason)
+        self._call(self._reconcile)
+
+    def publish(self, node: str) -> None:
+        # Always on the loop, after any reconcile under way: one that read the file before
+        # this hint was kept may be about to delete the key.
+        self._call(lambda: self._publish(node))
+
+    def clear_repair(self, node: str, seen: NodeState) -> None:
+        self._local.clear_repair(node, seen)
+
+        async def clear() -> None:
+            backend = self._live()
+            nk = node_key(node)
+            published = self._published.get(node)
+            revisions = {seen.shared_mark}
+            if published is not None and published[0] == seen.mark_gen:
+                revisions.add(published[1])
+            for revision in sorted(revisions - {0}):
+                await backend.delete(f"{PREFIX}node/{nk}/repair", expect=revision)
+            for name, revision in seen.orphans:
+                await backend.delete(f"{PREFIX}node/{nk}/stale/{name}", expect=revision)
+            await self._reload(backend)
+
+        self._call(clear)
+
+    def tombstones(self, node: str, collection_id: str, ids: Iterable[str]) -> dict[str, int]:
+        return self._local.tombstones(node, collection_id, ids)
+
+    async def fence(self) -> None:
+        """Take in every host's state as the control store has it now (see ``_fence``): a
+        copy another host made behind before an acknowledged write, published before that
+        write was acknowledged, is then seen behind here. If the store cannot answer, reads
+        go on with the last state seen (that host's writes fail meanwhile: it cannot
+        publish), and this says so in the log at most once a minute."""
+        loop = self._loop
+        if self._closed or loop is None or loop.is_closed():
+            raise ClientClosedError("node state used after close()")
+        try:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._fence(), loop))
+        except (ControlStoreError, TimeoutError, OSError) as exc:
+            now = time.monotonic()
+            if now - self._fence_warned > 60.0:
+                self._fence_warned = now
+                logger.warning("reads use the last node state seen: %s", exc)
+
+    def close(self) -> None:
+        """Stop publishing and following (this process's marker goes with its lease; keys
+        for hints still pending stay, for the next process of this host to replay), then
+        close the local store."""
+        self._closed = True
+        loop, scope = self._loop, self._scope
+        if loop is not None and scope is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(scope.cancel)
+        if self._thread.is_alive():
+            self._thread.join(10.0)
+        self._local.close()
+
+    # -- calls from other threads -----------------------------------------------------------
+
+    def _live(self) -> ControlBackend:
+        if self._backend is None:
+            raise ClientClosedError("node state used after close()")
+        return self._backend
+
+    def _call(self, make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+        """Run ``make()`` on the background loop, one at a time with its own publishing;
+        bounded by ``timeout``."""
+        loop, serial = self._loop, self._serial
+        if self._closed or loop is None or serial is None or loop.is_closed():
+            raise ClientClosedError("node state used after close()")
+
+        async def run() -> _T:
+            with anyio.fail_after(self._timeout):
+                async with serial:
+                    return await make()
+
+        future = asyncio.run_coroutine_threadsafe(run(), loop)
+        try:
+            return future.result(self._timeout + 1.0)
+        except ControlUnavailableError:
+            raise
+        except (TimeoutError, ControlStoreError, OSError) as exc:
+            future.cancel()
+            backend = self._backend
+            raise ControlUnavailableError(
+                f"cannot share node state through the control store: {exc}",
+                backend="unknown" if backend is None else backend.name,
+                endpoint="unknown" if backend is None else backend.endpoint,
+            ) from exc
+
+    # -- the background loop ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            anyio.run(self._main)
+        except BaseException as exc:  # reported to the constructor, or logged
+            if not self._started.is_set():
+                self._failure = exc
+            else:
+                logger.exception("the node-state publisher stopped")
+        finally:
+            self._started.set()
+
+    async def _main(self) -> None:
+        backend = self._open_backend()
+        try:
+            self._lease = await backend.grant(self._ttl)
+            await self._register(backend, self._lease)
+            await self._reload(backend)
+            self._serial = anyio.Lock()
+            async with self._serial:
+                await self._reconcile_with(backend)
+            with anyio.CancelScope() as scope:
+                self._scope, self._backend = scope, backend
+                self._loop = asyncio.get_running_loop()
+                self._started.set()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._keep_alive, backend)
+                    tg.start_soon(self._follow, backend)
+                    tg.start_soon(self._publish_loop)
+        finally:
+            with anyio.CancelScope(shield=True):
+                if self._lease is not None:
+                    with contextlib.suppress(Exception), anyio.move_on_after(5.0):
+                        await backend.revoke(self._lease)
+                await backend.aclose()
+
+    async def _register(self, backend: ControlBackend, lease: int) -> None:
+        marker = json.dumps({"pid": os.getpid(), "since": time.time()}).encode()
+        await backend.put(f"{PREFIX}logs/{self.log_id}/{self.process}", marker, lease=lease)
+
+    async def _keep_alive(self, backend: ControlBackend) -> None:
+        while True:
+            await anyio.sleep(self._ttl / 6)
+            try:
+                assert self._lease is not None
+                if not await backend.refresh(self._lease):
+                    # Expired while the store was out of reach: other hosts took this log's
+                    # hints for orphans meanwhile (and may have repaired them); register again.
+                    self._lease = await backend.grant(self._ttl)
+                    await self._register(backend, self._lease)
+                    assert self._serial is not None
+                    async with self._serial:
+                        # Another host may have repaired and dropped this log's keys as
+                        # orphans meanwhile: publish them again.
+                        self._mine.clear()
+            except (ControlUnavailableError, ControlStoreError) as exc:
+                logger.warning("cannot renew the node-state lease: %s", exc)
+
+    async def _follow(self, backend: ControlBackend) -> None:
+        while True:
+            try:
+                await backend.wait(PREFIX, self._snap.revision, 1.0)
+                await self._reload(backend)
+            except ControlUnavailableError as exc:
+                logger.warning("cannot follow the shared node state: %s", exc)
+                await anyio.sleep(0.5)
+
+    async def _reload(self, backend: ControlBackend, *, watch: bool = True) -> None:
+        """Read every host's keys; ``watch``: also the revision to wait on from."""
+        revision = await backend.revision() if watch else 0
+        self._tickets += 1
+        ticket = self._tickets
+        entries = await backend.list(PREFIX)
+        if not watch:
+            # The list saw every key it returned: a lower bound for its point in time.
+            revision = max([self._snap.revision, *(e.revision for e in entries)])
+        snap = parse(revision, entries)
+        self._finished = max(self._finished, ticket)
+        with self._lock:
+            if ticket < self._stored:
+                return
+            self._stored = ticket
+            if (snap.repair, snap.stale, snap.alive) != (
+                self._snap.repair,
+                self._snap.stale,
+                self._snap.alive,
+            ):
+                self._changes += 1
+            self._snap = snap
+
+    async def _fence(self) -> None:
+        """Return once a read of the store begun after this call has been taken in."""
+        need = self._tickets + 1
+        while self._finished < need:
+            listing = self._listing
+            if listing is not None:
+                await listing.wait()
+                continue
+            done = self._listing = anyio.Event()
+            try:
+                with anyio.fail_after(self._timeout):
+                    await self._reload(self._live(), watch=False)
+            finally:
+                self._listing = None
+                done.set()
+
+    async def _publish_loop(self) -> None:
+        assert self._serial is not None
+        while True:
+            await anyio.sleep(self._poll)
+            try:
+                async with self._serial:
+                    await self._reconcile_with(self._live())
+            except (ControlUnavailableError, ControlStoreError) as exc:
+                logger.warning("cannot publish this host's node state: %s", exc)
+                await anyio.sleep(0.5)
+
+    async def _reconcile(self) -> None:
+        await self._reconcile_with(self._live())
+
+    async def _reconcile_with(self, backend: ControlBackend) -> None:
+        """Make the control store say what this host's hint log says (callers hold
+        ``_serial``, so ``publish`` and this never undo each other)."""
+        local = self._local.states()
+        snap = self._snap
+        for nk, url in self._urls.items():
+            state = local.get(url, NodeState())
+            if state.pending > 0:
+                await self._put_stale(backend, url)
+            else:
+                await self._drop_stale(backend, nk, url, snap)
+            await self._reconcile_mark(backend, nk, url, state, snap)
+
+    async def _publish(self, url: str) -> None:
+        if self._local.states().get(url, NodeState()).pending > 0:
+            await self._put_stale(self._live(), url)
+
+    async def _put_stale(self, backend: ControlBackend, url: str) -> None:
+        if url not in self._mine:
+            key = f"{PREFIX}node/{node_key(url)}/stale/{self.log_id}/{self.process}"
+            await backend.put(key, b'{"pending": true}')
+            self._mine.add(url)
+
+    async def _drop_stale(self, backend: ControlBackend, nk: str, url: str, snap: Snapshot) -> None:
+        """None pending in this host's file: drop this process's key, and those of its
+        processes that are gone (their hints were in the same file)."""
+        base = f"{PREFIX}node/{nk}/stale/{self.log_id}/"
+        if url in self._mine:
+            await backend.delete(base + self.process)
+            self._mine.discard(url)
+        siblings = {
+            p: r
+            for p, r in snap.stale.get(nk, {}).get(self.log_id, {}).items()
+            if p != self.process
+        }
+        if siblings:
+            live = {
+                e.key.rsplit("/", 1)[1] for e in await backend.list(f"{PREFIX}logs/{self.log_id}/")
+            }
+            for proc, revision in siblings.items():
+                if proc not in live:
+                    await backend.delete(base + proc, expect=revision)
+
+    async def _reconcile_mark(
+        self, backend: ControlBackend, nk: str, url: str, state: NodeState, snap: Snapshot
+    ) -> None:
+        key = f"{PREFIX}node/{nk}/repair"
+        if not state.needs_repair:
+            self._published.pop(url, None)
+            return
+        published = self._published.get(url)
+        if published is None or published[0] != state.mark_gen:
+            value = json.dumps({"reason": state.reason or "needs repair", "by": self.log_id})
+            revision = await backend.put(key, value.encode(), expect=ANY)
+            assert revision is not None
+            self._published[url] = (state.mark_gen, revision, state.last_quarantined)
+            return
+        gen, revision, quarantined = published
+        mark = snap.repair.get(nk)
+        if mark is None and snap.revision >= revision:
+            # A repair on some host saw this mark begin and cleared it: so is this host's.
+            self._local.clear_repair(
+                url, NodeState(needs_repair=True, mark_gen=gen, last_quarantined=quarantined)
+            )
+            self._published.pop(url, None)
+            logger.info("node %s repaired on another host: mark cleared", redact_url(url))
+        elif mark is not None and mark[1] > revision:
+            # Marked again elsewhere: the repair that clears that one covers this one too.
+            self._published[url] = (gen, mark[1], quarantined)
