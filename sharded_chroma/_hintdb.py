@@ -103,7 +103,8 @@ CREATE INDEX tombstones_created_at ON tombstones (created_at)
 # keeps its schema version and a process still running that code keeps opening it.
 _MEMBERSHIP = """
 CREATE TABLE IF NOT EXISTS cluster (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS members (url TEXT PRIMARY KEY, since REAL NOT NULL)
+CREATE TABLE IF NOT EXISTS members (url TEXT PRIMARY KEY, since REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS hints_node_version ON hints (node, version)
 """
 
 # Trigger bodies hold semicolons: executed one by one, after _V2.

@@ -206,15 +206,17 @@ class HintLog:
             [(node, collection_id, i, version, now) for i in ids],
         )
 
-    def pending(self, node: str, limit: int = 500) -> list[Hint]:
-        """Up to ``limit`` of ``node``'s hints, oldest (lowest id) first."""
+    def pending(self, node: str, limit: int = 500, *, by_version: bool = False) -> list[Hint]:
+        """Up to ``limit`` of ``node``'s hints, oldest (lowest id) first; ``by_version``:
+        lowest version first (none counts as 0), as hosts replaying to one node must."""
         _non_empty("node", node)
         _positive_int("limit", limit)
+        order = "COALESCE(version, 0), id" if by_version else "id"
         with self._lock:
             rows = (
                 self._connection()
                 .execute(
-                    f"SELECT {_COLUMNS} FROM hints WHERE node = ? ORDER BY id LIMIT ?",
+                    f"SELECT {_COLUMNS} FROM hints WHERE node = ? ORDER BY {order} LIMIT ?",
                     (node, limit),
                 )
                 .fetchall()
@@ -249,6 +251,16 @@ class HintLog:
         if isinstance(upto_id, bool) or not isinstance(upto_id, int):
             raise ValueError(f"upto_id must be an integer, got {upto_id!r}")
         return self._delete("node = ? AND id <= ?", (node, upto_id)).get(node, 0)
+
+    def ack_ids(self, node: str, ids: Sequence[int]) -> int:
+        """Delete those of ``node``'s hints (replayed); return how many were still pending."""
+        _non_empty("node", node)
+        done = 0
+        for start in range(0, len(ids), 500):
+            chunk = [int(i) for i in ids[start : start + 500]]
+            marks = ",".join("?" * len(chunk))
+            done += self._delete(f"node = ? AND id IN ({marks})", (node, *chunk)).get(node, 0)
+        return done
 
     def refused(self, hint: Hint, error: str, *, quarantine: bool) -> int:
         """Count one refusal of ``hint`` by its node; with ``quarantine`` move it out of the

@@ -60,6 +60,9 @@ class NodeState:
 class NodeStateStore(Protocol):
     """Where node state lives. Every method is blocking and thread-safe."""
 
+    shared: bool
+    """Whether other hosts' hint logs are in it (then replays go in version order)."""
+
     def version(self) -> int:
         """A value that changes whenever the stored state may have changed."""
 
@@ -79,6 +82,10 @@ class NodeStateStore(Protocol):
 
     async def fence(self) -> None:
         """Before a read of records: take in whatever any host published before now."""
+
+    def replay_bound(self, node: str) -> int | None:
+        """The newest version this host may replay to ``node`` now: other hosts' logs hold
+        missed writes for it from that version on, which must land first (None: no bound)."""
 
     def tombstones(self, node: str, collection_id: str, ids: Iterable[str]) -> dict[str, int]:
         """Delete versions of those ``ids`` that ``node`` missed a delete of."""
@@ -100,6 +107,8 @@ _STATES = (
 class SqliteNodeStore:
     """Node state in the hint-log file (see ``_hintdb``). Reads have their own connection
     and lock, so a read on a caller's event loop never waits behind a write's file lock."""
+
+    shared = False
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
@@ -148,6 +157,16 @@ class SqliteNodeStore:
 
     async def fence(self) -> None:
         """Reads of the file are current already."""
+
+    def replay_bound(self, node: str) -> int | None:
+        """One hint log per host: no other to wait for."""
+        return None
+
+    def oldest(self) -> dict[str, int]:
+        """Per node with hints pending, the lowest version among them (0 for a hint without
+        one: it must land before anything versioned another host holds)."""
+        rows = self._read("SELECT node, MIN(COALESCE(version, 0)) FROM hints GROUP BY node")
+        return {str(node): int(v) for node, v in rows}
 
     def log_id(self) -> str:
         """This hint log's identity, the same for every process that opens the file and
@@ -257,6 +276,11 @@ class NodeStates:
             self._local[node] = reason
         self.changed()
 
+    @property
+    def shared(self) -> bool:
+        """Whether the store holds other hosts' state too."""
+        return self._store is not None and self._store.shared
+
     def publish(self, node: str) -> None:
         """See ``NodeStateStore.publish``."""
         if self._store is not None:
@@ -267,6 +291,13 @@ class NodeStates:
         if self._store is not None:
             await self._store.fence()
         self.refresh()
+
+    async def replay_bound(self, node: str) -> int | None:
+        """See ``NodeStateStore.replay_bound``; as of a fence begun now."""
+        if self._store is None:
+            return None
+        await self._store.fence()
+        return self._store.replay_bound(node)
 
     def clear_repair(self, node: str, seen: NodeState | None = None) -> None:
         """Clear ``node``'s mark as ``seen`` before a repair began (None: whatever it is now,

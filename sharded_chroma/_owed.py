@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 
 import anyio.to_thread
+import orjson
 
 from ._errors import ControlUnavailableError, NodeUnavailableError
 from ._hints import HintLog
 from ._node import HintTarget
 from ._nodeconfig import redact_url
 from ._nodestate import NodeStates
+from .catalog._state import VERSION_KEY
 
 __all__ = ["keep_for"]
 
@@ -41,7 +43,7 @@ async def keep_for(
                 target.collection_name,
                 target.op,
                 content,
-                version=target.version,
+                version=_order_version(target.version, content),
                 deleted_ids=target.deleted_ids,
                 deleted_version=target.deleted_version,
                 path=path,
@@ -84,3 +86,21 @@ async def keep_for(
     return NodeUnavailableError(
         shard=shard, node=url, attempts=[f"{reason}; write kept in the hint log"]
     )
+
+
+def _order_version(version: int | None, content: bytes) -> int | None:
+    """A delete's own version; for a record write the lowest version it stamps, so hints of
+    one node can be replayed in version order across hosts (replay uses it for deletes only;
+    the records carry their own)."""
+    if version is not None:
+        return version
+    try:
+        metas = orjson.loads(content).get("metadatas")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    stamped = [
+        m[VERSION_KEY]
+        for m in metas or ()
+        if isinstance(m, dict) and isinstance(m.get(VERSION_KEY), int)
+    ]
+    return min(stamped) if stamped else None

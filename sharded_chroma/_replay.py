@@ -10,6 +10,8 @@ node holds no newer version of, and a delete removes only copies no newer than t
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import os
 import time
@@ -49,6 +51,11 @@ def _version(meta: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _upto(batch: Sequence[Hint], limit: int) -> list[Hint]:
+    """The hints before the first one newer than ``limit`` (no version counts as 0)."""
+    return list(itertools.takewhile(lambda h: (h.version or 0) <= limit, batch))
+
+
 class HintReplayer:
     """Replays the hints of one shard's nodes."""
 
@@ -58,11 +65,14 @@ class HintReplayer:
         hints: HintLog,
         replay_target: ReplayTarget,
         clock: Callable[[], float] = time.monotonic,
+        bound: Callable[[str], Awaitable[int | None]] | None = None,
     ) -> None:
         self.name = shard
         self._hints = hints
         self._replay_target = replay_target
         self._clock = clock
+        # The newest version a node may be given now (other hosts' older hints first).
+        self._bound = bound
         self._owner = f"{os.getpid()}-{uuid.uuid4().hex}"
 
     async def replay(self, node: Node, *, rate: float | None = None, wait: bool = False) -> int:
@@ -113,7 +123,23 @@ class HintReplayer:
                 )
                 if not leased:
                     break
-                batch = await anyio.to_thread.run_sync(log.pending, node.url, _BATCH)
+                batch = await anyio.to_thread.run_sync(
+                    functools.partial(
+                        log.pending, node.url, _BATCH, by_version=self._bound is not None
+                    )
+                )
+                limit = None if self._bound is None or not batch else await self._bound(node.url)
+                if limit is not None:
+                    # In order, up to the first hint another host's older ones must precede.
+                    whole = len(batch)
+                    batch = _upto(batch, limit)
+                    if len(batch) < whole:
+                        logger.debug(
+                            "shard %s node %s: %d hint(s) wait for another host's older ones",
+                            self.name,
+                            node.url,
+                            whole - len(batch),
+                        )
                 if not batch:
                     break
                 applied, finished = 0, False
@@ -121,7 +147,7 @@ class HintReplayer:
                     applied, finished = await self._apply(node, batch, log, rate)
                 replayed += applied
                 node.transport.stats.replayed += applied
-                if not finished:
+                if not finished or limit is not None:
                     break
         finally:
             if leased:
@@ -137,14 +163,14 @@ class HintReplayer:
     ) -> tuple[int, bool]:
         """Apply ``batch`` in order, runs of record writes as one request each; (how many
         were applied or set aside, whether all were)."""
-        done_upto = None
+        done: list[int] = []
         applied = 0
         started = time.perf_counter()
         try:
             for run in await self._runs(node, batch):
                 if not await self._apply_run(node, run, log):
                     return applied, False
-                done_upto = run.hints[-1].id
+                done.extend(h.id for h in run.hints)
                 applied += len(run.hints)
                 if rate:
                     ahead = applied / rate - (time.perf_counter() - started)
@@ -156,10 +182,10 @@ class HintReplayer:
             node.failed(self._clock())
             return applied, False
         finally:
-            if done_upto is not None:
+            if done:
                 # Shielded: an applied hint that is not acknowledged would be applied again.
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(log.ack, node.url, done_upto)
+                    await anyio.to_thread.run_sync(log.ack_ids, node.url, done)
         return applied, True
 
     async def _runs(self, node: Node, batch: Sequence[Hint]) -> list[Run]:

@@ -76,7 +76,13 @@ class ReplicaSet:
         self._replayer = (
             None
             if hints is None or replay_target is None
-            else HintReplayer(shard.name, hints, replay_target, clock)
+            else HintReplayer(
+                shard.name,
+                hints,
+                replay_target,
+                clock,
+                states.replay_bound if states.shared else None,
+            )
         )
 
     @property
@@ -215,7 +221,9 @@ class ReplicaSet:
         one when another copy stored the write (its refusal is in ``WriteConcernError`` when
         the concern is not met); when none stored it, its ``NodeAccessError`` is raised.
         """
-        self._states.refresh()
+        # A copy another host made behind before a write that finished before this one began
+        # must get this one after that host's hints: it is hinted here too (see ``one``).
+        await self._states.fence()
         with self._count_lock:  # writers may run on several threads' loops
             self.writes_in_flight += 1
         try:

@@ -28,6 +28,10 @@ The rule, per id. Writes that are ``ok`` or ``unknown`` are *possible*; ``ok`` o
 - Every id at most once across all parts, and parts hold exactly the ids the final read saw.
 - Reads never return one id twice, and return only values some possible write of that id
   produced, a write that started before the read ended.
+- Reads are not stale: a read never returns the value of a write ``P`` when an acknowledged
+  upsert, update or delete of that id began after ``P`` ended and ended before the read began
+  (it replaced or removed ``P``'s value before the read was asked). Only values are checked:
+  a read does not record which ids it asked for, so a missing id is not judged.
 
 Each check only flags what no order of the operations within their intervals explains, so the
 checker is sound (a correct system never fails it) but not complete (some anomalies pass).
@@ -49,6 +53,7 @@ Kind = Literal["add", "upsert", "update", "delete", "get"]
 Outcome = Literal["ok", "failed", "unknown"]
 _CREATES = ("add", "upsert")
 _SETS = ("add", "upsert", "update")
+_REPLACES = ("upsert", "update", "delete")
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,20 @@ def _check_reads(
                     f"{rid}: read [{read.start:.4f}, {read.end:.4f}] expected a value some "
                     f"earlier write produced, found {_value_text(value)}; candidate writes: "
                     f"{_shown(writes.get(rid, ()))}"
+                )
+                continue
+            newer = [
+                w
+                for w in writes.get(rid, ())
+                if w.outcome == "ok"
+                and w.kind in _REPLACES
+                and all(w.start > p.end for p in producers)
+                and w.end < read.start
+            ]
+            if newer:
+                out.append(
+                    f"{rid}: read [{read.start:.4f}, {read.end:.4f}] returned "
+                    f"{_value_text(value)}, which {newer[0]} had replaced before it began"
                 )
     return out
 

@@ -169,6 +169,24 @@ def test_a_read_cannot_see_a_write_that_began_after_it() -> None:
     assert "read [2.0000, 3.0000] expected a value some earlier write produced" in problem
 
 
+def test_a_stale_read_is_flagged() -> None:
+    """A value replaced (or deleted) by an acknowledged write that ended before the read
+    began is stale; one replaced by a write still running, failed or unknown is not."""
+    history = [write("upsert", "a", "a1", 0, 1), write("upsert", "a", "a2", 2, 3)]
+    final = [("a", val("a2"))]
+    [problem] = check([*history, read(4, 5, ("a", val("a1")))], final)
+    assert "returned" in problem and "upsert w=a2" in problem and "before it began" in problem
+    assert check([*history, read(2.5, 5, ("a", val("a1")))], final) == []
+    assert check([*history, read(4, 5, ("a", val("a2")))], final) == []
+    overlapping = [write("upsert", "a", "a1", 0, 2), write("upsert", "a", "a2", 1, 3)]
+    assert check([*overlapping, read(4, 5, ("a", val("a1")))], [("a", val("a1"))]) == []
+    unsure = [history[0], write("update", "a", "a2", 2, 3, "unknown")]
+    assert check([*unsure, read(4, 5, ("a", val("a1")))], [("a", val("a1"))]) == []
+    gone = [history[0], delete("a", 2, 3)]
+    [problem] = check([*gone, read(4, 5, ("a", val("a1")))], [])
+    assert "delete" in problem and "before it began" in problem
+
+
 def test_every_id_is_in_exactly_one_part() -> None:
     history = [write("upsert", "a", "a1", 0, 1), write("upsert", "b", "b1", 0, 1)]
     final = [("a", val("a1")), ("b", val("b1"))]

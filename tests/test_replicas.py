@@ -205,6 +205,17 @@ class MemoryStore:
     def tombstones(self, collection_id: str, ids: Any) -> dict[str, int]:
         return {}
 
+    shared = False
+
+    def publish(self, node: str) -> None:
+        pass
+
+    async def fence(self) -> None:
+        pass
+
+    def replay_bound(self, node: str) -> int | None:
+        return None
+
 
 def fake_set(
     n: int = 3,

@@ -5,7 +5,7 @@ Keys, under the backend's namespace (``<nk>`` is a digest of the node's URL with
 credentials, so every host names a node alike and no secret is stored):
 
     nodestate/node/<nk>/repair                    {"reason", "by"}
-    nodestate/node/<nk>/stale/<log id>/<process>  {"pending"}
+    nodestate/node/<nk>/stale/<log id>/<process>  {"oldest": lowest version pending}
     nodestate/logs/<log id>/<process>             (under the process's lease)
 """
 
@@ -20,7 +20,7 @@ from .._nodeconfig import redact_url
 from .._nodestate import NodeState
 from ._backend import Entry
 
-__all__ = ["PREFIX", "Snapshot", "merge", "node_key", "parse"]
+__all__ = ["PREFIX", "Snapshot", "bound", "merge", "node_key", "parse"]
 
 PREFIX = "nodestate/"
 _ORPHANED = "another host's hint log holds writes it missed, and no client of that log is running"
@@ -38,10 +38,14 @@ class Snapshot:
     revision: int = 0
     repair: dict[str, tuple[str, int]] = field(default_factory=dict)
     """node key -> (reason, revision)"""
-    stale: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
-    """node key -> log id -> process -> revision"""
+    stale: dict[str, dict[str, dict[str, tuple[int, int]]]] = field(default_factory=dict)
+    """node key -> log id -> process -> (revision, lowest version pending)"""
     alive: frozenset[str] = frozenset()
     """log ids with a live process"""
+
+    def same(self, other: Snapshot) -> bool:
+        """Whether both say the same (whatever their revisions)."""
+        return (self.repair, self.stale, self.alive) == (other.repair, other.stale, other.alive)
 
 
 def parse(revision: int, entries: Iterable[Entry]) -> Snapshot:
@@ -58,8 +62,12 @@ def parse(revision: int, entries: Iterable[Entry]) -> Snapshot:
                 reason = "marked by another host"
             snap.repair[parts[1]] = (reason, entry.revision)
         elif parts[0] == "node" and len(parts) == 5 and parts[2] == "stale":
+            try:
+                oldest = int(json.loads(entry.value)["oldest"])
+            except (ValueError, KeyError, TypeError):
+                oldest = 0  # unreadable: the most careful reading (everything waits for it)
             logs = snap.stale.setdefault(parts[1], {})
-            logs.setdefault(parts[3], {})[parts[4]] = entry.revision
+            logs.setdefault(parts[3], {})[parts[4]] = (entry.revision, oldest)
     return Snapshot(revision, snap.repair, snap.stale, frozenset(alive))
 
 
@@ -78,7 +86,7 @@ def merge(
                 (f"{log}/{proc}", rev)
                 for log, procs in others.items()
                 if log not in snap.alive
-                for proc, rev in procs.items()
+                for proc, (rev, _) in procs.items()
             )
         )
         reason = mine.reason
@@ -103,3 +111,18 @@ def merge(
     named = set(urls.values())
     out.update({u: s for u, s in local.items() if u not in out and u not in named})
     return out
+
+
+def bound(snap: Snapshot, nk: str, log_id: str) -> int | None:
+    """The newest version log ``log_id`` may replay to node ``nk``: the lowest version
+    another host's log holds for it (its hints are older, so they land first; replayed in
+    version order across hosts, a delete never lands before an older write it removes).
+    A log whose every client is gone holds it up too, until one is back and replays, or a
+    repair clears its keys: replayed later, its older writes would undo newer deletes."""
+    lowest = [
+        oldest
+        for log, procs in snap.stale.get(nk, {}).items()
+        if log != log_id
+        for _, oldest in procs.values()
+    ]
+    return min(lowest) if lowest else None

@@ -1,18 +1,10 @@
-"""Node state shared by every host through the control store.
-
-``SharedNodeStore`` is a ``NodeStateStore`` made of this host's ``SqliteNodeStore`` (what this
-host's hint log knows, read synchronously as before) and the control store (what every other
-host's says; keys in ``_nodekeys``). One background thread with its own event loop:
-
-- publishes this host's state: a key per node this hint log holds missed writes for (written
-  by ``publish`` before the write that missed is acknowledged, deleted once none is pending),
-  and a node's needs-repair mark (revision-numbered, so a repair clears only the marks it saw
-  begin, on every host);
-- keeps a marker per process alive under a lease, so other hosts can tell hints nobody can
-  replay (every client of that log gone) from hints a live client will replay;
-- follows every host's keys with ``wait`` into a snapshot in memory; a read of records first
-  ``fence``s: one list of the keys begun after the read began (shared by concurrent reads),
-  so a copy published behind before a write was acknowledged is never read after it.
+"""Node state shared by every host: ``SharedNodeStore``, a ``NodeStateStore`` made of this
+host's ``SqliteNodeStore`` (read synchronously as before) and the control store (what other
+hosts' logs say; keys in ``_nodekeys``). Its own thread and event loop publish which nodes
+this log holds missed writes for (``publish``: before the write is acknowledged) and its
+needs-repair marks, keep a per-process marker alive under a lease (hints of a log with no
+live process are orphaned), and follow every host's keys into a snapshot; record reads and
+writes first ``fence``: take in one list begun after the call began (shared by calls).
 """
 
 from __future__ import annotations
@@ -34,7 +26,7 @@ from .._errors import ClientClosedError, ControlStoreError, ControlUnavailableEr
 from .._nodeconfig import redact_url
 from .._nodestate import NodeState, SqliteNodeStore
 from ._backend import ANY, ControlBackend
-from ._nodekeys import PREFIX, Snapshot, merge, node_key, parse
+from ._nodekeys import PREFIX, Snapshot, bound, merge, node_key, parse
 
 __all__ = ["SharedNodeStore"]
 
@@ -45,6 +37,8 @@ _T = TypeVar("_T")
 
 class SharedNodeStore:
     """This host's node state plus every other host's (see the module docstring)."""
+
+    shared = True
 
     def __init__(
         self,
@@ -58,7 +52,6 @@ class SharedNodeStore:
     ) -> None:
         self._local = local
         self._urls = {node_key(u): u for u in nodes}
-        self._nodes = frozenset(self._urls.values())
         self._open_backend = open_backend
         self._ttl = lease_ttl
         self._poll = poll
@@ -75,9 +68,9 @@ class SharedNodeStore:
         self._finished = 0
         self._listing: anyio.Event | None = None
         self._fence_warned = 0.0
-        # Nodes this process published a stale key for, and the needs-repair marks it
-        # published: node url -> (local mark generation, revision, newest quarantined id).
-        self._mine: set[str] = set()
+        # Stale keys this process published (url -> the lowest version pending it named) and
+        # its marks (url -> local mark generation, revision, newest quarantined id).
+        self._mine: dict[str, int] = {}
         self._published: dict[str, tuple[int, int, int]] = {}
         self._backend: ControlBackend | None = None
         self._lease: int | None = None
@@ -99,9 +92,7 @@ class SharedNodeStore:
     # -- NodeStateStore ---------------------------------------------------------------------
 
     def version(self) -> int:
-        with self._lock:
-            changes = self._changes
-        return self._local.version() * (1 << 32) + changes
+        return self._local.version() * (1 << 32) + self._changes  # an int read is atomic
 
     def states(self) -> dict[str, NodeState]:
         local = self._local.states()
@@ -111,7 +102,7 @@ class SharedNodeStore:
 
     def mark_needs_repair(self, node: str, reason: str) -> None:
         self._local.mark_needs_repair(node, reason)
-        self._call(self._reconcile)
+        self._call(lambda: self._reconcile_with(self._live()))
 
     def publish(self, node: str) -> None:
         # Always on the loop, after any reconcile under way: one that read the file before
@@ -139,16 +130,21 @@ class SharedNodeStore:
     def tombstones(self, node: str, collection_id: str, ids: Iterable[str]) -> dict[str, int]:
         return self._local.tombstones(node, collection_id, ids)
 
+    def replay_bound(self, node: str) -> int | None:
+        with self._lock:
+            snap = self._snap
+        return bound(snap, node_key(node), self.log_id)
+
     async def fence(self) -> None:
-        """Take in every host's state as the control store has it now (see ``_fence``): a
-        copy another host made behind before an acknowledged write, published before that
-        write was acknowledged, is then seen behind here. If the store cannot answer, reads
-        go on with the last state seen (that host's writes fail meanwhile: it cannot
-        publish), and this says so in the log at most once a minute."""
+        """Take in every host's state as the store has it now (see ``_fence``). If the store
+        cannot answer, the last state seen is used (a host that cannot publish cannot
+        acknowledge writes either), logged at most once a minute."""
         loop = self._loop
-        if self._closed or loop is None or loop.is_closed():
+        if self._closed:
             raise ClientClosedError("node state used after close()")
         try:
+            if loop is None or loop.is_closed():
+                raise ControlStoreError("the node-state publisher stopped (see the log)")
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._fence(), loop))
         except (ControlStoreError, TimeoutError, OSError) as exc:
             now = time.monotonic()
@@ -179,9 +175,15 @@ class SharedNodeStore:
     def _call(self, make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
         """Run ``make()`` on the background loop, one at a time with its own publishing;
         bounded by ``timeout``."""
-        loop, serial = self._loop, self._serial
-        if self._closed or loop is None or serial is None or loop.is_closed():
+        if self._closed:
             raise ClientClosedError("node state used after close()")
+        loop, serial, backend = self._loop, self._serial, self._backend
+        where = {
+            "backend": "unknown" if backend is None else backend.name,
+            "endpoint": "unknown" if backend is None else backend.endpoint,
+        }
+        if loop is None or serial is None or loop.is_closed():
+            raise ControlUnavailableError("the node-state publisher stopped (see the log)", **where)
 
         async def run() -> _T:
             with anyio.fail_after(self._timeout):
@@ -195,12 +197,8 @@ class SharedNodeStore:
             raise
         except (TimeoutError, ControlStoreError, OSError) as exc:
             future.cancel()
-            backend = self._backend
-            raise ControlUnavailableError(
-                f"cannot share node state through the control store: {exc}",
-                backend="unknown" if backend is None else backend.name,
-                endpoint="unknown" if backend is None else backend.endpoint,
-            ) from exc
+            message = f"cannot share node state through the control store: {exc}"
+            raise ControlUnavailableError(message, **where) from exc
 
     # -- the background loop ----------------------------------------------------------------
 
@@ -269,6 +267,9 @@ class SharedNodeStore:
             except ControlUnavailableError as exc:
                 logger.warning("cannot follow the shared node state: %s", exc)
                 await anyio.sleep(0.5)
+            except Exception:  # one bad round must not end following for good
+                logger.exception("following the shared node state failed; retrying")
+                await anyio.sleep(0.5)
 
     async def _reload(self, backend: ControlBackend, *, watch: bool = True) -> None:
         """Read every host's keys; ``watch``: also the revision to wait on from."""
@@ -285,11 +286,7 @@ class SharedNodeStore:
             if ticket < self._stored:
                 return
             self._stored = ticket
-            if (snap.repair, snap.stale, snap.alive) != (
-                self._snap.repair,
-                self._snap.stale,
-                self._snap.alive,
-            ):
+            if not snap.same(self._snap):
                 self._changes += 1
             self._snap = snap
 
@@ -319,52 +316,59 @@ class SharedNodeStore:
             except (ControlUnavailableError, ControlStoreError) as exc:
                 logger.warning("cannot publish this host's node state: %s", exc)
                 await anyio.sleep(0.5)
-
-    async def _reconcile(self) -> None:
-        await self._reconcile_with(self._live())
+            except Exception:  # the hint log's file failing, say: publishing must go on
+                logger.exception("publishing this host's node state failed; retrying")
+                await anyio.sleep(0.5)
 
     async def _reconcile_with(self, backend: ControlBackend) -> None:
         """Make the control store say what this host's hint log says (callers hold
         ``_serial``, so ``publish`` and this never undo each other)."""
         local = self._local.states()
+        oldest = self._local.oldest()
         snap = self._snap
         for nk, url in self._urls.items():
             state = local.get(url, NodeState())
-            if state.pending > 0:
-                await self._put_stale(backend, url)
-            else:
-                await self._drop_stale(backend, nk, url, snap)
+            if url in oldest:
+                await self._put_stale(backend, url, oldest[url])
+            elif self._mine.pop(url, None) is not None:
+                key = f"{PREFIX}node/{nk}/stale/{self.log_id}/{self.process}"
+                await backend.delete(key)
+            await self._drop_dead_siblings(backend, nk, snap)
             await self._reconcile_mark(backend, nk, url, state, snap)
 
     async def _publish(self, url: str) -> None:
-        if self._local.states().get(url, NodeState()).pending > 0:
-            await self._put_stale(self._live(), url)
+        oldest = self._local.oldest().get(url)
+        if oldest is not None:
+            await self._put_stale(self._live(), url, oldest, lower_only=True)
 
-    async def _put_stale(self, backend: ControlBackend, url: str) -> None:
-        if url not in self._mine:
-            key = f"{PREFIX}node/{node_key(url)}/stale/{self.log_id}/{self.process}"
-            await backend.put(key, b'{"pending": true}')
-            self._mine.add(url)
+    async def _put_stale(
+        self, backend: ControlBackend, url: str, oldest: int, *, lower_only: bool = False
+    ) -> None:
+        """Say this log holds hints for ``url`` from version ``oldest`` on. Before a write is
+        acknowledged only a lower version must be said at once (``lower_only``); a higher one,
+        after replays, may wait for the publishing loop."""
+        known = self._mine.get(url)
+        if known == oldest or (lower_only and known is not None and known < oldest):
+            return
+        key = f"{PREFIX}node/{node_key(url)}/stale/{self.log_id}/{self.process}"
+        await backend.put(key, json.dumps({"oldest": oldest}).encode())
+        self._mine[url] = oldest
 
-    async def _drop_stale(self, backend: ControlBackend, nk: str, url: str, snap: Snapshot) -> None:
-        """None pending in this host's file: drop this process's key, and those of its
-        processes that are gone (their hints were in the same file)."""
+    async def _drop_dead_siblings(self, backend: ControlBackend, nk: str, snap: Snapshot) -> None:
+        """Drop the keys of this log's processes that are gone: their hints are in this
+        file, which this process's own key (or none pending) speaks for now."""
         base = f"{PREFIX}node/{nk}/stale/{self.log_id}/"
-        if url in self._mine:
-            await backend.delete(base + self.process)
-            self._mine.discard(url)
         siblings = {
             p: r
-            for p, r in snap.stale.get(nk, {}).get(self.log_id, {}).items()
+            for p, (r, _) in snap.stale.get(nk, {}).get(self.log_id, {}).items()
             if p != self.process
         }
-        if siblings:
-            live = {
-                e.key.rsplit("/", 1)[1] for e in await backend.list(f"{PREFIX}logs/{self.log_id}/")
-            }
-            for proc, revision in siblings.items():
-                if proc not in live:
-                    await backend.delete(base + proc, expect=revision)
+        if not siblings:
+            return
+        live = {e.key.rsplit("/", 1)[1] for e in await backend.list(f"{PREFIX}logs/{self.log_id}/")}
+        for proc, revision in siblings.items():
+            if proc not in live:
+                await backend.delete(base + proc, expect=revision)
 
     async def _reconcile_mark(
         self, backend: ControlBackend, nk: str, url: str, state: NodeState, snap: Snapshot
