@@ -211,7 +211,7 @@ class HintLog:
         lowest version first (none counts as 0), as hosts replaying to one node must."""
         _non_empty("node", node)
         _positive_int("limit", limit)
-        order = "COALESCE(version, 0), id" if by_version else "id"
+        order = "version, id" if by_version else "id"  # NULLs first, by the index
         with self._lock:
             rows = (
                 self._connection()

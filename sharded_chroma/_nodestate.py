@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from ._errors import ClientClosedError
+from ._errors import ClientClosedError, ControlUnavailableError
 from ._hintdb import connect, mark_repair, transaction
 
 __all__ = ["NodeState", "NodeStateStore", "NodeStates", "OwnedNodeStore", "SqliteNodeStore"]
@@ -165,8 +165,15 @@ class SqliteNodeStore:
     def oldest(self) -> dict[str, int]:
         """Per node with hints pending, the lowest version among them (0 for a hint without
         one: it must land before anything versioned another host holds)."""
-        rows = self._read("SELECT node, MIN(COALESCE(version, 0)) FROM hints GROUP BY node")
-        return {str(node): int(v) for node, v in rows}
+        out: dict[str, int] = {}
+        for (node,) in self._read("SELECT node FROM node_state WHERE pending > 0"):
+            # By the (node, version) index; NULLs sort first.
+            rows = self._read(
+                "SELECT version FROM hints WHERE node = ? ORDER BY version LIMIT 1", (node,)
+            )
+            if rows:
+                out[str(node)] = 0 if rows[0][0] is None else int(rows[0][0])
+        return out
 
     def log_id(self) -> str:
         """This hint log's identity, the same for every process that opens the file and
@@ -269,6 +276,9 @@ class NodeStates:
             if self._store is None:
                 raise RuntimeError("no node-state store (a shard without replicas)")
             self._store.mark_needs_repair(node, reason)
+        except ControlUnavailableError:
+            self.changed()  # stored on this host, not shared: the caller must not acknowledge
+            raise
         except Exception as exc:  # kept in memory: never read from this copy again here
             logger.error(
                 "node %s needs repair (%s) but the mark was not stored: %s", node, reason, exc

@@ -58,9 +58,12 @@ async def keep_for(
             target.op,
             exc,
         )
-        await anyio.to_thread.run_sync(
-            states.mark_needs_repair, url, f"missed {target.op} not kept: {exc}"
-        )
+        try:
+            await anyio.to_thread.run_sync(
+                states.mark_needs_repair, url, f"missed {target.op} not kept: {exc}"
+            )
+        except ControlUnavailableError as unshared:
+            return _unshared(shard, url, unshared)
         return exc
     states.changed()
     try:
@@ -68,21 +71,7 @@ async def keep_for(
         # would read from it and miss this write.
         await anyio.to_thread.run_sync(states.publish, url)
     except ControlUnavailableError as exc:
-        logger.error(
-            "shard %s node %s: behind, but other hosts cannot be told: %s",
-            shard,
-            redact_url(url),
-            exc,
-        )
-        unshared = ControlUnavailableError(
-            f"the write was kept for node {redact_url(url)} of shard {shard} in this host's "
-            "hint log, but other hosts cannot be told that node is behind, so the write is "
-            "not acknowledged (retrying it is safe)",
-            backend=exc.backend,
-            endpoint=exc.endpoint,
-        )
-        unshared.__cause__ = exc
-        return unshared
+        return _unshared(shard, url, exc)
     return NodeUnavailableError(
         shard=shard, node=url, attempts=[f"{reason}; write kept in the hint log"]
     )
@@ -104,3 +93,20 @@ def _order_version(version: int | None, content: bytes) -> int | None:
         if isinstance(m, dict) and isinstance(m.get(VERSION_KEY), int)
     ]
     return min(stamped) if stamped else None
+
+
+def _unshared(shard: str, url: str, exc: ControlUnavailableError) -> ControlUnavailableError:
+    """The failure to report when a copy's miss was kept here but other hosts cannot be told:
+    the write must not be acknowledged."""
+    logger.error(
+        "shard %s node %s: behind, but other hosts cannot be told: %s", shard, redact_url(url), exc
+    )
+    unshared = ControlUnavailableError(
+        f"the write was kept for node {redact_url(url)} of shard {shard} in this host's hint "
+        "log, but other hosts cannot be told that node is behind, so the write is not "
+        "acknowledged (retrying it is safe)",
+        backend=exc.backend,
+        endpoint=exc.endpoint,
+    )
+    unshared.__cause__ = exc
+    return unshared

@@ -28,6 +28,7 @@ from ._hintruns import Run, coalesce
 from ._hints import Hint, HintLog
 from ._merge import take_rows
 from ._node import HintTarget, Node
+from ._nodeconfig import redact_url
 from .catalog._state import VERSION_KEY
 
 __all__ = ["HintReplayer", "ReplayTarget"]
@@ -137,7 +138,7 @@ class HintReplayer:
                         logger.debug(
                             "shard %s node %s: %d hint(s) wait for another host's older ones",
                             self.name,
-                            node.url,
+                            redact_url(node.url),
                             whole - len(batch),
                         )
                 if not batch:

@@ -233,7 +233,8 @@ class Cluster:
         if self.hints is not None:
             self.hints.close()
         if self._store is not None:
-            self._store.close()
+            # A shared store joins its thread and revokes its lease: off the caller's loop.
+            await anyio.to_thread.run_sync(self._store.close)
 
 
 def _smallest_limit(preflights: Iterable[Mapping[str, Any]]) -> int:

@@ -84,10 +84,12 @@ class SharedNodeStore:
             target=self._run, name="sharded-chroma-nodestate", daemon=True
         )
         self._thread.start()
-        self._started.wait(30.0)
-        if self._failure is not None:
+        if not self._started.wait(30.0) or self._failure is not None:
+            self._closed = True
             self._thread.join(10.0)
-            raise self._failure
+            raise self._failure or ControlUnavailableError(
+                "no answer within 30 s", backend="unknown", endpoint="unknown"
+            )
 
     # -- NodeStateStore ---------------------------------------------------------------------
 
@@ -105,17 +107,17 @@ class SharedNodeStore:
         self._call(lambda: self._reconcile_with(self._live()))
 
     def publish(self, node: str) -> None:
-        # Always on the loop, after any reconcile under way: one that read the file before
-        # this hint was kept may be about to delete the key.
+        # On the loop after any reconcile under way (which may be deleting the key).
         self._call(lambda: self._publish(node))
 
     def clear_repair(self, node: str, seen: NodeState) -> None:
+        # Read first: once the local mark is gone the publishing loop forgets it.
+        published = self._published.get(node)
         self._local.clear_repair(node, seen)
 
         async def clear() -> None:
             backend = self._live()
             nk = node_key(node)
-            published = self._published.get(node)
             revisions = {seen.shared_mark}
             if published is not None and published[0] == seen.mark_gen:
                 revisions.add(published[1])
@@ -145,7 +147,8 @@ class SharedNodeStore:
         try:
             if loop is None or loop.is_closed():
                 raise ControlStoreError("the node-state publisher stopped (see the log)")
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._fence(), loop))
+            with anyio.fail_after(self._timeout + 1.0):
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._fence(), loop))
         except (ControlStoreError, TimeoutError, OSError) as exc:
             now = time.monotonic()
             if now - self._fence_warned > 60.0:
@@ -153,9 +156,8 @@ class SharedNodeStore:
                 logger.warning("reads use the last node state seen: %s", exc)
 
     def close(self) -> None:
-        """Stop publishing and following (this process's marker goes with its lease; keys
-        for hints still pending stay, for the next process of this host to replay), then
-        close the local store."""
+        """Stop (the marker goes with its lease; keys of pending hints stay), then close
+        the local store."""
         self._closed = True
         loop, scope = self._loop, self._scope
         if loop is not None and scope is not None and not loop.is_closed():
@@ -173,8 +175,7 @@ class SharedNodeStore:
         return self._backend
 
     def _call(self, make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-        """Run ``make()`` on the background loop, one at a time with its own publishing;
-        bounded by ``timeout``."""
+        """``make()`` on the loop, serialized with publishing, within ``timeout``."""
         if self._closed:
             raise ClientClosedError("node state used after close()")
         loop, serial, backend = self._loop, self._serial, self._backend
@@ -195,7 +196,7 @@ class SharedNodeStore:
             return future.result(self._timeout + 1.0)
         except ControlUnavailableError:
             raise
-        except (TimeoutError, ControlStoreError, OSError) as exc:
+        except Exception as exc:  # whatever failed, the state is not shared: say so
             future.cancel()
             message = f"cannot share node state through the control store: {exc}"
             raise ControlUnavailableError(message, **where) from exc
@@ -256,7 +257,7 @@ class SharedNodeStore:
                         # Another host may have repaired and dropped this log's keys as
                         # orphans meanwhile: publish them again.
                         self._mine.clear()
-            except (ControlUnavailableError, ControlStoreError) as exc:
+            except Exception as exc:  # the marker must be kept alive whatever failed once
                 logger.warning("cannot renew the node-state lease: %s", exc)
 
     async def _follow(self, backend: ControlBackend) -> None:
@@ -272,7 +273,6 @@ class SharedNodeStore:
                 await anyio.sleep(0.5)
 
     async def _reload(self, backend: ControlBackend, *, watch: bool = True) -> None:
-        """Read every host's keys; ``watch``: also the revision to wait on from."""
         revision = await backend.revision() if watch else 0
         self._tickets += 1
         ticket = self._tickets
@@ -327,14 +327,15 @@ class SharedNodeStore:
         oldest = self._local.oldest()
         snap = self._snap
         for nk, url in self._urls.items():
-            state = local.get(url, NodeState())
+            # The mark first: dropping the stale key of hints that expired before their mark
+            # is up would leave a moment with no key saying the copy is behind.
+            await self._reconcile_mark(backend, nk, url, local.get(url, NodeState()), snap)
             if url in oldest:
                 await self._put_stale(backend, url, oldest[url])
-            elif self._mine.pop(url, None) is not None:
-                key = f"{PREFIX}node/{nk}/stale/{self.log_id}/{self.process}"
-                await backend.delete(key)
+            elif url in self._mine:
+                await backend.delete(f"{PREFIX}node/{nk}/stale/{self.log_id}/{self.process}")
+                del self._mine[url]  # only once gone: a failed delete is tried again
             await self._drop_dead_siblings(backend, nk, snap)
-            await self._reconcile_mark(backend, nk, url, state, snap)
 
     async def _publish(self, url: str) -> None:
         oldest = self._local.oldest().get(url)
