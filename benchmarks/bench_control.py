@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,8 @@ sys.path.insert(0, str(_ROOT / "benchmarks"))
 import _machine  # noqa: E402
 import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
-from _stats import alternate, log, med, paired_ratios, spread  # noqa: E402
+from _percall import getter, print_table, timed, upserter  # noqa: E402
+from _stats import alternate, log  # noqa: E402
 
 import sharded_chroma  # noqa: E402
 from sharded_chroma.control import SqliteControl  # noqa: E402
@@ -49,16 +48,6 @@ from sharded_chroma.rebalance import plan_hash  # noqa: E402
 from sharded_chroma.testing import LocalCluster  # noqa: E402
 
 BASE = "/api/v2/tenants/default_tenant/databases/default_database/collections"
-
-
-async def timed(call: Any, n: int) -> float:
-    """Median seconds of ``n`` sequential calls ``call(i)``."""
-    samples = []
-    for i in range(n):
-        started = time.perf_counter()
-        await call(i)
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
 
 
 async def main() -> None:
@@ -116,19 +105,6 @@ async def main() -> None:
                 async with http.post(floor_url, json=body) as answer:
                     await answer.read()
 
-            def getter(col: Any) -> Any:
-                async def get(i: int) -> None:
-                    await col.get(ids=[moving[i % len(moving)]])
-
-                return get
-
-            def upserter(col: Any) -> Any:
-                async def upsert(i: int) -> None:
-                    rid = moving[i % len(moving)]
-                    await col.upsert(ids=[rid], embeddings=vectors[i % 50 : i % 50 + 1])
-
-                return upsert
-
             names = ["floor", "plain", "control", "dual"]
             gets: dict[str, list[float]] = {n: [] for n in names}
             puts: dict[str, list[float]] = {n: [] for n in names[1:]}
@@ -137,22 +113,15 @@ async def main() -> None:
                     if name == "floor":
                         gets[name].append(await timed(floor_get, args.calls))
                         continue
-                    gets[name].append(await timed(getter(cols[name]), args.calls))
-                    puts[name].append(await timed(upserter(cols[name]), args.calls))
+                    gets[name].append(await timed(getter(cols[name], moving), args.calls))
+                    puts[name].append(
+                        await timed(upserter(cols[name], moving, vectors), args.calls)
+                    )
                 log(f"round {round_no + 1}/{args.rounds} done")
         await plain.aclose()
         await managed.aclose()
     print(f"\nget(ids=[one]) and upsert of one record, {args.calls} calls x {args.rounds} rounds")
-    print(
-        f"{'config':<8} {'get p50 ms':>11} {'vs plain':>22} {'upsert p50 ms':>14} {'vs plain':>22}"
-    )
-    for name in names:
-        get_ratio = spread(paired_ratios(gets[name], gets["plain"]))
-        line = f"{name:<8} {med(gets[name]) * 1e3:>11.3f} {get_ratio:>22}"
-        if name in puts:
-            put_ratio = spread(paired_ratios(puts[name], puts["plain"]))
-            line += f" {med(puts[name]) * 1e3:>14.3f} {put_ratio:>22}"
-        print(line)
+    print_table(names, gets, puts, "plain")
 
 
 if __name__ == "__main__":

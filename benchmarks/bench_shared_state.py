@@ -24,10 +24,8 @@ import argparse
 import asyncio
 import json
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,23 +36,14 @@ sys.path.insert(0, str(_ROOT / "benchmarks"))
 import _machine  # noqa: E402
 import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
-from _stats import alternate, log, med, paired_ratios, spread  # noqa: E402
+from _percall import getter, print_table, timed, upserter  # noqa: E402
+from _stats import alternate, log  # noqa: E402
 
 import sharded_chroma  # noqa: E402
 from sharded_chroma.testing import LocalCluster  # noqa: E402
 from sharded_chroma.testing._etcd import LocalEtcd  # noqa: E402
 
 BASE = "/api/v2/tenants/default_tenant/databases/default_database/collections"
-
-
-async def timed(call: Any, n: int) -> float:
-    """Median seconds of ``n`` sequential calls ``call(i)``."""
-    samples = []
-    for i in range(n):
-        started = time.perf_counter()
-        await call(i)
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
 
 
 def topology(urls: list[str], folder: Path, control: dict[str, Any] | None) -> Any:
@@ -117,19 +106,6 @@ async def main() -> None:
                     async with http.post(floor_url, json=body) as answer:
                         await answer.read()
 
-                def getter(col: Any) -> Any:
-                    async def get(i: int) -> None:
-                        await col.get(ids=[ids[i % len(ids)]])
-
-                    return get
-
-                def upserter(col: Any) -> Any:
-                    async def upsert(i: int) -> None:
-                        rid = ids[i % len(ids)]
-                        await col.upsert(ids=[rid], embeddings=vectors[i % 50 : i % 50 + 1])
-
-                    return upsert
-
                 names = ["floor", *controls]
                 gets: dict[str, list[float]] = {n: [] for n in names}
                 puts: dict[str, list[float]] = {n: [] for n in controls}
@@ -138,8 +114,10 @@ async def main() -> None:
                         if name == "floor":
                             gets[name].append(await timed(floor_get, args.calls))
                             continue
-                        gets[name].append(await timed(getter(cols[name]), args.calls))
-                        puts[name].append(await timed(upserter(cols[name]), args.calls))
+                        gets[name].append(await timed(getter(cols[name], ids), args.calls))
+                        puts[name].append(
+                            await timed(upserter(cols[name], ids, vectors), args.calls)
+                        )
                     log(f"round {round_no + 1}/{args.rounds} done")
             for client in clients.values():
                 await client.aclose()
@@ -147,16 +125,7 @@ async def main() -> None:
             if etcd is not None:
                 etcd.stop()
     print(f"\nget(ids=[one]) and upsert of one record, {args.calls} calls x {args.rounds} rounds")
-    print(
-        f"{'config':<8} {'get p50 ms':>11} {'vs local':>22} {'upsert p50 ms':>14} {'vs local':>22}"
-    )
-    for name in names:
-        get_ratio = spread(paired_ratios(gets[name], gets["local"]))
-        line = f"{name:<8} {med(gets[name]) * 1e3:>11.3f} {get_ratio:>22}"
-        if name in puts:
-            put_ratio = spread(paired_ratios(puts[name], puts["local"]))
-            line += f" {med(puts[name]) * 1e3:>14.3f} {put_ratio:>22}"
-        print(line)
+    print_table(names, gets, puts, "local")
 
 
 if __name__ == "__main__":

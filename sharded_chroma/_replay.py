@@ -41,6 +41,10 @@ ReplayTarget = Callable[[Node, HintTarget], Awaitable[str]]
 # A batch stops well within its lease, so a replayer never writes on a lease it may have lost.
 _LEASE_TTL = 30.0
 _BATCH = 200
+# While another host's older hints for a node come first: how often and how long to look
+# again for its progress within one replay (seconds, tries).
+_BOUND_POLL = 0.02
+_BOUND_WAITS = 100
 # Server errors on one hint: after this many, it is set aside rather than block the node.
 _MAX_ATTEMPTS = 3
 # Records per merged replay request: well under any server's batch limit.
@@ -116,6 +120,7 @@ class HintReplayer:
                     url,
                     n,
                 )
+            waits = 0
             while True:
                 # Fenced: the lease is renewed before each batch, and a replayer that lost it
                 # to another (after a stall longer than the lease) stops here.
@@ -132,23 +137,28 @@ class HintReplayer:
                 limit = None if self._bound is None or not batch else await self._bound(node.url)
                 if limit is not None:
                     # In order, up to the first hint another host's older ones must precede.
-                    whole = len(batch)
                     batch = _upto(batch, limit)
-                    if len(batch) < whole:
+                    if not batch and waits < _BOUND_WAITS:
+                        # Hosts' versions interleave: the other goes on meanwhile and says
+                        # so within a publishing tick, so look again soon, not a probe later.
+                        waits += 1
+                        await anyio.sleep(_BOUND_POLL)
+                        continue
+                    waits = 0
+                if not batch:
+                    if limit is not None:
                         logger.debug(
-                            "shard %s node %s: %d hint(s) wait for another host's older ones",
+                            "shard %s node %s: hints wait for another host's older ones",
                             self.name,
                             redact_url(node.url),
-                            whole - len(batch),
                         )
-                if not batch:
                     break
                 applied, finished = 0, False
                 with anyio.move_on_after(_LEASE_TTL / 2):
                     applied, finished = await self._apply(node, batch, log, rate)
                 replayed += applied
                 node.transport.stats.replayed += applied
-                if not finished or limit is not None:
+                if not finished:
                     break
         finally:
             if leased:

@@ -190,12 +190,14 @@ def _run(
                 )
                 stack.push_async_callback(client.aclose)
                 clusters.append(client._runtime.cluster)
-            deadline = time.monotonic() + 60.0
+            started = time.monotonic()
+            deadline = started + 60.0
             while time.monotonic() < deadline:
                 left = [await c.pending_hints() for c in clusters]
                 if not any(left):
                     break
                 await asyncio.sleep(0.2)
+            print(f"hints drained in {time.monotonic() - started:.1f} s")
             assert not any(left), f"hints still pending after 60 s: {left}"
 
     async def settle() -> tuple[list[str], int, int, dict[str, int]]:

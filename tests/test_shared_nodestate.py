@@ -128,6 +128,15 @@ async def miss_writes(col: Any, proxy: FaultProxy, n: int, value: int) -> None:
     proxy.restore()
 
 
+async def reads_the_copy(client: ShardedClient, col: Any, url: str, want: set[int]) -> None:
+    """``client`` reads from the copy at ``url`` again, and finds ``want`` there too."""
+    replica = node_of(client, url)
+    before = replica.stats.requests
+    for _ in range(6):
+        assert await values(col) == want
+    assert replica.stats.requests > before
+
+
 async def values(col: Any) -> set[int]:
     got = await col.get(ids=IDS, include=["metadatas"])
     return {int(m["n"]) for m in got["metadatas"]}
@@ -150,11 +159,7 @@ async def test_a_copy_behind_on_one_host_serves_no_reads_on_another(
         # A catches the copy up: its key goes, and B reads from the copy again.
         assert await a._runtime.cluster.replay_hints() > 0
         await eventually("B sees the copy current", lambda: not state(b, proxy.url).behind)
-        replica = node_of(b, proxy.url)
-        before = replica.stats.requests
-        for _ in range(6):
-            assert await values(col_b) == {1}
-        assert replica.stats.requests > before
+        await reads_the_copy(b, col_b, proxy.url, {1})
 
 
 async def test_a_repair_mark_is_seen_and_cleared_on_every_host(
@@ -179,11 +184,7 @@ async def test_a_repair_mark_is_seen_and_cleared_on_every_host(
         assert report.pairs, report
         assert not state(b, proxy.url).needs_repair
         await eventually("A's own mark is cleared", lambda: not state(a, proxy.url).behind)
-        replica = node_of(b, proxy.url)
-        before = replica.stats.requests
-        for _ in range(6):
-            assert await values(col_b) == {2}
-        assert replica.stats.requests > before
+        await reads_the_copy(b, col_b, proxy.url, {2})
         # The copy has every write now: read from it alone, A finds the newest.
         assert await values(col_a) == {2}
 
@@ -208,11 +209,7 @@ async def test_hints_of_a_host_whose_clients_are_gone_need_a_repair(
             assert await values(col_b) == {1}
         await repair(b)
         assert not state(b, proxy.url).behind
-        replica = node_of(b, proxy.url)
-        before = replica.stats.requests
-        for _ in range(6):
-            assert await values(col_b) == {1}
-        assert replica.stats.requests > before
+        await reads_the_copy(b, col_b, proxy.url, {1})
 
 
 async def test_a_write_whose_miss_cannot_be_shared_is_not_acknowledged(

@@ -47,7 +47,7 @@ class SharedNodeStore:
         open_backend: Callable[[], ControlBackend],
         *,
         lease_ttl: float = 15.0,
-        poll: float = 0.1,
+        poll: float = 0.02,
         timeout: float = 5.0,
     ) -> None:
         self._local = local
@@ -61,8 +61,7 @@ class SharedNodeStore:
         self._lock = threading.Lock()
         self._snap = Snapshot()
         self._changes = 0
-        # Reloads are numbered as their list starts: a later one saw a later state (the
-        # store's reads are linearizable), so an older one finishing last never wins.
+        # Reloads numbered as their list starts (reads are linearizable): the newest wins.
         self._tickets = 0
         self._stored = 0
         self._finished = 0
@@ -254,9 +253,7 @@ class SharedNodeStore:
                     await self._register(backend, self._lease)
                     assert self._serial is not None
                     async with self._serial:
-                        # Another host may have repaired and dropped this log's keys as
-                        # orphans meanwhile: publish them again.
-                        self._mine.clear()
+                        self._mine.clear()  # maybe dropped as orphans meanwhile: again
             except Exception as exc:  # the marker must be kept alive whatever failed once
                 logger.warning("cannot renew the node-state lease: %s", exc)
 
@@ -308,11 +305,16 @@ class SharedNodeStore:
 
     async def _publish_loop(self) -> None:
         assert self._serial is not None
+        done = None
         while True:
             await anyio.sleep(self._poll)
             try:
+                seen = self.version()  # this log and the others: nothing new, nothing to say
+                if seen == done:
+                    continue
                 async with self._serial:
                     await self._reconcile_with(self._live())
+                done = seen
             except (ControlUnavailableError, ControlStoreError) as exc:
                 logger.warning("cannot publish this host's node state: %s", exc)
                 await anyio.sleep(0.5)
@@ -345,9 +347,8 @@ class SharedNodeStore:
     async def _put_stale(
         self, backend: ControlBackend, url: str, oldest: int, *, lower_only: bool = False
     ) -> None:
-        """Say this log holds hints for ``url`` from version ``oldest`` on. Before a write is
-        acknowledged only a lower version must be said at once (``lower_only``); a higher one,
-        after replays, may wait for the publishing loop."""
+        """Say this log holds hints for ``url`` from ``oldest`` on (``lower_only``: before an
+        acknowledgement only a lower one is urgent)."""
         known = self._mine.get(url)
         if known == oldest or (lower_only and known is not None and known < oldest):
             return
@@ -356,8 +357,7 @@ class SharedNodeStore:
         self._mine[url] = oldest
 
     async def _drop_dead_siblings(self, backend: ControlBackend, nk: str, snap: Snapshot) -> None:
-        """Drop the keys of this log's processes that are gone: their hints are in this
-        file, which this process's own key (or none pending) speaks for now."""
+        """Drop keys of this log's gone processes: this one speaks for the file now."""
         base = f"{PREFIX}node/{nk}/stale/{self.log_id}/"
         siblings = {
             p: r
@@ -374,21 +374,20 @@ class SharedNodeStore:
     async def _reconcile_mark(
         self, backend: ControlBackend, nk: str, url: str, state: NodeState, snap: Snapshot
     ) -> None:
-        key = f"{PREFIX}node/{nk}/repair"
         if not state.needs_repair:
             self._published.pop(url, None)
             return
         published = self._published.get(url)
         if published is None or published[0] != state.mark_gen:
             value = json.dumps({"reason": state.reason or "needs repair", "by": self.log_id})
-            revision = await backend.put(key, value.encode(), expect=ANY)
+            revision = await backend.put(f"{PREFIX}node/{nk}/repair", value.encode(), expect=ANY)
             assert revision is not None
             self._published[url] = (state.mark_gen, revision, state.last_quarantined)
             return
         gen, revision, quarantined = published
         mark = snap.repair.get(nk)
         if mark is None and snap.revision >= revision:
-            # A repair on some host saw this mark begin and cleared it: so is this host's.
+            # A repair (any host's) saw this mark begin and cleared it: clear it here too.
             self._local.clear_repair(
                 url, NodeState(needs_repair=True, mark_gen=gen, last_quarantined=quarantined)
             )
