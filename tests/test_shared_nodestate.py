@@ -25,6 +25,7 @@ import sharded_chroma
 from sharded_chroma import ControlUnavailableError, ShardedClient, Topology
 from sharded_chroma._antirepair import repair
 from sharded_chroma._nodestate import NodeState
+from sharded_chroma.control._open import open_backend
 from sharded_chroma.testing._etcd import LocalEtcd
 from tests._proxy import FaultProxy
 from tests._replicated import node_of
@@ -243,5 +244,35 @@ async def test_a_write_whose_miss_cannot_be_shared_is_not_acknowledged(
         proxy.restore()
         # A's hint is pending and A publishes it once the store is back.
         await eventually("B sees the copy behind", lambda: state(b, proxy.url).behind, 15.0)
+        for _ in range(10):
+            assert await values(col_b) == {1}
+
+
+async def test_a_key_dropped_by_another_host_is_put_back(
+    shard_urls: list[str], proxy: FaultProxy, control: dict[str, Any], tmp_path: Path
+) -> None:
+    """Another host may drop A's key (taking A's log for orphaned while A's lease lapsed):
+    while A still holds the hints, A says so again, and B stops reading the copy."""
+    async with hosts(shard_urls, proxy, control, tmp_path) as (a, b):
+        col_a = await a.create_collection(NAME, embedding_function=None)
+        col_b = await b.get_collection(NAME, embedding_function=None)
+        await col_a.add(ids=IDS, embeddings=VECTORS, metadatas=[{"n": 0}] * len(IDS))
+        await miss_writes(col_a, proxy, 1, 1)
+        assert (await fenced(b, proxy.url)).elsewhere == 1
+        backend = open_backend(a._runtime.topology)
+        try:
+
+            async def stale_keys() -> list[str]:
+                return [e.key for e in await backend.list("nodestate/node/") if "/stale/" in e.key]
+
+            [key] = await stale_keys()
+            assert await backend.delete(key)
+            deadline = time.monotonic() + 5.0
+            while await stale_keys() != [key]:
+                assert time.monotonic() < deadline, "A did not put its key back within 5 s"
+                await anyio.sleep(0.05)
+        finally:
+            await backend.aclose()
+        assert (await fenced(b, proxy.url)).elsewhere == 1
         for _ in range(10):
             assert await values(col_b) == {1}

@@ -23,10 +23,10 @@ from typing import Any, TypeVar
 import anyio
 
 from .._errors import ClientClosedError, ControlStoreError, ControlUnavailableError
-from .._nodeconfig import redact_url
 from .._nodestate import NodeState, SqliteNodeStore
-from ._backend import ANY, ControlBackend
+from ._backend import ControlBackend
 from ._nodekeys import PREFIX, Snapshot, bound, merge, node_key, parse
+from ._nodemarks import PublishedMarks
 
 __all__ = ["SharedNodeStore"]
 
@@ -67,10 +67,9 @@ class SharedNodeStore:
         self._finished = 0
         self._listing: anyio.Event | None = None
         self._fence_warned = 0.0
-        # Stale keys this process published (url -> the lowest version pending it named) and
-        # its marks (url -> local mark generation, revision, newest quarantined id).
-        self._mine: dict[str, int] = {}
-        self._published: dict[str, tuple[int, int, int]] = {}
+        # Stale keys this process published: url -> (lowest version named, revision).
+        self._mine: dict[str, tuple[int, int]] = {}
+        self._marks = PublishedMarks(local, self.log_id)
         self._backend: ControlBackend | None = None
         self._lease: int | None = None
         self._serial: anyio.Lock | None = None
@@ -111,16 +110,13 @@ class SharedNodeStore:
 
     def clear_repair(self, node: str, seen: NodeState) -> None:
         # Read first: once the local mark is gone the publishing loop forgets it.
-        published = self._published.get(node)
+        revisions = self._marks.revisions(node, seen)
         self._local.clear_repair(node, seen)
 
         async def clear() -> None:
             backend = self._live()
             nk = node_key(node)
-            revisions = {seen.shared_mark}
-            if published is not None and published[0] == seen.mark_gen:
-                revisions.add(published[1])
-            for revision in sorted(revisions - {0}):
+            for revision in sorted(revisions):
                 await backend.delete(f"{PREFIX}node/{nk}/repair", expect=revision)
             for name, revision in seen.orphans:
                 await backend.delete(f"{PREFIX}node/{nk}/stale/{name}", expect=revision)
@@ -132,9 +128,7 @@ class SharedNodeStore:
         return self._local.tombstones(node, collection_id, ids)
 
     def replay_bound(self, node: str) -> int | None:
-        with self._lock:
-            snap = self._snap
-        return bound(snap, node_key(node), self.log_id)
+        return bound(self._snap, node_key(node), self.log_id)  # one read of the reference
 
     async def fence(self) -> None:
         """Take in every host's state as the store has it now (see ``_fence``). If the store
@@ -147,7 +141,13 @@ class SharedNodeStore:
             if loop is None or loop.is_closed():
                 raise ControlStoreError("the node-state publisher stopped (see the log)")
             with anyio.fail_after(self._timeout + 1.0):
-                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._fence(), loop))
+                # The outcome as a value: a fence cut off on that loop must not reach this
+                # caller as its own cancellation.
+                failed = await asyncio.wrap_future(
+                    asyncio.run_coroutine_threadsafe(self._fence_outcome(), loop)
+                )
+            if failed is not None:
+                raise ControlStoreError(f"the fence failed: {failed!r}") from failed
         except (ControlStoreError, TimeoutError, OSError) as exc:
             now = time.monotonic()
             if now - self._fence_warned > 60.0:
@@ -287,6 +287,13 @@ class SharedNodeStore:
                 self._changes += 1
             self._snap = snap
 
+    async def _fence_outcome(self) -> BaseException | None:
+        try:
+            await self._fence()
+        except BaseException as exc:  # cancelled here included: the caller decides
+            return exc
+        return None
+
     async def _fence(self) -> None:
         """Return once a read of the store begun after this call has been taken in."""
         need = self._tickets + 1
@@ -296,9 +303,8 @@ class SharedNodeStore:
                 await listing.wait()
                 continue
             done = self._listing = anyio.Event()
-            try:
-                with anyio.fail_after(self._timeout):
-                    await self._reload(self._live(), watch=False)
+            try:  # bounded by the backend's own timeout and by the caller's
+                await self._reload(self._live(), watch=False)
             finally:
                 self._listing = None
                 done.set()
@@ -309,7 +315,7 @@ class SharedNodeStore:
         while True:
             await anyio.sleep(self._poll)
             try:
-                seen = self.version()  # this log and the others: nothing new, nothing to say
+                seen = (self.version(), self._snap.revision)  # nothing new: nothing to say
                 if seen == done:
                     continue
                 async with self._serial:
@@ -323,15 +329,17 @@ class SharedNodeStore:
                 await anyio.sleep(0.5)
 
     async def _reconcile_with(self, backend: ControlBackend) -> None:
-        """Make the control store say what this host's hint log says (callers hold
-        ``_serial``, so ``publish`` and this never undo each other)."""
+        """Make the store say what this host's log says (under ``_serial``, with publish)."""
         local = self._local.states()
         oldest = self._local.oldest()
         snap = self._snap
         for nk, url in self._urls.items():
-            # The mark first: dropping the stale key of hints that expired before their mark
-            # is up would leave a moment with no key saying the copy is behind.
-            await self._reconcile_mark(backend, nk, url, local.get(url, NodeState()), snap)
+            # The mark first, or expired hints' key could go before their mark is up.
+            await self._marks.reconcile(backend, nk, url, local.get(url, NodeState()), snap)
+            put = self._mine.get(url)
+            procs = snap.stale.get(nk, {}).get(self.log_id, {})
+            if put is not None and snap.revision >= put[1] and self.process not in procs:
+                del self._mine[url]  # dropped by another (as orphaned, say): put it back
             if url in oldest:
                 await self._put_stale(backend, url, oldest[url])
             elif url in self._mine:
@@ -349,12 +357,12 @@ class SharedNodeStore:
     ) -> None:
         """Say this log holds hints for ``url`` from ``oldest`` on (``lower_only``: before an
         acknowledgement only a lower one is urgent)."""
-        known = self._mine.get(url)
+        known = self._mine.get(url, (None, 0))[0]
         if known == oldest or (lower_only and known is not None and known < oldest):
             return
         key = f"{PREFIX}node/{node_key(url)}/stale/{self.log_id}/{self.process}"
-        await backend.put(key, json.dumps({"oldest": oldest}).encode())
-        self._mine[url] = oldest
+        revision = await backend.put(key, json.dumps({"oldest": oldest}).encode())
+        self._mine[url] = (oldest, revision or 0)
 
     async def _drop_dead_siblings(self, backend: ControlBackend, nk: str, snap: Snapshot) -> None:
         """Drop keys of this log's gone processes: this one speaks for the file now."""
@@ -370,29 +378,3 @@ class SharedNodeStore:
         for proc, revision in siblings.items():
             if proc not in live:
                 await backend.delete(base + proc, expect=revision)
-
-    async def _reconcile_mark(
-        self, backend: ControlBackend, nk: str, url: str, state: NodeState, snap: Snapshot
-    ) -> None:
-        if not state.needs_repair:
-            self._published.pop(url, None)
-            return
-        published = self._published.get(url)
-        if published is None or published[0] != state.mark_gen:
-            value = json.dumps({"reason": state.reason or "needs repair", "by": self.log_id})
-            revision = await backend.put(f"{PREFIX}node/{nk}/repair", value.encode(), expect=ANY)
-            assert revision is not None
-            self._published[url] = (state.mark_gen, revision, state.last_quarantined)
-            return
-        gen, revision, quarantined = published
-        mark = snap.repair.get(nk)
-        if mark is None and snap.revision >= revision:
-            # A repair (any host's) saw this mark begin and cleared it: clear it here too.
-            self._local.clear_repair(
-                url, NodeState(needs_repair=True, mark_gen=gen, last_quarantined=quarantined)
-            )
-            self._published.pop(url, None)
-            logger.info("node %s repaired on another host: mark cleared", redact_url(url))
-        elif mark is not None and mark[1] > revision:
-            # Marked again elsewhere: the repair that clears that one covers this one too.
-            self._published[url] = (gen, mark[1], quarantined)
