@@ -13,11 +13,9 @@ ids beside them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
 
 import anyio.to_thread
 
-from ._nodestate import SqliteNodeStore
 from ._topology import Topology
 from .api._server import ShardedServer
 from .catalog._catalog import Catalog
@@ -26,7 +24,6 @@ from .catalog._layouts import PartLayouts
 from .catalog._physical import PhysicalIds
 from .catalog._state import StateCache
 from .cluster._cluster import Cluster
-from .control._backend import ControlBackend
 from .control._epochs import Epochs
 from .control._nodes import SharedNodeStore
 from .control._open import open_backend
@@ -63,7 +60,7 @@ class Runtime:
         if topology.control is not None:
             # Every host's node state (stale, needs repair) through the control store.
             share = functools.partial(
-                _shared_node_store,
+                SharedNodeStore,
                 open_backend=functools.partial(open_backend, topology),
                 lease_ttl=topology.control.lease_ttl,
                 timeout=topology.control.timeout,
@@ -130,14 +127,3 @@ class Runtime:
         # Joins the follower's thread, which revokes the lease: off the caller's loop.
         await anyio.to_thread.run_sync(self.epochs.close)
         await self.cluster.aclose()
-
-
-def _shared_node_store(
-    local: SqliteNodeStore,
-    nodes: Sequence[str],
-    *,
-    open_backend: Callable[[], ControlBackend],
-    lease_ttl: float,
-    timeout: float,
-) -> SharedNodeStore:
-    return SharedNodeStore(local, nodes, open_backend, lease_ttl=lease_ttl, timeout=timeout)
